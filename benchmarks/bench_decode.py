@@ -1,0 +1,239 @@
+"""Decode benchmark: flash_gla against the bandwidth roofline and FlashMLA, timed as engines run.
+
+Every row: CUDA-graph replay of one decode call with precomputed metadata, median of many
+replays after warm-up, with several copies of the cache rotated inside the graph when one copy
+would fit in L2, on fresh random data. Reported: µs, effective GB/s (KV + q + out bytes),
+TFLOP/s, % of the bandwidth roofline (KV + q + out bytes / ROOF_GBPS) and the ratio of
+FlashMLA's time (same run) to ours.
+
+    python benchmarks/bench_decode.py                       # default suite
+    python benchmarks/bench_decode.py --configs gla2 --lengths 32768 --sq 1
+    python benchmarks/bench_decode.py --out DIR             # also DIR/bench.json, DIR/bench.png
+"""
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+ROOF_GBPS = 3000.0  # sustained HBM read rate of the H100 test card (DESIGN.md §6)
+PAGE = 64
+L2_BYTES = 50 * 2**20
+
+# name: (h_q, h_kv, dv, d_rope)
+CONFIGS = {
+    "gla2": dict(h_q=128, h_kv=2, dv=256, d_rope=64),
+    "gla1": dict(h_q=64, h_kv=1, dv=256, d_rope=64),
+    "mla": dict(h_q=128, h_kv=1, dv=512, d_rope=64),
+    "mla64": dict(h_q=64, h_kv=1, dv=512, d_rope=64),
+    "varlen": dict(h_q=128, h_kv=2, dv=256, d_rope=64, varlen=True, batch=96),
+}
+# The FlashMLA configuration each of ours is compared with (MLA at the same number of heads).
+FLASHMLA_TWIN = {"gla2": "mla", "gla1": "mla64", "mla": "mla", "mla64": "mla64", "varlen": "mla"}
+
+
+def load_flashmla():
+    for mod in ("flash_mla", "vllm.third_party.flashmla.flash_mla_interface"):
+        try:
+            m = __import__(mod, fromlist=["get_mla_metadata", "flash_mla_with_kvcache"])
+            return m.get_mla_metadata, m.flash_mla_with_kvcache
+        except Exception:  # noqa: BLE001 - any import failure means "not available"
+            continue
+    return None
+
+
+def varlen_lengths(batch, mean, gen):
+    """Long-tailed lengths averaging about `mean`: some zeros, one 64K request."""
+    x = torch.distributions.Pareto(torch.tensor(1.0), torch.tensor(1.6)).sample((batch,))
+    lengths = (x / x.mean() * mean).clamp(max=65536).long()
+    lengths[torch.randperm(batch, generator=gen)[: max(1, batch // 16)]] = 0
+    lengths[0] = 65536
+    return lengths.int()
+
+
+def make_case(cfg, batch, lengths, s_q, dtype, copies, gen, device):
+    h_q, h_kv, dv, d_rope = cfg["h_q"], cfg["h_kv"], cfg["dv"], cfg["d_rope"]
+    d_qk = dv + d_rope
+    pages = [(int(length) + PAGE - 1) // PAGE for length in lengths]
+    max_pages = max(1, max(pages))
+    total_pages = max(1, sum(pages))
+    block_table = torch.zeros(batch, max_pages, dtype=torch.int32)
+    perm = torch.randperm(total_pages, generator=gen).int()
+    start = 0
+    for i, n in enumerate(pages):
+        block_table[i, :n] = perm[start:start + n]
+        start += n
+    cases = []
+    for _ in range(copies):
+        kv = torch.randn(total_pages, PAGE, h_kv, d_qk, dtype=dtype, device=device)
+        q = torch.randn(batch, s_q, h_q, d_qk, dtype=dtype, device=device)
+        cases.append((q, kv))
+    seqlens = lengths.to(device=device, dtype=torch.int32)
+    return cases, block_table.to(device), seqlens
+
+
+def time_graph(fn, iters, warmup=10):
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn()  # compile / lazy init outside the graph
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    for _ in range(warmup):
+        graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    for _ in range(iters):
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3)
+    return statistics.median(times)
+
+
+def bench_row(name, cfg, length, s_q, args, flashmla, gen):
+    import flash_gla
+
+    device = "cuda"
+    dtype = torch.bfloat16
+    batch = cfg.get("batch", args.batch)
+    if cfg.get("varlen"):
+        lengths = varlen_lengths(batch, 8192, gen)
+    else:
+        lengths = torch.full((batch,), length, dtype=torch.int32)
+    h_q, h_kv, dv, d_rope = cfg["h_q"], cfg["h_kv"], cfg["dv"], cfg["d_rope"]
+    d_qk = dv + d_rope
+    tokens = int(lengths.long().sum())
+    kv_bytes = tokens * h_kv * d_qk * 2
+    io_bytes = batch * s_q * h_q * (d_qk + dv) * 2
+    copies = max(1, min(4, math.ceil(4 * L2_BYTES / max(kv_bytes, 1))))
+    cases, block_table, seqlens = make_case(cfg, batch, lengths, s_q, dtype, copies, gen, device)
+    meta, splits = flash_gla.get_metadata(seqlens, s_q * h_q // h_kv, h_kv)
+    outs = [torch.empty(batch, s_q, h_q, dv, dtype=dtype, device=device) for _ in cases]
+
+    def ours():
+        for (q, kv), o in zip(cases, outs):
+            flash_gla.gla_with_kvcache(q, kv, block_table, seqlens, dv, meta, splits,
+                                       causal=s_q > 1, out=o)
+
+    us = time_graph(ours, args.iters) / copies
+    flops = 2 * sum(int(L) for L in lengths) * s_q * h_q * (d_qk + dv)
+    row = dict(config=name, length=int(length) if not cfg.get("varlen") else "varlen",
+               s_q=s_q, batch=batch, us=us, gbps=(kv_bytes + io_bytes) / us / 1e3,
+               tflops=flops / us / 1e6, roofline_us=(kv_bytes + io_bytes) / ROOF_GBPS / 1e3)
+    row["pct_roof"] = 100.0 * row["roofline_us"] / us
+    row["flashmla_us"] = None
+    if flashmla is not None and not args.no_flashmla:
+        twin = dict(CONFIGS[FLASHMLA_TWIN[name]])
+        twin_cases, twin_table, twin_seqlens = make_case(twin, batch, lengths, s_q, dtype, copies, gen, device)
+        get_meta, fmla = flashmla
+        metas = [get_meta()[0] for _ in twin_cases]
+        for (q, kv), m in zip(twin_cases, metas):  # initialise the lazy schedulers outside the graph
+            fmla(q, kv, twin_table, twin_seqlens, 512, m, None, causal=s_q > 1)
+
+        def theirs():
+            for (q, kv), m in zip(twin_cases, metas):
+                fmla(q, kv, twin_table, twin_seqlens, 512, m, None, causal=s_q > 1)
+
+        row["flashmla_us"] = time_graph(theirs, args.iters) / copies
+        del twin_cases
+    row["speedup_vs_flashmla"] = row["flashmla_us"] / us if row["flashmla_us"] else None
+    del cases, outs
+    torch.cuda.empty_cache()
+    return row
+
+
+def fmt(row):
+    fm = f"{row['flashmla_us']:9.1f}" if row["flashmla_us"] else "        -"
+    sp = f"{row['speedup_vs_flashmla']:6.2f}x" if row["speedup_vs_flashmla"] else "      -"
+    return (f"{row['config']:7s} {str(row['length']):>7s} {row['s_q']:3d} {row['batch']:4d} "
+            f"{row['us']:9.1f} {row['gbps']:8.0f} {row['tflops']:7.1f} {row['pct_roof']:6.1f}% "
+            f"{row['roofline_us']:9.1f} {fm} {sp}")
+
+
+HEADER = ("config   length s_q    b        us     GB/s  TFLOP/s  %roof   roof_us  flashmla   ratio")
+
+
+def plot(rows, path):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except Exception:  # noqa: BLE001
+        print("matplotlib not available: no plot")
+        return
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    series = {}
+    for r in rows:
+        if r["length"] == "varlen":
+            continue
+        series.setdefault((r["config"], r["s_q"]), []).append(r)
+    for (name, s_q), rs in sorted(series.items()):
+        xs = [r["length"] for r in rs]
+        ax1.plot(xs, [r["us"] for r in rs], marker="o", label=f"flash_gla {name} s_q={s_q}")
+        ax2.plot(xs, [r["pct_roof"] for r in rs], marker="o", label=f"flash_gla {name} s_q={s_q}")
+        if all(r["flashmla_us"] for r in rs):
+            ax1.plot(xs, [r["flashmla_us"] for r in rs], ls="--", marker="x",
+                     label=f"FlashMLA twin of {name} s_q={s_q}")
+    for ax in (ax1, ax2):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("cache length (tokens)")
+        ax.grid(alpha=0.3)
+    ax1.set_yscale("log")
+    ax1.set_ylabel("µs per decode call (CUDA-graph replay)")
+    ax2.set_ylabel("% of bandwidth roofline")
+    ax1.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--configs", default="gla2,gla1,mla,mla64,varlen")
+    ap.add_argument("--lengths", default="1024,4096,16384,32768")
+    ap.add_argument("--sq", default="1,2,4")
+    ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--iters", type=int, default=100)
+    ap.add_argument("--no-flashmla", action="store_true")
+    ap.add_argument("--out", default=None, help="folder for bench.json and bench.png")
+    args = ap.parse_args()
+
+    flashmla = load_flashmla()
+    if flashmla is None:
+        print("FlashMLA not importable (flash_mla or vllm.third_party.flashmla): comparison skipped")
+    gen = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    rows = []
+    print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}  roof {ROOF_GBPS} GB/s")
+    print(HEADER)
+    t0 = time.time()
+    for name in args.configs.split(","):
+        cfg = CONFIGS[name]
+        lengths = [0] if cfg.get("varlen") else [int(x) for x in args.lengths.split(",")]
+        for s_q in [int(x) for x in args.sq.split(",")]:
+            for length in lengths:
+                row = bench_row(name, cfg, length, s_q, args, flashmla, gen)
+                rows.append(row)
+                print(fmt(row), flush=True)
+    print(f"({time.time() - t0:.0f} s)")
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, roof_gbps=ROOF_GBPS,
+                    date=time.strftime("%Y-%m-%d"), commit=os.environ.get("FLASH_GLA_COMMIT", ""))
+        with open(os.path.join(args.out, "bench.json"), "w") as f:
+            json.dump(dict(meta=meta, rows=rows), f, indent=1)
+        plot(rows, os.path.join(args.out, "bench.png"))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,16 @@
+// The Python module flash_gla._C; nothing else lives here.
+#include <torch/extension.h>
+
+#include "decode_api.h"
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "flash_gla: Hopper decode kernels for GLA / MLA (see flash_gla/ops.py)";
+  m.def("get_metadata", &flash_gla::get_metadata, "Scheduler metadata for one decode step",
+        py::arg("cache_seqlens"), py::arg("num_q_tokens_per_head_k"), py::arg("num_heads_k"));
+  m.def("num_sm_parts", &flash_gla::get_num_sm_parts, "Scheduler parts on the current device",
+        py::arg("num_q_tokens_per_head_k"), py::arg("num_heads_k"));
+  m.def("decode", &flash_gla::decode, "Paged decode attention (inputs validated by flash_gla.ops)",
+        py::arg("q"), py::arg("kv_cache"), py::arg("rope_cache"), py::arg("block_table"),
+        py::arg("cache_seqlens"), py::arg("head_dim_v"), py::arg("tile_scheduler_metadata"),
+        py::arg("num_splits"), py::arg("softmax_scale"), py::arg("causal"), py::arg("out"));
+}

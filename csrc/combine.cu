@@ -1,0 +1,112 @@
+// The split-KV combine kernel: one warp per packed query row of one request.
+//
+// Each piece s of a split request holds O_s (normalised over its own keys) and lse_s; the
+// merge is O = sum_s exp(lse_s - lse) O_s with lse = log sum_s exp(lse_s). Pieces that saw
+// no key have lse_s = -inf and weight 0; a row that no piece saw gets O = 0, lse = +inf.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cmath>
+#include <stdexcept>
+#include <string>
+
+#include "combine.h"
+
+namespace flash_gla {
+
+namespace {
+
+constexpr int kWarps = 4;
+
+__device__ __forceinline__ float warp_max(float x) {
+  for (int o = 16; o > 0; o /= 2) { x = fmaxf(x, __shfl_xor_sync(0xffffffff, x, o)); }
+  return x;
+}
+__device__ __forceinline__ float warp_sum(float x) {
+  for (int o = 16; o > 0; o /= 2) { x += __shfl_xor_sync(0xffffffff, x, o); }
+  return x;
+}
+
+template <class T>
+__device__ __forceinline__ void store4(T* dst, float4 v);
+template <>
+__device__ __forceinline__ void store4(__nv_bfloat16* dst, float4 v) {
+  __nv_bfloat162 lo = __floats2bfloat162_rn(v.x, v.y), hi = __floats2bfloat162_rn(v.z, v.w);
+  uint2 packed = make_uint2(*reinterpret_cast<uint32_t*>(&lo), *reinterpret_cast<uint32_t*>(&hi));
+  *reinterpret_cast<uint2*>(dst) = packed;
+}
+template <>
+__device__ __forceinline__ void store4(__half* dst, float4 v) {
+  __half2 lo = __floats2half2_rn(v.x, v.y), hi = __floats2half2_rn(v.z, v.w);
+  uint2 packed = make_uint2(*reinterpret_cast<uint32_t*>(&lo), *reinterpret_cast<uint32_t*>(&hi));
+  *reinterpret_cast<uint2*>(dst) = packed;
+}
+
+template <class T>
+__global__ void __launch_bounds__(kWarps * 32) combine_kernel(const DecodeParams p) {
+  __shared__ float weights[kWarps][kMaxSplitsPerRequest];
+  const int batch = blockIdx.y;
+  const int first = p.num_splits[batch];
+  const int n = p.num_splits[batch + 1] - first;
+  if (n <= 1) { return; }  // written directly by the decode kernel
+
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int row = blockIdx.x * kWarps + warp;  // over (kv head, packed row)
+  if (row >= p.num_heads_kv * p.rows_per_kv_head) { return; }
+  const int kv_head = row / p.rows_per_kv_head;
+  const int m = row % p.rows_per_kv_head;
+  // Slot s of this request, row (kv_head, m): index into lse_accum / rows of o_accum.
+  auto slot_row = [&](int s) {
+    return (int64_t(first + s) * p.num_heads_kv + kv_head) * p.rows_per_kv_head + m;
+  };
+
+  float max_lse = -INFINITY;
+  for (int s = lane; s < n; s += 32) { max_lse = fmaxf(max_lse, p.lse_accum[slot_row(s)]); }
+  max_lse = warp_max(max_lse);
+  const float ref = max_lse == -INFINITY ? 0.f : max_lse;
+  float sum = 0.f;
+  for (int s = lane; s < n; s += 32) { sum += expf(p.lse_accum[slot_row(s)] - ref); }
+  sum = warp_sum(sum);
+  const float lse = sum == 0.f ? INFINITY : ref + logf(sum);
+  for (int s = lane; s < n; s += 32) {
+    weights[warp][s] = sum == 0.f ? 0.f : expf(p.lse_accum[slot_row(s)] - lse);
+  }
+  __syncwarp();
+
+  const int token = m / p.group_size;
+  const int head = kv_head * p.group_size + m % p.group_size;
+  T* out = static_cast<T*>(p.out) + batch * p.o_batch_stride + token * p.o_seq_stride +
+           head * p.o_head_stride;
+  for (int col = lane * 4; col < p.head_dim_v; col += 32 * 4) {
+    float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+    for (int s = 0; s < n; ++s) {
+      const float w = weights[warp][s];
+      const float4 o = *reinterpret_cast<const float4*>(p.o_accum + slot_row(s) * p.head_dim_v + col);
+      acc.x += w * o.x;
+      acc.y += w * o.y;
+      acc.z += w * o.z;
+      acc.w += w * o.w;
+    }
+    store4(out + col, acc);
+  }
+  if (lane == 0) { p.lse[(int64_t(batch) * p.num_heads_q + head) * p.seqlen_q + token] = lse; }
+}
+
+}  // namespace
+
+void run_combine(const DecodeParams& params, OutputType type, cudaStream_t stream) {
+  const int rows = params.num_heads_kv * params.rows_per_kv_head;
+  dim3 grid((rows + kWarps - 1) / kWarps, params.batch);
+  if (type == OutputType::kBF16) {
+    combine_kernel<__nv_bfloat16><<<grid, kWarps * 32, 0, stream>>>(params);
+  } else {
+    combine_kernel<__half><<<grid, kWarps * 32, 0, stream>>>(params);
+  }
+  const cudaError_t status = cudaGetLastError();
+  if (status != cudaSuccess) {
+    throw std::runtime_error(std::string("flash_gla: launching the combine kernel: ") +
+                             cudaGetErrorString(status));
+  }
+}
+
+}  // namespace flash_gla

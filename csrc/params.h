@@ -1,0 +1,73 @@
+// One plain-old-data parameter block shared by the host launchers and the device kernels.
+//
+// Strides are in elements of the tensor they describe. Every field is filled by name in
+// csrc/decode_api.cpp (never by position), so two strides can't be swapped silently.
+#pragma once
+
+#include <cstdint>
+
+namespace flash_gla {
+
+// Tokens per KV-cache page. FlashMLA's layout; the kernels load one whole page per stage.
+constexpr int kPageSize = 64;
+
+// Scheduler metadata: one row of kMetaFields int32 per scheduler part (see csrc/scheduler.cu).
+// A part walks requests [begin_batch, end_batch] (inclusive): pages [begin_page, ...) of the
+// first, all pages of the ones in between, pages [0, end_page) of the last. A part with
+// end_batch < begin_batch has no work.
+constexpr int kMetaFields = 8;
+enum MetaField : int {
+  kMetaBeginBatch = 0,
+  kMetaBeginPage = 1,
+  kMetaEndBatch = 2,
+  kMetaEndPage = 3,      // exclusive, in end_batch
+  kMetaBeginSplit = 4,   // how many earlier parts already hold a piece of begin_batch
+};
+
+// Fixed cost of one (request, part) piece, in pages: the per-request Q load and epilogue.
+constexpr int kFixedOverheadPages = 5;
+
+// Query rows are packed per KV head: row m of KV head j is query token m / group_size
+// of query head j * group_size + m % group_size ("s_q-major" packing, as FlashMLA reshapes).
+// rows_per_kv_head = s_q * group_size.
+
+struct DecodeParams {
+  // ---- problem shape ----
+  int batch;              // b
+  int seqlen_q;           // s_q, query tokens per request
+  int num_heads_q;        // h_q
+  int num_heads_kv;       // h_kv
+  int group_size;         // h_q / h_kv
+  int rows_per_kv_head;   // s_q * group_size (packed query rows of one KV head)
+  int head_dim_qk;        // d_qk
+  int head_dim_v;         // dv
+  int num_pages;          // kv_cache.shape[0]
+  int max_pages_per_seq;  // block_table.shape[1]
+  bool causal;
+  float scale_log2;       // softmax_scale * log2(e): the kernels work in base 2
+
+  // ---- inputs ----
+  const void* q;          // (b, s_q, h_q, d_qk), last dim contiguous
+  int64_t q_batch_stride, q_seq_stride, q_head_stride;
+  const void* kv;         // (num_pages, 64, h_kv, kv_width), last dim contiguous
+  int64_t kv_page_stride, kv_token_stride, kv_head_stride;
+  const int* block_table; // (b, max_pages_per_seq)
+  int64_t block_table_batch_stride;
+  const int* cache_seqlens;  // (b,)
+
+  // ---- outputs ----
+  void* out;              // (b, s_q, h_q, dv), last dim contiguous
+  int64_t o_batch_stride, o_seq_stride, o_head_stride;
+  float* lse;             // (b, h_q, s_q), contiguous
+
+  // ---- split-KV partials: one slot per (request piece); slot count <= b + num_parts ----
+  float* o_accum;         // (num_slots, h_kv, rows_per_kv_head, dv), contiguous, normalised O
+  float* lse_accum;       // (num_slots, h_kv, rows_per_kv_head), contiguous, natural log
+
+  // ---- scheduler ----
+  const int* sched_meta;  // (num_parts, kMetaFields)
+  const int* num_splits;  // (b + 1,), prefix sums of pieces per request
+  int num_parts;
+};
+
+}  // namespace flash_gla

@@ -1,0 +1,66 @@
+// Small CuTe helpers for wgmma fragments: row/column views of accumulators, reuse of an
+// accumulator as the register A operand of the next GEMM, and one warpgroup GEMM call.
+#pragma once
+
+#include <cute/tensor.hpp>
+#include <cutlass/numeric_conversion.h>
+
+namespace flash_gla::hopper {
+
+using namespace cute;
+
+// A wgmma accumulator fragment has layout ((2, 2, N/8), MMA_M, MMA_N): a pair of adjacent
+// columns, the row 8 below, then groups of 8 columns. Viewed as (rows, cols) per thread:
+// rows = (2, MMA_M), cols = (2, N/8, MMA_N). Softmax reductions run along the cols mode.
+template <class Layout>
+__device__ __host__ constexpr auto accumulator_rowcol(Layout acc) {
+  static_assert(rank(acc) == 3 && rank<0>(acc) == 3, "expected a wgmma accumulator layout");
+  return make_layout(make_layout(get<0, 1>(acc), get<1>(acc)),
+                     make_layout(get<0, 0>(acc), get<0, 2>(acc), get<2>(acc)));
+}
+
+// The 16-bit A operand of an m64nNk16 register-sourced wgmma holds ((2, 2, 2), MMA_M, MMA_K):
+// column pair, row + 8, column + 8. Two consecutive 8-column groups of an accumulator are
+// one k-block, so the accumulator (converted to 16 bits) is the A operand with its group
+// mode split in two.
+template <class Layout>
+__device__ __host__ constexpr auto accumulator_as_operand_a(Layout acc) {
+  auto split = logical_divide(get<0>(acc), Shape<Underscore, Underscore, _2>{});  // (2,2,(2,N/16))
+  return make_layout(make_layout(get<0>(split), get<1>(split), get<2, 0>(split)),
+                     get<1>(acc),
+                     coalesce(make_layout(get<2, 1>(split), get<2>(acc))));
+}
+
+// Element-type conversion of a register fragment (fp32 probabilities -> 16-bit operand).
+template <class To, class Engine, class Layout>
+__device__ auto convert_fragment(Tensor<Engine, Layout> const& src) {
+  using From = typename Engine::value_type;
+  constexpr int kN = decltype(size(src))::value;
+  Tensor dst = make_tensor<To>(src.layout());
+  cutlass::NumericArrayConverter<To, From, kN> convert;
+  *reinterpret_cast<cutlass::Array<To, kN>*>(dst.data()) =
+      convert(*reinterpret_cast<cutlass::Array<From, kN> const*>(src.data()));
+  return dst;
+}
+
+// C (+)= A * B on one warpgroup, issued asynchronously; the caller waits with
+// warpgroup_wait<N>() before touching C. kZeroInit overwrites C on the first k-block.
+template <bool kZeroInit, class TiledMma, class TA, class TB, class TC>
+__device__ void warpgroup_gemm(TiledMma& mma, TA const& a, TB const& b, TC& c) {
+  // A is either shared-memory descriptors (SS) or a register fragment (RS) to fence.
+  constexpr bool kRegisterA = !is_same_v<typename TA::iterator, GMMA::DescriptorIterator>;
+  if constexpr (kRegisterA) { warpgroup_fence_operand(const_cast<TA&>(a)); }
+  warpgroup_fence_operand(c);
+  warpgroup_arrive();
+  if constexpr (kZeroInit) { mma.accumulate_ = GMMA::ScaleOut::Zero; }
+  CUTLASS_PRAGMA_UNROLL
+  for (int k = 0; k < size<2>(a); ++k) {
+    cute::gemm(mma, a(_, _, k), b(_, _, k), c);
+    mma.accumulate_ = GMMA::ScaleOut::One;
+  }
+  warpgroup_commit_batch();
+  warpgroup_fence_operand(c);
+  if constexpr (kRegisterA) { warpgroup_fence_operand(const_cast<TA&>(a)); }
+}
+
+}  // namespace flash_gla::hopper

@@ -1,0 +1,347 @@
+// Paged decode attention for one traits instance (MLA, GLA, ...): the whole kernel.
+//
+// Grid: (m-blocks of 64 packed query rows, KV heads, scheduler parts). Each CTA is persistent
+// over the requests that csrc/scheduler.cu assigned to its part and, for each request piece,
+// computes softmax(Q K^T * scale) V over that piece's pages.
+//
+// Roles (warp-specialised):
+//   warpgroup 0 (one thread)  producer: TMA-loads whole KV pages (64 tokens x kv_width) of this
+//                              KV head into a ring of kStages shared-memory stages, each
+//                              completing on an mbarrier, page addresses from block_table.
+//   warpgroups 1..            consumers: load the piece's Q tile, then per page
+//                              S = Q K^T (wgmma, smem x smem), online softmax in registers,
+//                              O += P V (wgmma, P from registers, V = the same page viewed
+//                              MN-major), and release the stage. Each consumer warpgroup owns
+//                              256 output columns; with dv = 512 both compute the same S.
+// Epilogue: a request handled by one piece writes bf16/fp16 O and LSE directly; a request
+// split over several pieces writes fp32 partials that csrc/combine.cu merges.
+//
+// Shared memory: Q (64 x d_qk) + kStages pages (64 x kv_width), 128B-swizzled K-major.
+#pragma once
+
+#include <cute/tensor.hpp>
+#include <cutlass/arch/barrier.h>
+#include <cutlass/arch/reg_reconfig.h>
+#include <cutlass/pipeline/sm90_pipeline.hpp>
+
+#include "params.h"
+#include "decode/fragment_utils.cuh"
+#include "decode/softmax.cuh"
+#include "decode/traits.h"
+
+namespace flash_gla::hopper {
+
+using namespace cute;
+
+// Named barriers among the consumer threads (id 0 is __syncthreads).
+enum class ConsumerBarrier : int {
+  kQFree = 1,      // every consumer is done reading the previous piece's Q tile
+  kQReady = 2,     // the new Q tile is in shared memory
+  kPageMasked = 3  // rows past the sequence end of a page are zeroed
+};
+
+__device__ __forceinline__ void consumer_sync(int num_threads, ConsumerBarrier id) {
+  cutlass::arch::NamedBarrier::sync(num_threads, static_cast<int>(id));
+}
+
+// One request's share of one scheduler part.
+struct WorkPiece {
+  int batch;
+  int seqlen;      // cache_seqlens[batch], clamped to what the block table can address
+  int num_pages;   // pages holding the request's keys
+  int page_begin;  // this piece's pages: [page_begin, page_end)
+  int page_end;
+  int slot;        // accumulator slot for a split request
+  bool is_split;   // the request is spread over several pieces (needs the combine kernel)
+};
+
+struct PartSchedule {
+  int begin_batch, begin_page, end_batch, end_page, begin_split;
+
+  __device__ static PartSchedule load(const DecodeParams& p, int part) {
+    const int* m = p.sched_meta + part * kMetaFields;
+    return {m[kMetaBeginBatch], m[kMetaBeginPage], m[kMetaEndBatch], m[kMetaEndPage],
+            m[kMetaBeginSplit]};
+  }
+
+  __device__ WorkPiece piece(const DecodeParams& p, int batch) const {
+    WorkPiece w;
+    w.batch = batch;
+    const int capacity = p.max_pages_per_seq * kPageSize;
+    w.seqlen = max(0, min(p.cache_seqlens[batch], capacity));
+    w.num_pages = (w.seqlen + kPageSize - 1) / kPageSize;
+    w.page_end = min(batch == end_batch ? end_page : w.num_pages, w.num_pages);
+    w.page_begin = min(batch == begin_batch ? begin_page : 0, w.page_end);
+    const int first_slot = p.num_splits[batch];
+    w.is_split = p.num_splits[batch + 1] - first_slot > 1;
+    w.slot = first_slot + (batch == begin_batch ? begin_split : 0);
+    return w;
+  }
+};
+
+template <class Traits>
+struct DecodeKernel {
+  using Element = typename Traits::Element;
+  using Pipeline = typename Traits::Pipeline;
+  using PipelineState = typename Pipeline::PipelineState;
+  using SharedStorage = typename Traits::SharedStorage;
+  static constexpr int kBlockM = Traits::kBlockM;
+  static constexpr int kBlockN = Traits::kBlockN;
+  static constexpr int kHeadDimQK = Traits::kHeadDimQK;
+  static constexpr int kHeadDimV = Traits::kHeadDimV;
+  static constexpr int kKVWidth = Traits::kKVWidth;
+  static constexpr int kOutCols = Traits::kOutColsPerWG;
+  static constexpr int kConsumerThreads = Traits::kNumConsumerThreads;
+  static constexpr int kChunk = 16 / sizeof(Element);  // elements per 16-byte vector
+
+  // ------------------------------------------------------------------ producer
+  static __device__ void produce(const DecodeParams& p, const typename Traits::TmaKV& tma_kv,
+                                 SharedStorage& smem, Pipeline& pipeline,
+                                 const PartSchedule& sched, int kv_head) {
+    Tensor mKV = tma_kv.get_tma_tensor(
+        make_shape(Int<kBlockN>{}, Int<kKVWidth>{}, p.num_heads_kv, p.num_pages));
+    Tensor gKV = mKV(_, _, kv_head, _);  // (token, dim, page)
+    Tensor sK = make_tensor(make_smem_ptr(smem.kv.data()), typename Traits::SmemLayoutK{});
+    auto [tKgK, tKsK] = tma_partition(tma_kv, Int<0>{}, Layout<_1>{},
+                                      group_modes<0, 2>(sK), group_modes<0, 2>(gKV));
+    PipelineState state = cutlass::make_producer_start_state<Pipeline>();
+    for (int batch = sched.begin_batch; batch <= sched.end_batch; ++batch) {
+      const WorkPiece w = sched.piece(p, batch);
+      const int* pages = p.block_table + batch * p.block_table_batch_stride;
+      for (int page = w.page_begin; page < w.page_end; ++page) {
+        const int physical_page = pages[page];
+        pipeline.producer_acquire(state);
+        copy(tma_kv.with(*pipeline.producer_get_barrier(state)), tKgK(_, physical_page),
+             tKsK(_, state.index()));
+        ++state;
+      }
+    }
+  }
+
+  // ------------------------------------------------------------------ consumers
+  // Copies the piece's 64 packed query rows into shared memory (zeros for padding rows).
+  static __device__ void load_q(const DecodeParams& p, SharedStorage& smem, int batch,
+                                int kv_head, int m_block, int consumer_tid) {
+    Tensor sQ = make_tensor(make_smem_ptr(smem.q.data()), typename Traits::SmemLayoutQ{});
+    const Element* q = static_cast<const Element*>(p.q) + batch * p.q_batch_stride;
+    constexpr int kChunksPerRow = kHeadDimQK / kChunk;
+    for (int idx = consumer_tid; idx < kBlockM * kChunksPerRow; idx += kConsumerThreads) {
+      const int row = idx / kChunksPerRow;
+      const int col = (idx % kChunksPerRow) * kChunk;
+      const int m = m_block * kBlockM + row;
+      uint4 v = make_uint4(0, 0, 0, 0);
+      if (m < p.rows_per_kv_head) {
+        const int token = m / p.group_size;
+        const int head = kv_head * p.group_size + m % p.group_size;
+        v = *reinterpret_cast<const uint4*>(q + token * p.q_seq_stride + head * p.q_head_stride + col);
+      }
+      *reinterpret_cast<uint4*>(&sQ(row, col)) = v;
+    }
+  }
+
+  // Rows past the sequence end may hold anything (NaN included); 0 * NaN would poison P V,
+  // so they are zeroed in shared memory before either GEMM reads the page.
+  static __device__ void zero_rows_past_end(SharedStorage& smem, int stage, int first_row,
+                                            int consumer_tid) {
+    Tensor sK = make_tensor(make_smem_ptr(smem.kv.data()), typename Traits::SmemLayoutK{});
+    constexpr int kChunksPerRow = kKVWidth / kChunk;
+    const int count = (kBlockN - first_row) * kChunksPerRow;
+    for (int idx = consumer_tid; idx < count; idx += kConsumerThreads) {
+      const int row = first_row + idx / kChunksPerRow;
+      const int col = (idx % kChunksPerRow) * kChunk;
+      *reinterpret_cast<uint4*>(&sK(row, col, stage)) = make_uint4(0, 0, 0, 0);
+    }
+  }
+
+  static __device__ void consume(const DecodeParams& p, SharedStorage& smem, Pipeline& pipeline,
+                                 const PartSchedule& sched, int kv_head, int m_block,
+                                 int consumer_tid) {
+    const int wg = consumer_tid / 128;  // which 256-column slice of O this warpgroup owns
+    const int wg_tid = consumer_tid % 128;
+
+    typename Traits::TiledMmaS mma_s;
+    typename Traits::TiledMmaO mma_o;
+    auto thr_s = mma_s.get_thread_slice(wg_tid);
+    auto thr_o = mma_o.get_thread_slice(wg_tid);
+
+    Tensor sQ = make_tensor(make_smem_ptr(smem.q.data()), typename Traits::SmemLayoutQ{});
+    Tensor sK = make_tensor(make_smem_ptr(smem.kv.data()), typename Traits::SmemLayoutK{});
+    Tensor sV = make_tensor(make_smem_ptr(smem.kv.data()), typename Traits::SmemLayoutV{});
+    // (kOutCols, tokens, stage): this warpgroup's columns of V.
+    Tensor sVw = flat_divide(sV, Shape<Int<kOutCols>, Int<kBlockN>>{})(_, _, wg, 0, _);
+
+    Tensor tSrQ = thr_s.partition_fragment_A(sQ);   // (MMA, 1, d_qk/16) descriptors
+    Tensor tSrK = thr_s.partition_fragment_B(sK);   // (MMA, 1, d_qk/16, stage)
+    Tensor tOrV = thr_o.partition_fragment_B(sVw);  // (MMA, 1, tokens/16, stage)
+    Tensor tSrS = partition_fragment_C(mma_s, Shape<Int<kBlockM>, Int<kBlockN>>{});
+    Tensor tOrO = partition_fragment_C(mma_o, Shape<Int<kBlockM>, Int<kOutCols>>{});
+
+    // Row/column views and the (row, col) coordinate of every accumulator element.
+    Tensor tSrS_rc = make_tensor(tSrS.data(), accumulator_rowcol(tSrS.layout()));
+    Tensor tOrO_rc = make_tensor(tOrO.data(), accumulator_rowcol(tOrO.layout()));
+    Tensor tScS_rc = [&] {
+      Tensor c = thr_s.partition_C(make_identity_tensor(Shape<Int<kBlockM>, Int<kBlockN>>{}));
+      return make_tensor(c.data(), accumulator_rowcol(c.layout()));
+    }();
+    Tensor tOcO_rc = [&] {
+      Tensor c = thr_o.partition_C(make_identity_tensor(Shape<Int<kBlockM>, Int<kOutCols>>{}));
+      return make_tensor(c.data(), accumulator_rowcol(c.layout()));
+    }();
+    constexpr int kRows = decltype(size<0>(tSrS_rc))::value;  // rows per thread (2)
+    static_assert(kRows == decltype(size<0>(tOrO_rc))::value, "S and O rows must coincide");
+
+    OnlineSoftmax<kRows> softmax;
+    PipelineState state;  // consumers start at stage 0, phase 0
+
+    for (int batch = sched.begin_batch; batch <= sched.end_batch; ++batch) {
+      const WorkPiece w = sched.piece(p, batch);
+
+      consumer_sync(kConsumerThreads, ConsumerBarrier::kQFree);
+      load_q(p, smem, batch, kv_head, m_block, consumer_tid);
+      cutlass::arch::fence_view_async_shared();  // Q written by threads, read by wgmma
+      consumer_sync(kConsumerThreads, ConsumerBarrier::kQReady);
+
+      // Last key each of this thread's rows may see (causal: query token r of s_q sees
+      // keys up to L - s_q + r); keys from mask_from on need a per-element check.
+      int row_last_key[kRows];
+      CUTLASS_PRAGMA_UNROLL
+      for (int i = 0; i < kRows; ++i) {
+        const int m = m_block * kBlockM + get<0>(tScS_rc(i, 0));
+        const int token = m / p.group_size;
+        row_last_key[i] = p.causal ? min(w.seqlen - p.seqlen_q + token, w.seqlen - 1)
+                                   : w.seqlen - 1;
+      }
+      const int mask_from = p.causal ? w.seqlen - p.seqlen_q + 1 : w.seqlen;
+
+      clear(tOrO);
+      softmax.reset();
+
+      for (int page = w.page_begin; page < w.page_end; ++page) {
+        pipeline.consumer_wait(state);
+        const int stage = state.index();
+        const int page_first_key = page * kBlockN;
+        const int valid_rows = w.seqlen - page_first_key;
+        if (valid_rows < kBlockN) {
+          zero_rows_past_end(smem, stage, valid_rows, consumer_tid);
+          cutlass::arch::fence_view_async_shared();
+          consumer_sync(kConsumerThreads, ConsumerBarrier::kPageMasked);
+        }
+
+        warpgroup_gemm</*kZeroInit=*/true>(mma_s, tSrQ, tSrK(_, _, _, stage), tSrS);
+        warpgroup_wait<0>();
+
+        const bool needs_mask = page_first_key + kBlockN > mask_from;
+        CUTLASS_PRAGMA_UNROLL
+        for (int i = 0; i < kRows; ++i) {
+          CUTLASS_PRAGMA_UNROLL
+          for (int j = 0; j < size<1>(tSrS_rc); ++j) {
+            const float s = tSrS_rc(i, j) * p.scale_log2;
+            const bool masked =
+                needs_mask && page_first_key + get<1>(tScS_rc(i, j)) > row_last_key[i];
+            tSrS_rc(i, j) = masked ? -INFINITY : s;
+          }
+        }
+        float rescale[kRows];
+        softmax.update(tSrS_rc, rescale);
+        CUTLASS_PRAGMA_UNROLL
+        for (int i = 0; i < kRows; ++i) {
+          CUTLASS_PRAGMA_UNROLL
+          for (int j = 0; j < size<1>(tOrO_rc); ++j) { tOrO_rc(i, j) *= rescale[i]; }
+        }
+
+        Tensor tOrP_acc = convert_fragment<Element>(tSrS);
+        Tensor tOrP = make_tensor(tOrP_acc.data(), accumulator_as_operand_a(tOrP_acc.layout()));
+        warpgroup_gemm</*kZeroInit=*/false>(mma_o, tOrP, tOrV(_, _, _, stage), tOrO);
+        warpgroup_wait<0>();
+
+        pipeline.consumer_release(state);
+        ++state;
+      }
+
+      store_output(p, w, tOrO_rc, tOcO_rc, softmax, kv_head, m_block, wg, wg_tid);
+    }
+  }
+
+  template <class TensorO, class TensorC, class Softmax>
+  static __device__ void store_output(const DecodeParams& p, const WorkPiece& w, TensorO& o,
+                                      TensorC const& coord, Softmax& softmax, int kv_head,
+                                      int m_block, int wg, int wg_tid) {
+    constexpr int kRows = decltype(size<0>(o))::value;
+    float inv_sum[kRows], lse[kRows];
+    softmax.finalize(inv_sum, lse);
+    CUTLASS_PRAGMA_UNROLL
+    for (int i = 0; i < kRows; ++i) {
+      const int m = m_block * kBlockM + get<0>(coord(i, 0));
+      if (m >= p.rows_per_kv_head) { continue; }  // padding row of the last m-block
+      const int token = m / p.group_size;
+      const int head = kv_head * p.group_size + m % p.group_size;
+      const bool write_lse = wg == 0 && wg_tid % 4 == 0;  // one lane of the row's quad
+      if (w.is_split) {
+        const int64_t row = (int64_t(w.slot) * p.num_heads_kv + kv_head) * p.rows_per_kv_head + m;
+        float* dst = p.o_accum + row * kHeadDimV + wg * kOutCols;
+        CUTLASS_PRAGMA_UNROLL
+        for (int j = 0; j < size<1>(o); j += 2) {
+          const int col = get<1>(coord(i, j));
+          *reinterpret_cast<float2*>(dst + col) =
+              make_float2(o(i, j) * inv_sum[i], o(i, j + 1) * inv_sum[i]);
+        }
+        if (write_lse) { p.lse_accum[row] = lse[i]; }
+      } else {
+        Element* dst = static_cast<Element*>(p.out) + w.batch * p.o_batch_stride +
+                       token * p.o_seq_stride + head * p.o_head_stride + wg * kOutCols;
+        CUTLASS_PRAGMA_UNROLL
+        for (int j = 0; j < size<1>(o); j += 2) {
+          const int col = get<1>(coord(i, j));
+          cutlass::Array<Element, 2> pair;
+          pair[0] = static_cast<Element>(o(i, j) * inv_sum[i]);
+          pair[1] = static_cast<Element>(o(i, j + 1) * inv_sum[i]);
+          *reinterpret_cast<cutlass::Array<Element, 2>*>(dst + col) = pair;
+        }
+        if (write_lse) {
+          // A row that saw no key reports +inf, so that a later merge ignores it.
+          p.lse[(int64_t(w.batch) * p.num_heads_q + head) * p.seqlen_q + token] =
+              lse[i] == -INFINITY ? INFINITY : lse[i];
+        }
+      }
+    }
+  }
+};
+
+template <class Traits>
+__global__ void __launch_bounds__(Traits::kNumThreads, 1)
+    decode_kernel(CUTE_GRID_CONSTANT const DecodeParams params,
+                  CUTE_GRID_CONSTANT const typename Traits::TmaKV tma_kv) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  using Kernel = DecodeKernel<Traits>;
+  using Pipeline = typename Traits::Pipeline;
+  extern __shared__ __align__(1024) char smem_raw[];
+  auto& smem = *reinterpret_cast<typename Traits::SharedStorage*>(smem_raw);
+
+  const int m_block = blockIdx.x;
+  const int kv_head = blockIdx.y;
+  const int part = blockIdx.z;
+  const bool is_producer = threadIdx.x < 128;
+
+  typename Pipeline::Params pipeline_params;
+  pipeline_params.transaction_bytes = Traits::kPageBytes;
+  pipeline_params.role = is_producer ? Pipeline::ThreadCategory::Producer
+                                     : Pipeline::ThreadCategory::Consumer;
+  pipeline_params.is_leader = threadIdx.x == 0;
+  pipeline_params.num_consumers = Traits::kNumConsumerThreads;
+  Pipeline pipeline(smem.pipeline, pipeline_params, Shape<_1, _1, _1>{});
+  if (threadIdx.x == 0) { cute::prefetch_tma_descriptor(tma_kv.get_tma_descriptor()); }
+  __syncthreads();  // barrier initialisation is visible to every role
+
+  const PartSchedule sched = PartSchedule::load(params, part);
+  if (is_producer) {
+    // The producer needs few registers; give them to the consumers' accumulators.
+    if constexpr (Traits::kNumConsumerWGs > 1) { cutlass::arch::warpgroup_reg_dealloc<40>(); }
+    if (threadIdx.x == 0) { Kernel::produce(params, tma_kv, smem, pipeline, sched, kv_head); }
+  } else {
+    if constexpr (Traits::kNumConsumerWGs > 1) { cutlass::arch::warpgroup_reg_alloc<232>(); }
+    Kernel::consume(params, smem, pipeline, sched, kv_head, m_block, threadIdx.x - 128);
+  }
+#endif
+}
+
+}  // namespace flash_gla::hopper

@@ -1,0 +1,46 @@
+// Host launcher shared by every instance: builds the TMA descriptor of the paged cache and
+// launches decode_kernel<Traits>. Included only by the instance files.
+#pragma once
+
+#include <stdexcept>
+#include <string>
+
+#include <cute/tensor.hpp>
+
+#include "decode/kernel.cuh"
+#include "decode/run_decode.h"
+#include "decode/traits.h"
+
+namespace flash_gla::hopper {
+
+inline void check_cuda(cudaError_t status, const char* what) {
+  if (status != cudaSuccess) {
+    throw std::runtime_error(std::string("flash_gla: ") + what + ": " + cudaGetErrorString(status));
+  }
+}
+
+template <DType kDType, int kHeadDimV, int kHeadDimRope>
+void run_decode(const DecodeParams& p, cudaStream_t stream) {
+  using Traits = DecodeTraits<kDType, kHeadDimV, kHeadDimRope>;
+  using Element = typename Traits::Element;
+
+  // (token in page, dim, kv head, page): the TMA box is one page of one KV head.
+  auto kv_layout = make_layout(
+      make_shape(Int<Traits::kBlockN>{}, Int<Traits::kKVWidth>{}, p.num_heads_kv, p.num_pages),
+      make_stride(p.kv_token_stride, _1{}, p.kv_head_stride, p.kv_page_stride));
+  Tensor kv = make_tensor(make_gmem_ptr(static_cast<Element const*>(p.kv)), kv_layout);
+  typename Traits::TmaKV tma_kv = make_tma_copy(SM90_TMA_LOAD{}, kv, typename Traits::SmemLayoutPage{});
+
+  auto kernel = decode_kernel<Traits>;
+  constexpr int kSmemBytes = sizeof(typename Traits::SharedStorage);
+  static const cudaError_t attr_status =
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
+  check_cuda(attr_status, "raising the decode kernel's shared-memory limit");
+
+  const int num_m_blocks = (p.rows_per_kv_head + Traits::kBlockM - 1) / Traits::kBlockM;
+  dim3 grid(num_m_blocks, p.num_heads_kv, p.num_parts);
+  kernel<<<grid, Traits::kNumThreads, kSmemBytes, stream>>>(p, tma_kv);
+  check_cuda(cudaGetLastError(), "launching the decode kernel");
+}
+
+}  // namespace flash_gla::hopper

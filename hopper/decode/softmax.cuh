@@ -1,0 +1,76 @@
+// Online softmax over the key pages of one work piece, kept in registers.
+//
+// Scores arrive already multiplied by softmax_scale * log2(e) and masked to -inf, so every
+// exponential is one exp2. Each accumulator row lives in the 4 lanes of a quad: maxima are
+// reduced across the quad after every page; sums stay thread-partial until the end.
+#pragma once
+
+#include <cute/tensor.hpp>
+#include <cmath>
+
+namespace flash_gla::hopper {
+
+using namespace cute;
+
+__device__ __forceinline__ float quad_allreduce_max(float x) {
+  x = fmaxf(x, __shfl_xor_sync(0xffffffff, x, 1));
+  return fmaxf(x, __shfl_xor_sync(0xffffffff, x, 2));
+}
+
+__device__ __forceinline__ float quad_allreduce_sum(float x) {
+  x += __shfl_xor_sync(0xffffffff, x, 1);
+  return x + __shfl_xor_sync(0xffffffff, x, 2);
+}
+
+template <int kRows>
+struct OnlineSoftmax {
+  float row_max[kRows];  // running max, log2 units; -inf while a row has seen no key
+  float row_sum[kRows];  // thread-partial running sum of exp2(score - row_max)
+
+  __device__ void reset() {
+    CUTLASS_PRAGMA_UNROLL
+    for (int i = 0; i < kRows; ++i) {
+      row_max[i] = -INFINITY;
+      row_sum[i] = 0.f;
+    }
+  }
+
+  // Turns the scores `s` (rows x cols view) into unnormalised probabilities and returns in
+  // `rescale` the factor by which each row's output accumulator must be multiplied.
+  template <class TensorS>
+  __device__ void update(TensorS& s, float (&rescale)[kRows]) {
+    static_assert(decltype(size<0>(s))::value == kRows);
+    CUTLASS_PRAGMA_UNROLL
+    for (int i = 0; i < kRows; ++i) {
+      float page_max = -INFINITY;
+      CUTLASS_PRAGMA_UNROLL
+      for (int j = 0; j < size<1>(s); ++j) { page_max = fmaxf(page_max, s(i, j)); }
+      const float new_max = fmaxf(row_max[i], quad_allreduce_max(page_max));
+      // A row that has seen no key yet keeps max -inf; subtract 0 then so exp2 gives 0, not NaN.
+      const float ref = new_max == -INFINITY ? 0.f : new_max;
+      rescale[i] = exp2f(row_max[i] - ref);
+      row_max[i] = new_max;
+      float page_sum = 0.f;
+      CUTLASS_PRAGMA_UNROLL
+      for (int j = 0; j < size<1>(s); ++j) {
+        s(i, j) = exp2f(s(i, j) - ref);
+        page_sum += s(i, j);
+      }
+      row_sum[i] = row_sum[i] * rescale[i] + page_sum;
+    }
+  }
+
+  // Final normaliser per row: inv_sum (0 for a row that saw no key) and the natural-log LSE
+  // (-inf for a row that saw no key; the caller maps that to +inf for final outputs).
+  __device__ void finalize(float (&inv_sum)[kRows], float (&lse)[kRows]) {
+    CUTLASS_PRAGMA_UNROLL
+    for (int i = 0; i < kRows; ++i) {
+      const float sum = quad_allreduce_sum(row_sum[i]);
+      const bool empty = sum == 0.f;
+      inv_sum[i] = empty ? 0.f : 1.f / sum;
+      lse[i] = empty ? -INFINITY : (row_max[i] + __log2f(sum)) * float(M_LN2);
+    }
+  }
+};
+
+}  // namespace flash_gla::hopper
