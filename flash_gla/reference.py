@@ -1,0 +1,188 @@
+"""The semantic definition of flash_gla's decode ops, in plain PyTorch (DESIGN.md section 2).
+
+Slow, float32 math, runs on CPU or GPU, no extension needed. The kernels are tested
+against these functions; where a docstring in ``ops.py`` and this file disagree, this file
+is what the kernels must compute.
+
+Conventions shared by every function here:
+
+* ``q``: (b, s_q, h_q, d_qk); query head ``i`` uses KV head ``i // (h_q // h_kv)``.
+* Paged caches: (num_blocks, page_size, heads, dim); ``block_table[i, p]`` is the page
+  holding tokens ``p * page_size ...`` of request ``i``. Only pages
+  ``p < ceil(L_i / page_size)`` are read and only rows ``< L_i``: the rest of the table may
+  hold garbage indices and the rest of the cache NaN.
+* Causal: query ``r`` (0-based of ``s_q``) of request ``i`` sees keys ``0 .. L_i - s_q + r``.
+* A query row that sees no key gets ``out = 0`` and ``lse = +inf``.
+* Returns ``out`` (b, s_q, h_q, dv) in q's dtype and ``lse`` (b, h_q, s_q) float32,
+  natural log of the sum of ``exp(scores)``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+
+KVBuilder = Callable[[torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]]
+
+
+def gla_with_kvcache_ref(
+    q: torch.Tensor,
+    kv_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    cache_seqlens: torch.Tensor,
+    head_dim_v: int,
+    softmax_scale: float | None = None,
+    causal: bool = False,
+    rope_cache: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """GLA (and MLA, ``h_kv == 1``) decode attention over a paged latent cache.
+
+    Args:
+        q: (b, s_q, h_q, d_qk).
+        kv_cache: (num_blocks, page_size, h_kv, d) latent heads.
+        block_table: (b, max_pages) integer page indices.
+        cache_seqlens: (b,) integer lengths ``L_i``.
+        head_dim_v: ``dv``; V is the first ``dv`` dims of each cached row.
+        softmax_scale: defaults to ``1 / sqrt(d_qk)``.
+        causal: see the module docstring.
+        rope_cache: None for inline RoPE: ``K[t] = kv[t, j, :]`` (d == d_qk, the RoPE dims
+            follow V inside the row). Otherwise (num_blocks, page_size, 1, d_rope), one RoPE
+            key shared by all KV heads: ``K[t] = concat(kv[t, j, :], rope[t, 0, :])``
+            (d + d_rope == d_qk).
+
+    Returns:
+        out (b, s_q, h_q, head_dim_v) in q's dtype, lse (b, h_q, s_q) float32.
+    """
+    d = kv_cache.shape[-1]
+    if not 0 < head_dim_v <= d:
+        raise ValueError(f"head_dim_v must be in 1..kv_cache.shape[3] = {d}, got {head_dim_v}")
+
+    def build(table_row: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = gather_rows(kv_cache, table_row, length)  # (L, h_kv, d)
+        keys = rows if rope_cache is None else _concat_shared_rope(rows, rope_cache, table_row, length)
+        return keys, rows[..., :head_dim_v]
+
+    return _paged_decode_ref(q, kv_cache, block_table, cache_seqlens, build, softmax_scale, causal, head_dim_v)
+
+
+def gta_with_kvcache_ref(
+    q: torch.Tensor,
+    kv_cache: torch.Tensor,
+    rope_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    cache_seqlens: torch.Tensor,
+    softmax_scale: float | None = None,
+    causal: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """GTA decode attention: one tied state per KV head serves as V and (partly) as K.
+
+    Args:
+        q: (b, s_q, h_q, d) with ``d == kv_cache.shape[3]``.
+        kv_cache: (num_blocks, page_size, h_kv, d) tied states.
+        rope_cache: (num_blocks, page_size, 1, d_rope) RoPE key shared by all KV heads.
+        block_table, cache_seqlens, softmax_scale, causal: as in :func:`gla_with_kvcache_ref`.
+
+    ``K[t] = concat(kv[t, j, :d - d_rope], rope[t, 0, :])`` and ``V[t] = kv[t, j, :]``.
+
+    Returns:
+        out (b, s_q, h_q, d) in q's dtype, lse (b, h_q, s_q) float32.
+    """
+    d, d_rope = kv_cache.shape[-1], rope_cache.shape[-1]
+    if not 0 < d_rope < d:
+        raise ValueError(f"rope_cache.shape[3] (d_rope) must be in 1..{d - 1}, got {d_rope}")
+
+    def build(table_row: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = gather_rows(kv_cache, table_row, length)
+        keys = _concat_shared_rope(rows[..., : d - d_rope], rope_cache, table_row, length)
+        return keys, rows
+
+    return _paged_decode_ref(q, kv_cache, block_table, cache_seqlens, build, softmax_scale, causal, d)
+
+
+def gather_rows(cache: torch.Tensor, table_row: torch.Tensor, length: int) -> torch.Tensor:
+    """Rows ``0 .. length-1`` of one request from a paged cache: (length, heads, dim).
+
+    Reads only the first ``ceil(length / page_size)`` entries of ``table_row``.
+    """
+    page_size = cache.shape[1]
+    n_pages = -(-length // page_size)
+    pages = table_row[:n_pages].to(device=cache.device, dtype=torch.long)
+    rows = cache.index_select(0, pages)  # (n_pages, page_size, heads, dim)
+    return rows.reshape(n_pages * page_size, *cache.shape[2:])[:length]
+
+
+def attention_ref(
+    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, causal: bool, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dense attention for one request, float32.
+
+    Args:
+        q: (s_q, h_q, d_qk). keys: (L, h_kv, d_qk). values: (L, h_kv, dv).
+
+    Returns:
+        out (s_q, h_q, dv) float32, lse (h_q, s_q) float32.
+    """
+    s_q, h_q, d_qk = q.shape
+    length, h_kv, dv = values.shape
+    group = h_q // h_kv
+    # Group query heads by their KV head instead of repeating K/V (which would be g x larger).
+    qg = q.float().reshape(s_q, h_kv, group, d_qk)
+    scores = torch.einsum("sjgd,ljd->jgsl", qg, keys.float()) * scale  # (h_kv, g, s_q, L)
+    key_pos = torch.arange(length, device=q.device)
+    if causal:
+        last_visible = length - s_q + torch.arange(s_q, device=q.device)  # (s_q,)
+        visible = key_pos[None, :] <= last_visible[:, None]
+    else:
+        visible = torch.ones(s_q, length, dtype=torch.bool, device=q.device)
+    scores = scores.masked_fill(~visible, -math.inf)
+    empty = ~visible.any(dim=-1)  # (s_q,): rows that see no key
+    lse = torch.logsumexp(scores, dim=-1)  # -inf on empty rows
+    probs = torch.exp(scores - lse.unsqueeze(-1)).masked_fill(empty[:, None], 0.0)
+    out = torch.einsum("jgsl,ljd->sjgd", probs, values.float()).reshape(s_q, h_q, dv)
+    lse = lse.masked_fill(empty, math.inf).reshape(h_q, s_q)
+    return out, lse
+
+
+def _concat_shared_rope(
+    nope: torch.Tensor, rope_cache: torch.Tensor, table_row: torch.Tensor, length: int
+) -> torch.Tensor:
+    """Keys ``concat(nope[t, j, :], rope[t, 0, :])`` for every KV head j: (L, h_kv, d_k)."""
+    rope = gather_rows(rope_cache, table_row, length)  # (L, 1, d_rope)
+    return torch.cat([nope, rope.expand(-1, nope.shape[1], -1)], dim=-1)
+
+
+def _paged_decode_ref(
+    q: torch.Tensor,
+    kv_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    cache_seqlens: torch.Tensor,
+    build_kv: KVBuilder,
+    softmax_scale: float | None,
+    causal: bool,
+    dv: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run :func:`attention_ref` per request on the K/V that ``build_kv`` gathers."""
+    if q.dim() != 4 or kv_cache.dim() != 4:
+        raise ValueError(f"q and kv_cache must be 4-D, got {q.dim()}-D and {kv_cache.dim()}-D")
+    b, s_q, h_q, d_qk = q.shape
+    h_kv = kv_cache.shape[2]
+    if h_q % h_kv != 0:
+        raise ValueError(f"q.shape[2] (h_q = {h_q}) must be a multiple of kv_cache.shape[2] (h_kv = {h_kv})")
+    lengths = [int(n) for n in cache_seqlens.tolist()]
+    capacity = block_table.shape[1] * kv_cache.shape[1]
+    if len(lengths) != b or block_table.shape[0] != b:
+        raise ValueError(f"cache_seqlens and block_table must have {b} rows (q.shape[0])")
+    if any(not 0 <= n <= capacity for n in lengths):
+        raise ValueError(f"cache_seqlens must lie in [0, {capacity}] (block table capacity), got {lengths}")
+    scale = softmax_scale if softmax_scale is not None else d_qk**-0.5
+
+    out = torch.empty(b, s_q, h_q, dv, dtype=torch.float32, device=q.device)
+    lse = torch.empty(b, h_q, s_q, dtype=torch.float32, device=q.device)
+    for i, length in enumerate(lengths):
+        keys, values = build_kv(block_table[i], length)
+        if keys.shape[-1] != d_qk:
+            raise ValueError(f"keys have {keys.shape[-1]} dims but q.shape[3] (d_qk) is {d_qk}")
+        out[i], lse[i] = attention_ref(q[i], keys, values, causal, scale)
+    return out.to(q.dtype), lse

@@ -1,0 +1,174 @@
+"""Test helpers shared by the CPU and GPU tests: poisoned paged inputs and a loud comparison."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+PAGE = 64
+GARBAGE_PAGE = 2**30  # block-table entries that must never be read
+
+
+@dataclass
+class DecodeInputs:
+    """A paged decode problem. Tensors as in ``flash_gla.gla_with_kvcache``."""
+
+    q: torch.Tensor  # (b, s_q, h_q, d_qk)
+    kv_cache: torch.Tensor  # (num_blocks, 64, h_kv, kv_dim), NaN past each length
+    block_table: torch.Tensor  # (b, max_pages) int32, GARBAGE_PAGE past each length
+    cache_seqlens: torch.Tensor  # (b,) int32
+    lengths: list[int]
+    rope_cache: torch.Tensor | None = None  # (num_blocks, 64, 1, d_rope), shared_rope only
+
+
+def make_inputs(
+    b: int,
+    s_q: int,
+    h_q: int,
+    h_kv: int,
+    dv: int,
+    d_rope: int,
+    lengths: int | list[int],
+    dtype: torch.dtype = torch.bfloat16,
+    device: str | torch.device = "cpu",
+    seed: int = 0,
+    *,
+    shared_rope: bool = False,
+    q_dim: int | None = None,
+    max_pages: int | None = None,
+    num_blocks: int | None = None,
+    spare_pages: int = 2,
+) -> DecodeInputs:
+    """Random paged inputs, poisoned everywhere a kernel must not look.
+
+    * Pages are assigned in a shuffled order (non-contiguous block table).
+    * Cache rows past each request's length, and pages no request uses (at least
+      ``spare_pages``), are NaN.
+    * Block-table entries past ``ceil(L / 64)`` are ``GARBAGE_PAGE`` (out of range).
+
+    Layouts: inline RoPE (default): kv rows have ``dv + d_rope`` dims and q has
+    ``dv + d_rope``. ``shared_rope=True``: kv rows have ``dv`` dims and a separate
+    ``rope_cache`` (num_blocks, 64, 1, d_rope) is made; q has ``dv + d_rope`` dims unless
+    ``q_dim`` says otherwise (GTA: ``q_dim = dv``).
+    """
+    if isinstance(lengths, int):
+        lengths = [lengths] * b
+    lengths = [int(n) for n in lengths]
+    assert len(lengths) == b, (len(lengths), b)
+    pages = [-(-n // PAGE) for n in lengths]
+    max_pages = max_pages if max_pages is not None else max(pages, default=0) + 1
+    assert max_pages >= max(pages, default=0), "max_pages too small for the lengths"
+    num_blocks = num_blocks if num_blocks is not None else sum(pages) + spare_pages
+    assert num_blocks >= sum(pages) + 1, "num_blocks must leave at least one never-used page"
+
+    host = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(num_blocks, generator=host)
+    block_table = torch.full((b, max_pages), GARBAGE_PAGE, dtype=torch.int32)
+    valid_rows = torch.zeros(num_blocks, dtype=torch.long)  # rows < L in each physical page
+    used = 0
+    for i, (n, p) in enumerate(zip(lengths, pages)):
+        physical = perm[used : used + p]
+        used += p
+        block_table[i, :p] = physical.to(torch.int32)
+        full = torch.full((p,), PAGE, dtype=torch.long)
+        if p:
+            full[-1] = n - (p - 1) * PAGE
+        valid_rows[physical] = full
+
+    gen = torch.Generator(device=device).manual_seed(seed)
+    kv_dim = dv if shared_rope else dv + d_rope
+    q_dim = q_dim if q_dim is not None else dv + d_rope
+    q = torch.randn(b, s_q, h_q, q_dim, generator=gen, device=device, dtype=torch.float32).to(dtype)
+    kv_cache = torch.randn(num_blocks, PAGE, h_kv, kv_dim, generator=gen, device=device, dtype=torch.float32).to(dtype)
+    poison = (torch.arange(PAGE)[None, :] >= valid_rows[:, None]).to(device)  # (num_blocks, 64)
+    kv_cache[poison] = math.nan
+    rope_cache = None
+    if shared_rope:
+        rope_cache = torch.randn(num_blocks, PAGE, 1, d_rope, generator=gen, device=device, dtype=torch.float32).to(dtype)
+        rope_cache[poison] = math.nan
+    return DecodeInputs(
+        q=q,
+        kv_cache=kv_cache,
+        block_table=block_table.to(device),
+        cache_seqlens=torch.tensor(lengths, dtype=torch.int32, device=device),
+        lengths=lengths,
+        rope_cache=rope_cache,
+    )
+
+
+# Relative error ||out - ref|| / ||ref|| and elementwise |out - ref| <= atol + rtol |ref|.
+OUT_TOLERANCE = {
+    torch.bfloat16: dict(rel=1e-2, atol=2e-2, rtol=2e-2),
+    torch.float16: dict(rel=1e-2, atol=5e-3, rtol=5e-3),
+    torch.float32: dict(rel=1e-5, atol=1e-5, rtol=1e-5),
+}
+LSE_ATOL = 1e-3
+LSE_RTOL = 1e-3
+
+
+def _index(flat: int, shape) -> tuple[int, ...]:
+    return tuple(int(i) for i in torch.unravel_index(torch.tensor(flat), tuple(shape)))
+
+
+def assert_close(out: torch.Tensor, ref: torch.Tensor, lse: torch.Tensor, lse_ref: torch.Tensor, config_id: str) -> None:
+    """Compare a kernel's (out, lse) with the reference; fail with the worst element.
+
+    out/ref: (b, s_q, h_q, dv); lse/lse_ref: (b, h_q, s_q) float32. NaN never passes;
+    +inf in lse must sit exactly where the reference has it, with out == 0 on those rows.
+    """
+    where = f"[{config_id}]"
+    assert out.shape == ref.shape, f"{where} out.shape {tuple(out.shape)} != reference {tuple(ref.shape)}"
+    assert out.dtype == ref.dtype, f"{where} out.dtype {out.dtype} != reference {ref.dtype}"
+    assert lse.shape == lse_ref.shape, f"{where} lse.shape {tuple(lse.shape)} != reference {tuple(lse_ref.shape)}"
+    assert lse.dtype == torch.float32, f"{where} lse.dtype must be float32, got {lse.dtype}"
+    for name, t in (("out", out), ("reference out", ref), ("lse", lse), ("reference lse", lse_ref)):
+        nan = torch.isnan(t)
+        if nan.any():
+            first = _index(int(nan.flatten().nonzero()[0]), t.shape)
+            raise AssertionError(f"{where} {name} has {int(nan.sum())} NaN, first at {first}")
+
+    # lse: +inf exactly where the reference has it (rows that see no key), nowhere -inf.
+    inf, inf_ref = torch.isinf(lse), torch.isinf(lse_ref)
+    mismatch = (inf != inf_ref) | (inf & (lse < 0))
+    if mismatch.any():
+        first = _index(int(mismatch.flatten().nonzero()[0]), lse.shape)
+        raise AssertionError(
+            f"{where} lse infinities differ at (b, h, s) = {first}: got {lse[first].item()}, "
+            f"reference {lse_ref[first].item()} ({int(mismatch.sum())} such elements)"
+        )
+    finite = ~inf_ref
+    if finite.any():
+        err = torch.where(finite, (lse - lse_ref).abs(), torch.zeros_like(lse))
+        bound = LSE_ATOL + LSE_RTOL * lse_ref.abs().masked_fill(inf_ref, 0)
+        worst = int(torch.argmax(err - bound))
+        if (err - bound).flatten()[worst] > 0:
+            at = _index(worst, lse.shape)
+            raise AssertionError(
+                f"{where} lse differs most at (b, h, s) = {at}: got {lse[at].item():.6f}, reference "
+                f"{lse_ref[at].item():.6f} (|diff| {err[at].item():.3g} > {bound[at].item():.3g})"
+            )
+
+    # Rows that see no key must be exactly zero.
+    empty_rows = inf_ref.transpose(1, 2)  # (b, s_q, h_q)
+    nonzero = empty_rows.unsqueeze(-1) & (out != 0)
+    if nonzero.any():
+        first = _index(int(nonzero.flatten().nonzero()[0]), out.shape)
+        raise AssertionError(f"{where} out must be 0 on rows that see no key, got {out[first].item()} at {first}")
+
+    tol = OUT_TOLERANCE[ref.dtype]
+    o, r = out.double(), ref.double()
+    diff = (o - r).abs()
+    ref_norm = r.norm().item()
+    rel = diff.norm().item() / ref_norm if ref_norm > 0 else diff.norm().item()
+    excess = diff - (tol["atol"] + tol["rtol"] * r.abs())
+    worst = int(torch.argmax(excess))
+    at = _index(worst, out.shape)
+    detail = (
+        f"worst element (b, s, h, d) = {at}: got {o[at].item():.6f}, reference {r[at].item():.6f}, "
+        f"|diff| {diff[at].item():.3g}; relative error {rel:.3g}"
+    )
+    assert rel <= tol["rel"], f"{where} relative error {rel:.3g} > {tol['rel']}; {detail}"
+    bound = f"atol {tol['atol']}, rtol {tol['rtol']}"
+    assert excess.flatten()[worst] <= 0, f"{where} elementwise tolerance ({bound}) exceeded; {detail}"
