@@ -1,0 +1,165 @@
+#!/usr/bin/env bash
+# Build, inspect, test and benchmark flash_gla on the lent H100 in one command.
+#
+# usage: scripts/h100.sh OUT_DIR          (from anywhere; it works in the checkout's root)
+#
+# The machine has torch (2.11, CUDA 13), nvcc 13.0, 16 cores and no network, so the
+# CUTLASS headers come along as a wheel in the carried, git-ignored folder .carry/:
+#   .carry/whl/nvidia_cutlass-*.whl   unpacked offline; CUTLASS_DIR points into it
+#   .carry/flashmla/                  FlashMLA (from vLLM), put on PYTHONPATH for the benchmark
+#
+# Environment:
+#   STAGES="build sass test bench"  stages to run, in this order (default: all four); a
+#                                   stage left out reuses what an earlier call left behind
+#   BUDGET_S=570                    the whole script's time budget: test and bench get what
+#                                   is left (minus a margin for the summary), so one device
+#                                   call (600 s at most) still ends with its summary
+#   MAX_JOBS=16                     parallel compile jobs
+#   PYTEST_ARGS="..."               extra pytest arguments (e.g. -k gla2)
+#   TEST_TIMEOUT_S=300              per-test limit, where pytest-timeout is installed
+#
+# Files in OUT_DIR (the device tool returns at most 8; the benchmark may add up to 3):
+#   h100.log    everything printed here: device, stage results, sass report, summary
+#   build.log   the compiler's output, with ptxas register / spill reports
+#   test.log    pytest's output;  junit.xml  per-test results
+#   bench.log   the benchmark's output (plus whatever it writes under --out OUT_DIR)
+set -uo pipefail
+
+OUT_DIR=${1:?usage: scripts/h100.sh OUT_DIR}
+mkdir -p "$OUT_DIR"
+OUT_DIR=$(cd "$OUT_DIR" && pwd)
+cd "$(dirname "$0")/.."
+
+PY=${PYTHON:-python3}
+STAGES=${STAGES:-build sass test bench}
+BUDGET_S=${BUDGET_S:-570}
+DEADLINE=$(($(date +%s) + BUDGET_S))
+export PYTHONUNBUFFERED=1 PIP_ROOT_USER_ACTION=ignore PIP_DISABLE_PIP_VERSION_CHECK=1
+export MAX_JOBS=${MAX_JOBS:-16}
+
+want() { [[ " $STAGES " == *" $1 "* ]]; }
+left() {  # seconds a stage may still use (at least 1: `timeout 0` would mean no limit)
+    local s=$((DEADLINE - $(date +%s) - 20))
+    echo $((s > 1 ? s : 1))
+}
+banner() { printf '\n==== %s (%s) ====\n' "$1" "$(date +%H:%M:%S)"; }
+
+# Make CUTLASS findable by setup.py: an explicit CUTLASS_DIR or third_party/cutlass wins,
+# else unpack the carried wheel (once per machine) and point CUTLASS_DIR into it.
+setup_cutlass() {
+    [[ -n ${CUTLASS_DIR:-} || -f third_party/cutlass/include/cute/tensor.hpp ]] && return 0
+    local whl site=/tmp/flash_gla_cutlass
+    whl=$(ls .carry/whl/nvidia_cutlass-*.whl 2>/dev/null | head -n 1)
+    if [[ -n $whl ]]; then
+        if [[ ! -f $site/cutlass_library/source/include/cute/tensor.hpp ]]; then
+            "$PY" -m pip install -q --no-index --no-deps --no-compile --target "$site" "$whl" || return 1
+        fi
+        export CUTLASS_DIR=$site/cutlass_library/source
+    elif ! "$PY" -c 'import importlib.util, sys; sys.exit(importlib.util.find_spec("cutlass_library") is None)'; then
+        echo "no CUTLASS headers: carry .carry/whl/nvidia_cutlass-*.whl (the machine has no network)"
+        return 1
+    fi
+}
+
+main() {
+    local build_msg="not run" test_msg="not run" bench_msg="not run" sass_msg="not run" ptxas_msg="" rc=0
+
+    banner device
+    nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,power.limit --format=csv,noheader \
+        || echo "nvidia-smi failed"
+    "$PY" -c 'import sys, torch
+print(f"python {sys.version.split()[0]}, torch {torch.__version__} (CUDA {torch.version.cuda}),",
+      f"GPU {torch.cuda.get_device_name() if torch.cuda.is_available() else None}")'
+    nvcc --version | tail -n 2 | head -n 1
+    echo "stages: $STAGES; budget ${BUDGET_S}s; MAX_JOBS=$MAX_JOBS"
+
+    if want build; then
+        banner build
+        if setup_cutlass; then
+            echo "CUTLASS_DIR=${CUTLASS_DIR:-<found by setup.py>}"
+            local t0=$(date +%s)
+            FLASH_GLA_PTXAS_VERBOSE=1 timeout "$(left)" "$PY" setup.py build_ext --inplace >"$OUT_DIR/build.log" 2>&1
+            local brc=$? secs=$(($(date +%s) - t0))
+            echo "build_time_s=$secs rc=$brc" | tee -a "$OUT_DIR/build.log"
+            if ((brc == 0)); then
+                build_msg="ok in ${secs}s"
+            else
+                build_msg="FAILED (rc $brc) after ${secs}s, see build.log"
+                rc=1
+                grep -n -m 40 -E "error|Error" "$OUT_DIR/build.log"
+                tail -n 30 "$OUT_DIR/build.log"
+            fi
+            # ptxas -v prints "N bytes stack frame, N bytes spill stores, N bytes spill loads".
+            local spills stacks
+            spills=$(grep -c -E "\b[1-9][0-9]* bytes spill (stores|loads)" "$OUT_DIR/build.log")
+            stacks=$(grep -c -E "\b[1-9][0-9]* bytes stack frame" "$OUT_DIR/build.log")
+            ptxas_msg="ptxas: $spills function(s) spilling, $stacks with a stack frame"
+            grep -q "ptxas info" "$OUT_DIR/build.log" || ptxas_msg="ptxas: no reports (nothing was recompiled)"
+            echo "$ptxas_msg"
+        else
+            build_msg="FAILED: no CUTLASS headers"
+            rc=1
+        fi
+    fi
+
+    if want sass; then
+        banner sass
+        local report
+        report=$(bash scripts/sass_report.sh 2>&1)
+        echo "$report"
+        sass_msg=$(echo "$report" | grep '^sass summary:' || echo "sass report failed")
+    fi
+
+    if want test; then
+        banner test
+        local timeout_arg=()
+        "$PY" -c "import pytest_timeout" 2>/dev/null && timeout_arg=(--timeout="${TEST_TIMEOUT_S:-300}")
+        rm -f "$OUT_DIR/junit.xml"
+        # SIGINT first: pytest then stops cleanly and still writes its summary and junit.xml.
+        timeout --signal=INT --kill-after=15 "$(left)" \
+            "$PY" -m pytest tests -q -rfE -p no:cacheprovider --junitxml "$OUT_DIR/junit.xml" \
+            "${timeout_arg[@]}" ${PYTEST_ARGS:-} >"$OUT_DIR/test.log" 2>&1
+        local trc=$?
+        tail -n 40 "$OUT_DIR/test.log"
+        test_msg=$("$PY" - "$OUT_DIR/junit.xml" "$trc" <<'EOF'
+import sys, xml.etree.ElementTree as ET
+path, rc = sys.argv[1], int(sys.argv[2])
+try:
+    root = ET.parse(path).getroot()
+except (OSError, ET.ParseError):
+    print(f"no junit.xml (pytest rc {rc}), see test.log")
+    sys.exit()
+suites = [root] if root.tag == "testsuite" else root.findall("testsuite")
+n = {k: sum(int(s.get(k, 0)) for s in suites) for k in ("tests", "failures", "errors", "skipped")}
+passed = n["tests"] - n["failures"] - n["errors"] - n["skipped"]
+print(f"{passed} passed, {n['failures']} failed, {n['errors']} errors, {n['skipped']} skipped (pytest rc {rc})")
+EOF
+)
+        ((trc == 0)) || rc=1
+    fi
+
+    if want bench; then
+        banner bench
+        if [[ -f benchmarks/bench_decode.py ]]; then
+            PYTHONPATH=$PWD:$PWD/.carry/flashmla${PYTHONPATH:+:$PYTHONPATH} \
+                timeout --signal=INT --kill-after=15 "$(left)" \
+                "$PY" benchmarks/bench_decode.py --out "$OUT_DIR" >"$OUT_DIR/bench.log" 2>&1
+            local xrc=$?
+            tail -n 60 "$OUT_DIR/bench.log"
+            if ((xrc == 0)); then bench_msg="ok, see bench.log"; else bench_msg="FAILED (rc $xrc), see bench.log"; rc=1; fi
+        else
+            bench_msg="skipped: benchmarks/bench_decode.py does not exist yet"
+        fi
+    fi
+
+    banner summary
+    echo "device: $(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n 1)"
+    echo "build:  $build_msg${ptxas_msg:+; $ptxas_msg}"
+    echo "sass:   $sass_msg"
+    echo "tests:  $test_msg"
+    echo "bench:  $bench_msg"
+    echo "files:  $(cd "$OUT_DIR" && ls | tr '\n' ' ')"
+    return $rc
+}
+
+main 2>&1 | tee "$OUT_DIR/h100.log"
