@@ -230,7 +230,8 @@ def gla_with_kvcache(
     result exactly.
 
     Args:
-        q: (b, s_q, h_q, d_qk) bfloat16 or float16, last-dim stride 1.
+        q: (b, s_q, h_q, d_qk) bfloat16 or float16, last-dim stride 1, other strides
+            multiples of 8 elements, data_ptr 16-byte aligned (rows are read as 16-byte vectors).
             ``h_q % h_kv == 0``, ``h_q / h_kv <= 128``, ``s_q * h_q / h_kv <= 1024``.
         kv_cache: (num_blocks, 64, h_kv, d_qk), q's dtype, last-dim stride 1, every other
             stride a multiple of 8 elements, data_ptr 16-byte aligned.
@@ -285,6 +286,8 @@ def flash_mla_with_kvcache(
     extra_indices_in_kvcache: torch.Tensor | None = None,
     topk_length: torch.Tensor | None = None,
     extra_topk_length: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+    enable_batch_invariant: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """FlashMLA's ``flash_mla_with_kvcache``, same parameter names and order.
 
@@ -298,9 +301,14 @@ def flash_mla_with_kvcache(
         extra_indices_in_kvcache=extra_indices_in_kvcache, topk_length=topk_length,
         extra_topk_length=extra_topk_length,
     )
+    if enable_batch_invariant is not False:
+        raise ValueError(
+            f"enable_batch_invariant must be False (split-KV cannot be disabled), got {enable_batch_invariant!r}"
+        )
     return gla_with_kvcache(
         q, k_cache, block_table, cache_seqlens, head_dim_v, tile_scheduler_metadata, num_splits,
-        softmax_scale=softmax_scale, causal=causal, is_fp8_kvcache=is_fp8_kvcache, indices=indices,
+        softmax_scale=softmax_scale, causal=causal, out=out, is_fp8_kvcache=is_fp8_kvcache,
+        indices=indices,
     )
 
 

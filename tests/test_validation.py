@@ -426,6 +426,16 @@ def test_flash_mla_unsupported_arguments(inputs):
     args["k_cache"] = args.pop("kv_cache")
     with pytest.raises(ValueError, match=r"attn_sink must be None"):
         flash_gla.flash_mla_with_kvcache(**args, attn_sink=torch.zeros(H_Q))
+    with pytest.raises(ValueError, match=r"enable_batch_invariant must be False"):
+        flash_gla.flash_mla_with_kvcache(**args, enable_batch_invariant=True)
+
+
+def test_flash_mla_out_keyword_is_validated(inputs):
+    args = call_args(inputs)
+    args["k_cache"] = args.pop("kv_cache")
+    bad_out = torch.empty(1, dtype=inputs.q.dtype)
+    with pytest.raises(ValueError, match=r"out must be 4-D"):
+        flash_gla.flash_mla_with_kvcache(**args, out=bad_out)
 
 
 def test_import_without_extension_is_fine():
