@@ -5,18 +5,21 @@
 // computes softmax(Q K^T * scale) V over that piece's pages.
 //
 // Roles (warp-specialised):
-//   warpgroup 0 (one thread)  producer: TMA-loads whole KV pages (64 tokens x kv_width) of this
+//   last warpgroup (1 thread) producer: TMA-loads whole KV pages (64 tokens x kv_width) of this
 //                              KV head into a ring of kStages shared-memory stages, each
 //                              completing on an mbarrier, page addresses from block_table.
-//   warpgroups 1..            consumers: load the piece's Q tile, then per page
+//   warpgroups 0..            consumers: load the piece's Q tile, then per page
 //                              S = Q K^T (wgmma, smem x smem), online softmax in registers,
 //                              O += P V (wgmma, P from registers, V = the same page viewed
 //                              MN-major), and release the stage. Each consumer warpgroup owns
-//                              256 output columns; with dv = 512 both compute the same S.
+//                              256 output columns. With dv = 512 the two warpgroups score
+//                              half of the page's tokens each, exchange row maxima and write
+//                              P to shared memory, so that no QK^T is computed twice.
 // Epilogue: a request handled by one piece writes bf16/fp16 O and LSE directly; a request
 // split over several pieces writes fp32 partials that csrc/combine.cu merges.
 //
-// Shared memory: Q (64 x d_qk) + kStages pages (64 x kv_width), 128B-swizzled K-major.
+// Shared memory: Q (64 x d_qk) + kStages pages (64 x kv_width), 128B-swizzled K-major,
+// + P (64 x 64) and per-row statistics when the scores are split.
 #pragma once
 
 #include <cute/tensor.hpp>
@@ -37,7 +40,10 @@ using namespace cute;
 enum class ConsumerBarrier : int {
   kQFree = 1,      // every consumer is done reading the previous piece's Q tile
   kQReady = 2,     // the new Q tile is in shared memory
-  kPageMasked = 3  // rows past the sequence end of a page are zeroed
+  kPageMasked = 3,  // rows past the sequence end of a page are zeroed
+  kScoresMax = 4,   // split scores: each warpgroup's page row maxima are in shared memory
+  kPReady = 5,      // split scores: the page's probabilities are in shared memory
+  kRowSums = 6      // split scores: each warpgroup's final row sums are in shared memory
 };
 
 __device__ __forceinline__ void consumer_sync(int num_threads, ConsumerBarrier id) {
@@ -156,7 +162,10 @@ struct DecodeKernel {
   static __device__ void consume(const DecodeParams& p, SharedStorage& smem, Pipeline& pipeline,
                                  const PartSchedule& sched, int kv_head, int m_block,
                                  int consumer_tid) {
-    const int wg = consumer_tid / 128;  // which 256-column slice of O this warpgroup owns
+    constexpr bool kSplit = Traits::kSplitScores;
+    constexpr int kScoreCols = Traits::kScoreCols;
+    // Which slice of O (and of the page's tokens) this warpgroup owns; a constant 0 with one.
+    const int wg = Traits::kNumConsumerWGs == 1 ? 0 : consumer_tid / 128;
     const int wg_tid = consumer_tid % 128;
 
     typename Traits::TiledMmaS mma_s;
@@ -170,17 +179,21 @@ struct DecodeKernel {
     // (kOutCols, tokens, stage): this warpgroup's columns of V.
     Tensor sVw = flat_divide(sV, Shape<Int<kOutCols>, Int<kBlockN>>{})(_, _, wg, 0, _);
 
+    // (kScoreCols, d_qk, stage): the tokens this warpgroup scores.
+    Tensor sKw = flat_divide(sK, Shape<Int<kScoreCols>, Int<kKVWidth>>{})(_, _, wg, 0, _);
+    Tensor sP = make_tensor(make_smem_ptr(smem.p.data()), typename Traits::SmemLayoutP{});
+
     Tensor tSrQ = thr_s.partition_fragment_A(sQ);   // (MMA, 1, d_qk/16) descriptors
-    Tensor tSrK = thr_s.partition_fragment_B(sK);   // (MMA, 1, d_qk/16, stage)
+    Tensor tSrK = thr_s.partition_fragment_B(sKw);  // (MMA, 1, d_qk/16, stage)
     Tensor tOrV = thr_o.partition_fragment_B(sVw);  // (MMA, 1, tokens/16, stage)
-    Tensor tSrS = partition_fragment_C(mma_s, Shape<Int<kBlockM>, Int<kBlockN>>{});
+    Tensor tSrS = partition_fragment_C(mma_s, Shape<Int<kBlockM>, Int<kScoreCols>>{});
     Tensor tOrO = partition_fragment_C(mma_o, Shape<Int<kBlockM>, Int<kOutCols>>{});
 
     // Row/column views and the (row, col) coordinate of every accumulator element.
     Tensor tSrS_rc = make_tensor(tSrS.data(), accumulator_rowcol(tSrS.layout()));
     Tensor tOrO_rc = make_tensor(tOrO.data(), accumulator_rowcol(tOrO.layout()));
     Tensor tScS_rc = [&] {
-      Tensor c = thr_s.partition_C(make_identity_tensor(Shape<Int<kBlockM>, Int<kBlockN>>{}));
+      Tensor c = thr_s.partition_C(make_identity_tensor(Shape<Int<kBlockM>, Int<kScoreCols>>{}));
       return make_tensor(c.data(), accumulator_rowcol(c.layout()));
     }();
     Tensor tOcO_rc = [&] {
@@ -189,6 +202,12 @@ struct DecodeKernel {
     }();
     constexpr int kRows = decltype(size<0>(tSrS_rc))::value;  // rows per thread (2)
     static_assert(kRows == decltype(size<0>(tOrO_rc))::value, "S and O rows must coincide");
+    // Row i of this thread's accumulators within the 64-row tile.
+    auto row_of = [&](int i) { return int(get<0>(tScS_rc(i, 0))); };
+    const int first_score_col = wg * kScoreCols;  // this warpgroup's first token of a page
+    // This warpgroup's columns of P, partitioned like its score accumulator.
+    Tensor tSsP = thr_s.partition_C(
+        flat_divide(sP, Shape<Int<kBlockM>, Int<kScoreCols>>{})(_, _, 0, wg));
 
     OnlineSoftmax<kRows> softmax;
     PipelineState state;  // consumers start at stage 0, phase 0
@@ -206,7 +225,7 @@ struct DecodeKernel {
       int row_last_key[kRows];
       CUTLASS_PRAGMA_UNROLL
       for (int i = 0; i < kRows; ++i) {
-        const int m = m_block * kBlockM + get<0>(tScS_rc(i, 0));
+        const int m = m_block * kBlockM + row_of(i);
         const int token = m / p.group_size;
         row_last_key[i] = p.causal ? min(w.seqlen - p.seqlen_q + token, w.seqlen - 1)
                                    : w.seqlen - 1;
@@ -236,39 +255,78 @@ struct DecodeKernel {
           CUTLASS_PRAGMA_UNROLL
           for (int j = 0; j < size<1>(tSrS_rc); ++j) {
             const float s = tSrS_rc(i, j) * p.scale_log2;
-            const bool masked =
-                needs_mask && page_first_key + get<1>(tScS_rc(i, j)) > row_last_key[i];
+            const int key = page_first_key + first_score_col + get<1>(tScS_rc(i, j));
+            const bool masked = needs_mask && key > row_last_key[i];
             tSrS_rc(i, j) = masked ? -INFINITY : s;
           }
         }
-        float rescale[kRows];
-        softmax.update(tSrS_rc, rescale);
+        float row_page_max[kRows], rescale[kRows];
+        softmax.page_max(tSrS_rc, row_page_max);
+        if constexpr (kSplit) {  // the row maximum over every warpgroup's tokens
+          if (wg_tid % 4 == 0) {
+            CUTLASS_PRAGMA_UNROLL
+            for (int i = 0; i < kRows; ++i) { smem.row_max[wg][row_of(i)] = row_page_max[i]; }
+          }
+          consumer_sync(kConsumerThreads, ConsumerBarrier::kScoresMax);
+          CUTLASS_PRAGMA_UNROLL
+          for (int i = 0; i < kRows; ++i) {
+            CUTLASS_PRAGMA_UNROLL
+            for (int w = 0; w < Traits::kNumConsumerWGs; ++w) {
+              row_page_max[i] = fmaxf(row_page_max[i], smem.row_max[w][row_of(i)]);
+            }
+          }
+        }
+        softmax.update(tSrS_rc, row_page_max, rescale);
         CUTLASS_PRAGMA_UNROLL
         for (int i = 0; i < kRows; ++i) {
           CUTLASS_PRAGMA_UNROLL
           for (int j = 0; j < size<1>(tOrO_rc); ++j) { tOrO_rc(i, j) *= rescale[i]; }
         }
 
-        Tensor tOrP_acc = convert_fragment<Element>(tSrS);
-        Tensor tOrP = make_tensor(tOrP_acc.data(), accumulator_as_operand_a(tOrP_acc.layout()));
-        warpgroup_gemm</*kZeroInit=*/false>(mma_o, tOrP, tOrV(_, _, _, stage), tOrO);
+        if constexpr (kSplit) {
+          // Every warpgroup writes its tokens' probabilities; all then read the whole P.
+          // sP is free: both warpgroups finished the previous page's P V before kScoresMax.
+          copy(convert_fragment<Element>(tSrS), tSsP);
+          cutlass::arch::fence_view_async_shared();  // P written by threads, read by wgmma
+          consumer_sync(kConsumerThreads, ConsumerBarrier::kPReady);
+          Tensor tOsP = thr_o.partition_fragment_A(sP);
+          warpgroup_gemm</*kZeroInit=*/false>(mma_o, tOsP, tOrV(_, _, _, stage), tOrO);
+        } else {
+          Tensor tOrP_acc = convert_fragment<Element>(tSrS);
+          Tensor tOrP = make_tensor(tOrP_acc.data(), accumulator_as_operand_a(tOrP_acc.layout()));
+          warpgroup_gemm</*kZeroInit=*/false>(mma_o, tOrP, tOrV(_, _, _, stage), tOrO);
+        }
         warpgroup_wait<0>();
 
         pipeline.consumer_release(state);
         ++state;
       }
 
-      store_output(p, w, tOrO_rc, tOcO_rc, softmax, kv_head, m_block, wg, wg_tid);
+      float row_total[kRows], inv_sum[kRows], lse[kRows];
+      softmax.quad_sums(row_total);
+      if constexpr (kSplit) {  // each warpgroup summed only its own tokens
+        if (wg_tid % 4 == 0) {
+          CUTLASS_PRAGMA_UNROLL
+          for (int i = 0; i < kRows; ++i) { smem.row_sum[wg][row_of(i)] = row_total[i]; }
+        }
+        consumer_sync(kConsumerThreads, ConsumerBarrier::kRowSums);
+        CUTLASS_PRAGMA_UNROLL
+        for (int i = 0; i < kRows; ++i) {
+          row_total[i] = 0.f;
+          CUTLASS_PRAGMA_UNROLL
+          for (int w = 0; w < Traits::kNumConsumerWGs; ++w) { row_total[i] += smem.row_sum[w][row_of(i)]; }
+        }
+      }
+      softmax.finalize(row_total, inv_sum, lse);
+      store_output(p, w, tOrO_rc, tOcO_rc, inv_sum, lse, kv_head, m_block, wg, wg_tid);
     }
   }
 
-  template <class TensorO, class TensorC, class Softmax>
+  template <class TensorO, class TensorC, int kRows>
   static __device__ void store_output(const DecodeParams& p, const WorkPiece& w, TensorO& o,
-                                      TensorC const& coord, Softmax& softmax, int kv_head,
-                                      int m_block, int wg, int wg_tid) {
-    constexpr int kRows = decltype(size<0>(o))::value;
-    float inv_sum[kRows], lse[kRows];
-    softmax.finalize(inv_sum, lse);
+                                      TensorC const& coord, float const (&inv_sum)[kRows],
+                                      float const (&lse)[kRows], int kv_head, int m_block,
+                                      int wg, int wg_tid) {
     CUTLASS_PRAGMA_UNROLL
     for (int i = 0; i < kRows; ++i) {
       const int m = m_block * kBlockM + get<0>(coord(i, 0));
@@ -320,26 +378,27 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
   const int m_block = blockIdx.x;
   const int kv_head = blockIdx.y;
   const int part = blockIdx.z;
-  const bool is_producer = threadIdx.x < 128;
+  const bool is_producer = threadIdx.x >= Traits::kNumConsumerThreads;
+  const bool is_producer_leader = threadIdx.x == Traits::kNumConsumerThreads;
 
   typename Pipeline::Params pipeline_params;
   pipeline_params.transaction_bytes = Traits::kPageBytes;
   pipeline_params.role = is_producer ? Pipeline::ThreadCategory::Producer
                                      : Pipeline::ThreadCategory::Consumer;
-  pipeline_params.is_leader = threadIdx.x == 0;
+  pipeline_params.is_leader = is_producer_leader;
   pipeline_params.num_consumers = Traits::kNumConsumerThreads;
   Pipeline pipeline(smem.pipeline, pipeline_params, Shape<_1, _1, _1>{});
-  if (threadIdx.x == 0) { cute::prefetch_tma_descriptor(tma_kv.get_tma_descriptor()); }
+  if (is_producer_leader) { cute::prefetch_tma_descriptor(tma_kv.get_tma_descriptor()); }
   __syncthreads();  // barrier initialisation is visible to every role
 
   const PartSchedule sched = PartSchedule::load(params, part);
   if (is_producer) {
     // The producer needs few registers; give them to the consumers' accumulators.
     if constexpr (Traits::kNumConsumerWGs > 1) { cutlass::arch::warpgroup_reg_dealloc<40>(); }
-    if (threadIdx.x == 0) { Kernel::produce(params, tma_kv, smem, pipeline, sched, kv_head); }
+    if (is_producer_leader) { Kernel::produce(params, tma_kv, smem, pipeline, sched, kv_head); }
   } else {
     if constexpr (Traits::kNumConsumerWGs > 1) { cutlass::arch::warpgroup_reg_alloc<232>(); }
-    Kernel::consume(params, smem, pipeline, sched, kv_head, m_block, threadIdx.x - 128);
+    Kernel::consume(params, smem, pipeline, sched, kv_head, m_block, threadIdx.x);
   }
 #endif
 }

@@ -35,17 +35,26 @@ struct OnlineSoftmax {
     }
   }
 
-  // Turns the scores `s` (rows x cols view) into unnormalised probabilities and returns in
-  // `rescale` the factor by which each row's output accumulator must be multiplied.
+  // Maximum of each row over this page's scores `s` (rows x cols view), reduced over the quad.
   template <class TensorS>
-  __device__ void update(TensorS& s, float (&rescale)[kRows]) {
+  __device__ void page_max(TensorS const& s, float (&row_page_max)[kRows]) const {
     static_assert(decltype(size<0>(s))::value == kRows);
     CUTLASS_PRAGMA_UNROLL
     for (int i = 0; i < kRows; ++i) {
-      float page_max = -INFINITY;
+      float m = -INFINITY;
       CUTLASS_PRAGMA_UNROLL
-      for (int j = 0; j < size<1>(s); ++j) { page_max = fmaxf(page_max, s(i, j)); }
-      const float new_max = fmaxf(row_max[i], quad_allreduce_max(page_max));
+      for (int j = 0; j < size<1>(s); ++j) { m = fmaxf(m, s(i, j)); }
+      row_page_max[i] = quad_allreduce_max(m);
+    }
+  }
+
+  // Turns the scores `s` into unnormalised probabilities, given each row's maximum over the
+  // whole page, and returns in `rescale` the factor for each row's output accumulator.
+  template <class TensorS>
+  __device__ void update(TensorS& s, float const (&row_page_max)[kRows], float (&rescale)[kRows]) {
+    CUTLASS_PRAGMA_UNROLL
+    for (int i = 0; i < kRows; ++i) {
+      const float new_max = fmaxf(row_max[i], row_page_max[i]);
       // A row that has seen no key yet keeps max -inf; subtract 0 then so exp2 gives 0, not NaN.
       const float ref = new_max == -INFINITY ? 0.f : new_max;
       rescale[i] = exp2f(row_max[i] - ref);
@@ -60,15 +69,22 @@ struct OnlineSoftmax {
     }
   }
 
-  // Final normaliser per row: inv_sum (0 for a row that saw no key) and the natural-log LSE
-  // (-inf for a row that saw no key; the caller maps that to +inf for final outputs).
-  __device__ void finalize(float (&inv_sum)[kRows], float (&lse)[kRows]) {
+  // Sum of each row's probabilities held by this thread's quad (all of the row's keys when
+  // one warpgroup scores the whole page; its share of them otherwise).
+  __device__ void quad_sums(float (&sum)[kRows]) const {
+    CUTLASS_PRAGMA_UNROLL
+    for (int i = 0; i < kRows; ++i) { sum[i] = quad_allreduce_sum(row_sum[i]); }
+  }
+
+  // Final normaliser per row from the row's total sum: inv_sum (0 for a row that saw no key)
+  // and the natural-log LSE (-inf for a row that saw no key; the caller maps that to +inf
+  // for final outputs).
+  __device__ void finalize(float const (&sum)[kRows], float (&inv_sum)[kRows], float (&lse)[kRows]) const {
     CUTLASS_PRAGMA_UNROLL
     for (int i = 0; i < kRows; ++i) {
-      const float sum = quad_allreduce_sum(row_sum[i]);
-      const bool empty = sum == 0.f;
-      inv_sum[i] = empty ? 0.f : 1.f / sum;
-      lse[i] = empty ? -INFINITY : (row_max[i] + __log2f(sum)) * float(M_LN2);
+      const bool empty = sum[i] == 0.f;
+      inv_sum[i] = empty ? 0.f : 1.f / sum[i];
+      lse[i] = empty ? -INFINITY : (row_max[i] + __log2f(sum[i])) * float(M_LN2);
     }
   }
 };

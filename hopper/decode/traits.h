@@ -42,9 +42,17 @@ struct DecodeTraits {
   static constexpr int kOutColsPerWG = kHeadDimV < 256 ? kHeadDimV : 256;
   static constexpr int kNumConsumerWGs = kHeadDimV / kOutColsPerWG;
   static constexpr int kNumConsumerThreads = 128 * kNumConsumerWGs;
-  static constexpr int kNumThreads = 128 + kNumConsumerThreads;  // + one producer warpgroup
+  // Consumer warpgroups first, then a producer warpgroup (of which one thread works): whole
+  // warpgroups so that setmaxnreg can move the producer's registers to the consumers.
+  static constexpr int kNumThreads = kNumConsumerThreads + 128;
+
+  // With several consumer warpgroups each computes the scores of its own share of the page's
+  // tokens (no QK^T is computed twice); the probabilities meet in shared memory for P V.
+  static constexpr bool kSplitScores = kNumConsumerWGs > 1;
+  static constexpr int kScoreCols = kBlockN / kNumConsumerWGs;  // tokens scored per warpgroup
 
   static_assert(kHeadDimV % kOutColsPerWG == 0, "dv must split evenly over consumer warpgroups");
+  static_assert(kScoreCols % 8 == 0, "a warpgroup's token share must be whole 8-row swizzle atoms");
   static_assert(kHeadDimQK % 64 == 0, "128-byte swizzle atoms are 64 elements wide");
   static_assert(kOutColsPerWG % 64 == 0, "each consumer's V slice must be whole swizzle atoms");
 
@@ -54,12 +62,15 @@ struct DecodeTraits {
   using SmemLayoutAtomV = decltype(GMMA::Layout_MN_SW128_Atom<Element>{});
   using SmemLayoutQ = decltype(tile_to_shape(SmemLayoutAtomK{}, Shape<Int<kBlockM>, Int<kHeadDimQK>>{}));
   using SmemLayoutPage = decltype(tile_to_shape(SmemLayoutAtomK{}, Shape<Int<kBlockN>, Int<kKVWidth>>{}));
+  // Probabilities of one page (rows x tokens), the A operand of P V when scores are split.
+  using SmemLayoutP = decltype(tile_to_shape(SmemLayoutAtomK{}, Shape<Int<kBlockM>, Int<kBlockN>>{}));
 
   static constexpr int kQBytes = kBlockM * kHeadDimQK * sizeof(Element);
   static constexpr int kPageBytes = kBlockN * kKVWidth * sizeof(Element);
-  static constexpr int kBarrierBytes = 1024;
+  static constexpr int kPBytes = kSplitScores ? kBlockM * kBlockN * sizeof(Element) : 0;
+  static constexpr int kBarrierBytes = 2048;  // pipeline barriers + row-statistics exchange
   // As many pages in flight as fit: 2 for MLA (576-wide rows), 4 for GLA (320-wide).
-  static constexpr int kStages = (kSmemBudgetBytes - kQBytes - kBarrierBytes) / kPageBytes;
+  static constexpr int kStages = (kSmemBudgetBytes - kQBytes - kPBytes - kBarrierBytes) / kPageBytes;
   static_assert(kStages >= 2, "shared memory must hold Q and at least two KV pages");
 
   using SmemLayoutK = decltype(tile_to_shape(SmemLayoutAtomK{},
@@ -71,11 +82,16 @@ struct DecodeTraits {
                                              Step<_2, _1, _3>{}));
 
   using TiledMmaS = decltype(make_tiled_mma(
-      GMMA::ss_op_selector<Element, Element, float, Shape<Int<kBlockM>, Int<kBlockN>, _64>,
+      GMMA::ss_op_selector<Element, Element, float, Shape<Int<kBlockM>, Int<kScoreCols>, _64>,
                            GMMA::Major::K, GMMA::Major::K>()));
-  using TiledMmaO = decltype(make_tiled_mma(
-      GMMA::rs_op_selector<Element, Element, float, Shape<Int<kBlockM>, Int<kOutColsPerWG>, Int<kBlockN>>,
-                           GMMA::Major::K, GMMA::Major::MN>()));
+  // P V: P from registers when one warpgroup holds all of it, else from shared memory.
+  using OutTileShape = Shape<Int<kBlockM>, Int<kOutColsPerWG>, Int<kBlockN>>;
+  using TiledMmaO = std::conditional_t<
+      kSplitScores,
+      decltype(make_tiled_mma(GMMA::ss_op_selector<Element, Element, float, OutTileShape,
+                                                   GMMA::Major::K, GMMA::Major::MN>())),
+      decltype(make_tiled_mma(GMMA::rs_op_selector<Element, Element, float, OutTileShape,
+                                                   GMMA::Major::K, GMMA::Major::MN>()))>;
 
   using Pipeline = cutlass::PipelineTmaAsync<kStages>;
 
@@ -92,6 +108,10 @@ struct DecodeTraits {
   struct SharedStorage {
     alignas(1024) cute::array_aligned<Element, cute::cosize_v<SmemLayoutQ>> q;
     alignas(1024) cute::array_aligned<Element, cute::cosize_v<SmemLayoutK>> kv;
+    alignas(1024) cute::array_aligned<Element, kSplitScores ? cute::cosize_v<SmemLayoutP> : 1> p;
+    // Per-row statistics exchanged between consumer warpgroups: page maxima, final sums.
+    float row_max[kNumConsumerWGs][kBlockM];
+    float row_sum[kNumConsumerWGs][kBlockM];
     typename Pipeline::SharedStorage pipeline;
   };
   static_assert(sizeof(SharedStorage) <= kSmemBudgetBytes, "shared memory budget of sm_90");
