@@ -166,6 +166,29 @@ struct DecodeKernel {
     }
   }
 
+  // Split scores: combines a per-row statistic of this thread's rows (max or sum) with the
+  // other consumer warpgroups' values for the same rows, through `exchange` in shared memory.
+  template <bool kMax, int kRows, class TensorC>
+  static __device__ void combine_across_warpgroups(float (&exchange)[Traits::kNumConsumerWGs][kBlockM],
+                                                   float (&value)[kRows], TensorC const& coord,
+                                                   int wg, int wg_tid, ConsumerBarrier id) {
+    if (wg_tid % 4 == 0) {  // one lane of each row's quad publishes
+      CUTLASS_PRAGMA_UNROLL
+      for (int i = 0; i < kRows; ++i) { exchange[wg][get<0>(coord(i, 0))] = value[i]; }
+    }
+    consumer_sync(kConsumerThreads, id);
+    CUTLASS_PRAGMA_UNROLL
+    for (int i = 0; i < kRows; ++i) {
+      const int row = get<0>(coord(i, 0));
+      float combined = exchange[0][row];
+      CUTLASS_PRAGMA_UNROLL
+      for (int w = 1; w < Traits::kNumConsumerWGs; ++w) {
+        combined = kMax ? fmaxf(combined, exchange[w][row]) : combined + exchange[w][row];
+      }
+      value[i] = combined;
+    }
+  }
+
   static __device__ void consume(const DecodeParams& p, SharedStorage& smem, Pipeline& pipeline,
                                  const PartSchedule& sched, int kv_head, int m_block,
                                  int consumer_tid) {
@@ -270,18 +293,8 @@ struct DecodeKernel {
         float row_page_max[kRows], rescale[kRows];
         softmax.page_max(tSrS_rc, row_page_max);
         if constexpr (kSplit) {  // the row maximum over every warpgroup's tokens
-          if (wg_tid % 4 == 0) {
-            CUTLASS_PRAGMA_UNROLL
-            for (int i = 0; i < kRows; ++i) { smem.row_max[wg][row_of(i)] = row_page_max[i]; }
-          }
-          consumer_sync(kConsumerThreads, ConsumerBarrier::kScoresMax);
-          CUTLASS_PRAGMA_UNROLL
-          for (int i = 0; i < kRows; ++i) {
-            CUTLASS_PRAGMA_UNROLL
-            for (int w = 0; w < Traits::kNumConsumerWGs; ++w) {
-              row_page_max[i] = fmaxf(row_page_max[i], smem.row_max[w][row_of(i)]);
-            }
-          }
+          combine_across_warpgroups</*kMax=*/true>(smem.row_max, row_page_max, tScS_rc, wg,
+                                                   wg_tid, ConsumerBarrier::kScoresMax);
         }
         softmax.update(tSrS_rc, row_page_max, rescale);
         CUTLASS_PRAGMA_UNROLL
@@ -312,17 +325,8 @@ struct DecodeKernel {
       float row_total[kRows], inv_sum[kRows], lse[kRows];
       softmax.quad_sums(row_total);
       if constexpr (kSplit) {  // each warpgroup summed only its own tokens
-        if (wg_tid % 4 == 0) {
-          CUTLASS_PRAGMA_UNROLL
-          for (int i = 0; i < kRows; ++i) { smem.row_sum[wg][row_of(i)] = row_total[i]; }
-        }
-        consumer_sync(kConsumerThreads, ConsumerBarrier::kRowSums);
-        CUTLASS_PRAGMA_UNROLL
-        for (int i = 0; i < kRows; ++i) {
-          row_total[i] = 0.f;
-          CUTLASS_PRAGMA_UNROLL
-          for (int w = 0; w < Traits::kNumConsumerWGs; ++w) { row_total[i] += smem.row_sum[w][row_of(i)]; }
-        }
+        combine_across_warpgroups</*kMax=*/false>(smem.row_sum, row_total, tScS_rc, wg, wg_tid,
+                                                   ConsumerBarrier::kRowSums);
       }
       softmax.finalize(row_total, inv_sum, lse);
       store_output(p, w, tOrO_rc, tOcO_rc, inv_sum, lse, kv_head, m_block, wg, wg_tid);
