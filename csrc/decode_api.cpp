@@ -27,17 +27,21 @@ int device_num_sms() {
 
 using hopper::DType;
 
-// One entry per compiled instance (hopper/decode/instances/).
+// One entry per compiled instance (hopper/decode/instances/). GLA with more than 64 packed
+// rows per KV head stacks two warpgroups on 128 rows, so each page serves both.
 void dispatch_decode(const DecodeParams& params, DType dtype, cudaStream_t stream) {
   const int dv = params.head_dim_v, d_rope = params.head_dim_qk - params.head_dim_v;
-  if (dtype == DType::kBF16 && dv == 256 && d_rope == 64) {
-    hopper::run_decode<DType::kBF16, 256, 64>(params, stream);
-  } else if (dtype == DType::kBF16 && dv == 512 && d_rope == 64) {
-    hopper::run_decode<DType::kBF16, 512, 64>(params, stream);
-  } else if (dtype == DType::kFP16 && dv == 256 && d_rope == 64) {
-    hopper::run_decode<DType::kFP16, 256, 64>(params, stream);
-  } else if (dtype == DType::kFP16 && dv == 512 && d_rope == 64) {
-    hopper::run_decode<DType::kFP16, 512, 64>(params, stream);
+  const bool two_row_wgs = params.rows_per_kv_head > 64;
+  const bool bf16 = dtype == DType::kBF16;
+  if (dv == 256 && d_rope == 64 && two_row_wgs) {
+    bf16 ? hopper::run_decode<DType::kBF16, 256, 64, 2>(params, stream)
+         : hopper::run_decode<DType::kFP16, 256, 64, 2>(params, stream);
+  } else if (dv == 256 && d_rope == 64) {
+    bf16 ? hopper::run_decode<DType::kBF16, 256, 64, 1>(params, stream)
+         : hopper::run_decode<DType::kFP16, 256, 64, 1>(params, stream);
+  } else if (dv == 512 && d_rope == 64) {
+    bf16 ? hopper::run_decode<DType::kBF16, 512, 64, 1>(params, stream)
+         : hopper::run_decode<DType::kFP16, 512, 64, 1>(params, stream);
   } else {
     TORCH_CHECK_VALUE(false, "flash_gla: no compiled decode kernel for head_dim_v=", dv,
                       ", d_rope=", d_rope);
@@ -130,6 +134,7 @@ std::vector<at::Tensor> decode(const at::Tensor& q, const at::Tensor& kv_cache,
   p.sched_meta = tile_scheduler_metadata.data_ptr<int>();
   p.num_splits = num_splits.data_ptr<int>();
   p.num_parts = static_cast<int>(num_parts);
+  p.num_sms = device_num_sms();
 
   const bool bf16 = q.scalar_type() == at::kBFloat16;
   TORCH_CHECK_TYPE(bf16 || q.scalar_type() == at::kHalf, "flash_gla: q must be bf16 or fp16");

@@ -68,6 +68,7 @@ struct DecodeParams {
   const int* sched_meta;  // (num_parts, kMetaFields)
   const int* num_splits;  // (b + 1,), prefix sums of pieces per request
   int num_parts;
+  int num_sms;            // multiprocessors of the device, for sizing the grid
 };
 
 }  // namespace flash_gla

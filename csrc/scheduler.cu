@@ -6,6 +6,7 @@
 // kernel. The last part takes whatever is left, so every page is assigned exactly once and
 // every request, zero-length ones included, to at least one part.
 // flash_gla/scheduler_model.py is the host model of this exact algorithm (tested on CPU).
+#include <algorithm>
 #include <stdexcept>
 #include <string>
 
@@ -85,9 +86,16 @@ __global__ void scheduler_kernel(const int* __restrict__ cache_seqlens, int batc
 }  // namespace
 
 int num_sm_parts(int num_sms, int num_q_tokens_per_head_k, int num_heads_k) {
-  const int m_blocks = (num_q_tokens_per_head_k + 63) / 64;
-  const int parts = num_sms / (num_heads_k * m_blocks);
-  return parts > 0 ? parts : 1;
+  // The metadata does not know head_dim_v, so it must suit both CTA sizes: 128-row CTAs
+  // (GLA with more than 64 rows) want one part each, 64-row CTAs (MLA, small groups) walk
+  // several parts each (hopper/decode/launch.cuh). A multiple of the 64-row grid that fits
+  // the 128-row grid gives every CTA of either kind the same number of parts.
+  auto grid_parts = [&](int rows_per_cta) {
+    const int m_blocks = (num_q_tokens_per_head_k + rows_per_cta - 1) / rows_per_cta;
+    return std::max(1, num_sms / (num_heads_k * m_blocks));
+  };
+  const int parts_64 = grid_parts(64), parts_128 = grid_parts(128);
+  return parts_64 * std::max(1, parts_128 / parts_64);
 }
 
 void run_scheduler(const int* cache_seqlens, int batch, int num_parts, int* sched_meta,

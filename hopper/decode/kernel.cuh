@@ -1,8 +1,9 @@
 // Paged decode attention for one traits instance (MLA, GLA, ...): the whole kernel.
 //
-// Grid: (m-blocks of 64 packed query rows, KV heads, scheduler parts). Each CTA is persistent
-// over the requests that csrc/scheduler.cu assigned to its part and, for each request piece,
-// computes softmax(Q K^T * scale) V over that piece's pages.
+// Grid: (m-blocks of 64 or 128 packed query rows, KV heads, up to the scheduler's parts).
+// Each CTA is persistent over the parts blockIdx.z, + gridDim.z, ... and the requests that
+// csrc/scheduler.cu assigned to them; for each request piece it computes
+// softmax(Q K^T * scale) V over that piece's pages.
 //
 // Roles (warp-specialised):
 //   last warpgroup (1 thread) producer: TMA-loads whole KV pages (64 tokens x kv_width) of this
@@ -12,7 +13,7 @@
 //                              S = Q K^T (wgmma, smem x smem), online softmax in registers,
 //                              O += P V (wgmma, P from registers, V = the same page viewed
 //                              MN-major), and release the stage. Each consumer warpgroup owns
-//                              256 output columns. With dv = 512 the two warpgroups score
+//                              256 output columns and 64 query rows. With dv = 512 the two warpgroups score
 //                              half of the page's tokens each, exchange row maxima and write
 //                              P to shared memory, so that no QK^T is computed twice.
 // Epilogue: a request handled by one piece writes bf16/fp16 O and LSE directly; a request
@@ -102,8 +103,7 @@ struct DecodeKernel {
 
   // ------------------------------------------------------------------ producer
   static __device__ void produce(const DecodeParams& p, const typename Traits::TmaKV& tma_kv,
-                                 SharedStorage& smem, Pipeline& pipeline,
-                                 const PartSchedule& sched, int kv_head) {
+                                 SharedStorage& smem, Pipeline& pipeline, int kv_head) {
     Tensor mKV = tma_kv.get_tma_tensor(
         make_shape(Int<kBlockN>{}, Int<kKVWidth>{}, p.num_heads_kv, p.num_pages));
     Tensor gKV = mKV(_, _, kv_head, _);  // (token, dim, page)
@@ -111,15 +111,18 @@ struct DecodeKernel {
     auto [tKgK, tKsK] = tma_partition(tma_kv, Int<0>{}, Layout<_1>{},
                                       group_modes<0, 2>(sK), group_modes<0, 2>(gKV));
     PipelineState state = cutlass::make_producer_start_state<Pipeline>();
-    for (int batch = sched.begin_batch; batch <= sched.end_batch; ++batch) {
-      const WorkPiece w = sched.piece(p, batch);
-      const int* pages = p.block_table + batch * p.block_table_batch_stride;
-      for (int page = w.page_begin; page < w.page_end; ++page) {
-        const int physical_page = pages[page];
-        pipeline.producer_acquire(state);
-        copy(tma_kv.with(*pipeline.producer_get_barrier(state)), tKgK(_, physical_page),
-             tKsK(_, state.index()));
-        ++state;
+    for (int part = blockIdx.z; part < p.num_parts; part += gridDim.z) {
+      const PartSchedule sched = PartSchedule::load(p, part);
+      for (int batch = sched.begin_batch; batch <= sched.end_batch; ++batch) {
+        const WorkPiece w = sched.piece(p, batch);
+        const int* pages = p.block_table + batch * p.block_table_batch_stride;
+        for (int page = w.page_begin; page < w.page_end; ++page) {
+          const int physical_page = pages[page];
+          pipeline.producer_acquire(state);
+          copy(tma_kv.with(*pipeline.producer_get_barrier(state)), tKgK(_, physical_page),
+               tKsK(_, state.index()));
+          ++state;
+        }
       }
     }
   }
@@ -169,7 +172,7 @@ struct DecodeKernel {
   // Split scores: combines a per-row statistic of this thread's rows (max or sum) with the
   // other consumer warpgroups' values for the same rows, through `exchange` in shared memory.
   template <bool kMax, int kRows, class TensorC>
-  static __device__ void combine_across_warpgroups(float (&exchange)[Traits::kNumConsumerWGs][kBlockM],
+  static __device__ void combine_across_warpgroups(float (&exchange)[Traits::kNumColWGs][Traits::kWGRows],
                                                    float (&value)[kRows], TensorC const& coord,
                                                    int wg, int wg_tid, ConsumerBarrier id) {
     if (wg_tid % 4 == 0) {  // one lane of each row's quad publishes
@@ -182,7 +185,7 @@ struct DecodeKernel {
       const int row = get<0>(coord(i, 0));
       float combined = exchange[0][row];
       CUTLASS_PRAGMA_UNROLL
-      for (int w = 1; w < Traits::kNumConsumerWGs; ++w) {
+      for (int w = 1; w < Traits::kNumColWGs; ++w) {
         combined = kMax ? fmaxf(combined, exchange[w][row]) : combined + exchange[w][row];
       }
       value[i] = combined;
@@ -190,12 +193,15 @@ struct DecodeKernel {
   }
 
   static __device__ void consume(const DecodeParams& p, SharedStorage& smem, Pipeline& pipeline,
-                                 const PartSchedule& sched, int kv_head, int m_block,
-                                 int consumer_tid) {
+                                 int kv_head, int m_block, int consumer_tid) {
     constexpr bool kSplit = Traits::kSplitScores;
     constexpr int kScoreCols = Traits::kScoreCols;
-    // Which slice of O (and of the page's tokens) this warpgroup owns; a constant 0 with one.
-    const int wg = Traits::kNumConsumerWGs == 1 ? 0 : consumer_tid / 128;
+    // Which slice of O (and of the page's tokens) and which 64 of the CTA's query rows this
+    // warpgroup owns; compile-time 0 where there is only one.
+    constexpr int kColWGs = Traits::kNumColWGs, kRowWGs = Traits::kNumRowWGs;
+    const int col_wg = kColWGs == 1 ? 0 : consumer_tid / 128 % kColWGs;
+    const int row_wg = kRowWGs == 1 ? 0 : consumer_tid / 128 / kColWGs;
+    const int row_base = m_block * kBlockM + row_wg * Traits::kWGRows;  // its first packed row
     const int wg_tid = consumer_tid % 128;
 
     typename Traits::TiledMmaS mma_s;
@@ -207,41 +213,45 @@ struct DecodeKernel {
     Tensor sK = make_tensor(make_smem_ptr(smem.kv.data()), typename Traits::SmemLayoutK{});
     Tensor sV = make_tensor(make_smem_ptr(smem.kv.data()), typename Traits::SmemLayoutV{});
     // (kOutCols, tokens, stage): this warpgroup's columns of V.
-    Tensor sVw = flat_divide(sV, Shape<Int<kOutCols>, Int<kBlockN>>{})(_, _, wg, 0, _);
+    Tensor sVw = flat_divide(sV, Shape<Int<kOutCols>, Int<kBlockN>>{})(_, _, col_wg, 0, _);
 
     // (kScoreCols, d_qk, stage): the tokens this warpgroup scores.
-    Tensor sKw = flat_divide(sK, Shape<Int<kScoreCols>, Int<kKVWidth>>{})(_, _, wg, 0, _);
+    Tensor sKw = flat_divide(sK, Shape<Int<kScoreCols>, Int<kKVWidth>>{})(_, _, col_wg, 0, _);
+    // (64, d_qk): this warpgroup's rows of the Q tile.
+    Tensor sQw = flat_divide(sQ, Shape<Int<Traits::kWGRows>, Int<kHeadDimQK>>{})(_, _, row_wg, 0);
     Tensor sP = make_tensor(make_smem_ptr(smem.p.data()), typename Traits::SmemLayoutP{});
 
-    Tensor tSrQ = thr_s.partition_fragment_A(sQ);   // (MMA, 1, d_qk/16) descriptors
+    Tensor tSrQ = thr_s.partition_fragment_A(sQw);  // (MMA, 1, d_qk/16) descriptors
     Tensor tSrK = thr_s.partition_fragment_B(sKw);  // (MMA, 1, d_qk/16, stage)
     Tensor tOrV = thr_o.partition_fragment_B(sVw);  // (MMA, 1, tokens/16, stage)
-    Tensor tSrS = partition_fragment_C(mma_s, Shape<Int<kBlockM>, Int<kScoreCols>>{});
-    Tensor tOrO = partition_fragment_C(mma_o, Shape<Int<kBlockM>, Int<kOutCols>>{});
+    Tensor tSrS = partition_fragment_C(mma_s, Shape<Int<Traits::kWGRows>, Int<kScoreCols>>{});
+    Tensor tOrO = partition_fragment_C(mma_o, Shape<Int<Traits::kWGRows>, Int<kOutCols>>{});
 
     // Row/column views and the (row, col) coordinate of every accumulator element.
     Tensor tSrS_rc = make_tensor(tSrS.data(), accumulator_rowcol(tSrS.layout()));
     Tensor tOrO_rc = make_tensor(tOrO.data(), accumulator_rowcol(tOrO.layout()));
     Tensor tScS_rc = [&] {
-      Tensor c = thr_s.partition_C(make_identity_tensor(Shape<Int<kBlockM>, Int<kScoreCols>>{}));
+      Tensor c = thr_s.partition_C(make_identity_tensor(Shape<Int<Traits::kWGRows>, Int<kScoreCols>>{}));
       return make_tensor(c.data(), accumulator_rowcol(c.layout()));
     }();
     Tensor tOcO_rc = [&] {
-      Tensor c = thr_o.partition_C(make_identity_tensor(Shape<Int<kBlockM>, Int<kOutCols>>{}));
+      Tensor c = thr_o.partition_C(make_identity_tensor(Shape<Int<Traits::kWGRows>, Int<kOutCols>>{}));
       return make_tensor(c.data(), accumulator_rowcol(c.layout()));
     }();
     constexpr int kRows = decltype(size<0>(tSrS_rc))::value;  // rows per thread (2)
     static_assert(kRows == decltype(size<0>(tOrO_rc))::value, "S and O rows must coincide");
     // Row i of this thread's accumulators within the 64-row tile.
     auto row_of = [&](int i) { return int(get<0>(tScS_rc(i, 0))); };
-    const int first_score_col = wg * kScoreCols;  // this warpgroup's first token of a page
+    const int first_score_col = col_wg * kScoreCols;  // this warpgroup's first token of a page
     // This warpgroup's columns of P, partitioned like its score accumulator.
     Tensor tSsP = thr_s.partition_C(
-        flat_divide(sP, Shape<Int<kBlockM>, Int<kScoreCols>>{})(_, _, 0, wg));
+        flat_divide(sP, Shape<Int<Traits::kWGRows>, Int<kScoreCols>>{})(_, _, 0, col_wg));
 
     OnlineSoftmax<kRows> softmax;
     PipelineState state;  // consumers start at stage 0, phase 0
 
+    for (int part = blockIdx.z; part < p.num_parts; part += gridDim.z) {
+    const PartSchedule sched = PartSchedule::load(p, part);
     for (int batch = sched.begin_batch; batch <= sched.end_batch; ++batch) {
       const WorkPiece w = sched.piece(p, batch);
 
@@ -255,7 +265,7 @@ struct DecodeKernel {
       int row_last_key[kRows];
       CUTLASS_PRAGMA_UNROLL
       for (int i = 0; i < kRows; ++i) {
-        const int m = m_block * kBlockM + row_of(i);
+        const int m = row_base + row_of(i);
         const int token = m / p.group_size;
         row_last_key[i] = p.causal ? min(w.seqlen - p.seqlen_q + token, w.seqlen - 1)
                                    : w.seqlen - 1;
@@ -293,7 +303,7 @@ struct DecodeKernel {
         float row_page_max[kRows], rescale[kRows];
         softmax.page_max(tSrS_rc, row_page_max);
         if constexpr (kSplit) {  // the row maximum over every warpgroup's tokens
-          combine_across_warpgroups</*kMax=*/true>(smem.row_max, row_page_max, tScS_rc, wg,
+          combine_across_warpgroups</*kMax=*/true>(smem.row_max, row_page_max, tScS_rc, col_wg,
                                                    wg_tid, ConsumerBarrier::kScoresMax);
         }
         softmax.update(tSrS_rc, row_page_max, rescale);
@@ -325,29 +335,30 @@ struct DecodeKernel {
       float row_total[kRows], inv_sum[kRows], lse[kRows];
       softmax.quad_sums(row_total);
       if constexpr (kSplit) {  // each warpgroup summed only its own tokens
-        combine_across_warpgroups</*kMax=*/false>(smem.row_sum, row_total, tScS_rc, wg, wg_tid,
-                                                   ConsumerBarrier::kRowSums);
+        combine_across_warpgroups</*kMax=*/false>(smem.row_sum, row_total, tScS_rc, col_wg,
+                                                   wg_tid, ConsumerBarrier::kRowSums);
       }
       softmax.finalize(row_total, inv_sum, lse);
-      store_output(p, w, tOrO_rc, tOcO_rc, inv_sum, lse, kv_head, m_block, wg, wg_tid);
+      store_output(p, w, tOrO_rc, tOcO_rc, inv_sum, lse, kv_head, row_base, col_wg, wg_tid);
+    }
     }
   }
 
   template <class TensorO, class TensorC, int kRows>
   static __device__ void store_output(const DecodeParams& p, const WorkPiece& w, TensorO& o,
                                       TensorC const& coord, float const (&inv_sum)[kRows],
-                                      float const (&lse)[kRows], int kv_head, int m_block,
-                                      int wg, int wg_tid) {
+                                      float const (&lse)[kRows], int kv_head, int row_base,
+                                      int col_wg, int wg_tid) {
     CUTLASS_PRAGMA_UNROLL
     for (int i = 0; i < kRows; ++i) {
-      const int m = m_block * kBlockM + get<0>(coord(i, 0));
+      const int m = row_base + get<0>(coord(i, 0));
       if (m >= p.rows_per_kv_head) { continue; }  // padding row of the last m-block
       const int token = m / p.group_size;
       const int head = kv_head * p.group_size + m % p.group_size;
-      const bool write_lse = wg == 0 && wg_tid % 4 == 0;  // one lane of the row's quad
+      const bool write_lse = col_wg == 0 && wg_tid % 4 == 0;  // one lane of the row's quad
       if (w.is_split) {
         const int64_t row = (int64_t(w.slot) * p.num_heads_kv + kv_head) * p.rows_per_kv_head + m;
-        float* dst = p.o_accum + row * kHeadDimV + wg * kOutCols;
+        float* dst = p.o_accum + row * kHeadDimV + col_wg * kOutCols;
         CUTLASS_PRAGMA_UNROLL
         for (int j = 0; j < size<1>(o); j += 2) {
           const int col = get<1>(coord(i, j));
@@ -357,7 +368,7 @@ struct DecodeKernel {
         if (write_lse) { p.lse_accum[row] = lse[i]; }
       } else {
         Element* dst = static_cast<Element*>(p.out) + w.batch * p.o_batch_stride +
-                       token * p.o_seq_stride + head * p.o_head_stride + wg * kOutCols;
+                       token * p.o_seq_stride + head * p.o_head_stride + col_wg * kOutCols;
         CUTLASS_PRAGMA_UNROLL
         for (int j = 0; j < size<1>(o); j += 2) {
           const int col = get<1>(coord(i, j));
@@ -388,7 +399,6 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
 
   const int m_block = blockIdx.x;
   const int kv_head = blockIdx.y;
-  const int part = blockIdx.z;
   const bool is_producer = threadIdx.x >= Traits::kNumConsumerThreads;
   const bool is_producer_leader = threadIdx.x == Traits::kNumConsumerThreads;
 
@@ -402,14 +412,13 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
   if (is_producer_leader) { cute::prefetch_tma_descriptor(tma_kv.get_tma_descriptor()); }
   __syncthreads();  // barrier initialisation is visible to every role
 
-  const PartSchedule sched = PartSchedule::load(params, part);
   if (is_producer) {
     // The producer needs few registers; give them to the consumers' accumulators.
     if constexpr (Traits::kNumConsumerWGs > 1) { cutlass::arch::warpgroup_reg_dealloc<40>(); }
-    if (is_producer_leader) { Kernel::produce(params, tma_kv, smem, pipeline, sched, kv_head); }
+    if (is_producer_leader) { Kernel::produce(params, tma_kv, smem, pipeline, kv_head); }
   } else {
     if constexpr (Traits::kNumConsumerWGs > 1) { cutlass::arch::warpgroup_reg_alloc<232>(); }
-    Kernel::consume(params, smem, pipeline, sched, kv_head, m_block, threadIdx.x);
+    Kernel::consume(params, smem, pipeline, kv_head, m_block, threadIdx.x);
   }
 #endif
 }

@@ -2,6 +2,7 @@
 // launches decode_kernel<Traits>. Included only by the instance files.
 #pragma once
 
+#include <algorithm>
 #include <stdexcept>
 #include <string>
 
@@ -19,9 +20,9 @@ inline void check_cuda(cudaError_t status, const char* what) {
   }
 }
 
-template <DType kDType, int kHeadDimV, int kHeadDimRope>
+template <DType kDType, int kHeadDimV, int kHeadDimRope, int kRowWGs>
 void run_decode(const DecodeParams& p, cudaStream_t stream) {
-  using Traits = DecodeTraits<kDType, kHeadDimV, kHeadDimRope>;
+  using Traits = DecodeTraits<kDType, kHeadDimV, kHeadDimRope, kRowWGs>;
   using Element = typename Traits::Element;
 
   // (token in page, dim, kv head, page): the TMA box is one page of one KV head.
@@ -38,7 +39,11 @@ void run_decode(const DecodeParams& p, cudaStream_t stream) {
   check_cuda(attr_status, "raising the decode kernel's shared-memory limit");
 
   const int num_m_blocks = (p.rows_per_kv_head + Traits::kBlockM - 1) / Traits::kBlockM;
-  dim3 grid(num_m_blocks, p.num_heads_kv, p.num_parts);
+  // About one CTA per SM; a CTA walks scheduler parts blockIdx.z, + gridDim.z, ... so that
+  // the metadata's part count need not match this instance's rows per CTA.
+  const int ctas_per_part = num_m_blocks * p.num_heads_kv;
+  const int grid_parts = std::max(1, std::min(p.num_parts, p.num_sms / ctas_per_part));
+  dim3 grid(num_m_blocks, p.num_heads_kv, grid_parts);
   kernel<<<grid, Traits::kNumThreads, kSmemBytes, stream>>>(p, tma_kv);
   check_cuda(cudaGetLastError(), "launching the decode kernel");
 }

@@ -2,5 +2,5 @@
 #include "decode/launch.cuh"
 
 namespace flash_gla::hopper {
-template void run_decode<DType::kBF16, 256, 64>(const DecodeParams&, cudaStream_t);
+template void run_decode<DType::kBF16, 256, 64, 1>(const DecodeParams&, cudaStream_t);
 }  // namespace flash_gla::hopper
