@@ -251,96 +251,96 @@ struct DecodeKernel {
     PipelineState state;  // consumers start at stage 0, phase 0
 
     for (int part = blockIdx.z; part < p.num_parts; part += gridDim.z) {
-    const PartSchedule sched = PartSchedule::load(p, part);
-    for (int batch = sched.begin_batch; batch <= sched.end_batch; ++batch) {
-      const WorkPiece w = sched.piece(p, batch);
+      const PartSchedule sched = PartSchedule::load(p, part);
+      for (int batch = sched.begin_batch; batch <= sched.end_batch; ++batch) {
+        const WorkPiece w = sched.piece(p, batch);
 
-      consumer_sync(kConsumerThreads, ConsumerBarrier::kQFree);
-      load_q(p, smem, batch, kv_head, m_block, consumer_tid);
-      cutlass::arch::fence_view_async_shared();  // Q written by threads, read by wgmma
-      consumer_sync(kConsumerThreads, ConsumerBarrier::kQReady);
+        consumer_sync(kConsumerThreads, ConsumerBarrier::kQFree);
+        load_q(p, smem, batch, kv_head, m_block, consumer_tid);
+        cutlass::arch::fence_view_async_shared();  // Q written by threads, read by wgmma
+        consumer_sync(kConsumerThreads, ConsumerBarrier::kQReady);
 
-      // Last key each of this thread's rows may see (causal: query token r of s_q sees
-      // keys up to L - s_q + r); keys from mask_from on need a per-element check.
-      int row_last_key[kRows];
-      CUTLASS_PRAGMA_UNROLL
-      for (int i = 0; i < kRows; ++i) {
-        const int m = row_base + row_of(i);
-        const int token = m / p.group_size;
-        row_last_key[i] = p.causal ? min(w.seqlen - p.seqlen_q + token, w.seqlen - 1)
-                                   : w.seqlen - 1;
-      }
-      const int mask_from = p.causal ? w.seqlen - p.seqlen_q + 1 : w.seqlen;
-
-      clear(tOrO);
-      softmax.reset();
-
-      for (int page = w.page_begin; page < w.page_end; ++page) {
-        pipeline.consumer_wait(state);
-        const int stage = state.index();
-        const int page_first_key = page * kBlockN;
-        const int valid_rows = w.seqlen - page_first_key;
-        if (valid_rows < kBlockN) {
-          zero_rows_past_end(smem, stage, valid_rows, consumer_tid);
-          cutlass::arch::fence_view_async_shared();
-          consumer_sync(kConsumerThreads, ConsumerBarrier::kPageMasked);
-        }
-
-        warpgroup_gemm</*kZeroInit=*/true>(mma_s, tSrQ, tSrK(_, _, _, stage), tSrS);
-        warpgroup_wait<0>();
-
-        const bool needs_mask = page_first_key + kBlockN > mask_from;
+        // Last key each of this thread's rows may see (causal: query token r of s_q sees
+        // keys up to L - s_q + r); keys from mask_from on need a per-element check.
+        int row_last_key[kRows];
         CUTLASS_PRAGMA_UNROLL
         for (int i = 0; i < kRows; ++i) {
-          CUTLASS_PRAGMA_UNROLL
-          for (int j = 0; j < size<1>(tSrS_rc); ++j) {
-            const float s = tSrS_rc(i, j) * p.scale_log2;
-            const int key = page_first_key + first_score_col + get<1>(tScS_rc(i, j));
-            const bool masked = needs_mask && key > row_last_key[i];
-            tSrS_rc(i, j) = masked ? -INFINITY : s;
+          const int m = row_base + row_of(i);
+          const int token = m / p.group_size;
+          row_last_key[i] = p.causal ? min(w.seqlen - p.seqlen_q + token, w.seqlen - 1)
+                                     : w.seqlen - 1;
+        }
+        const int mask_from = p.causal ? w.seqlen - p.seqlen_q + 1 : w.seqlen;
+
+        clear(tOrO);
+        softmax.reset();
+
+        for (int page = w.page_begin; page < w.page_end; ++page) {
+          pipeline.consumer_wait(state);
+          const int stage = state.index();
+          const int page_first_key = page * kBlockN;
+          const int valid_rows = w.seqlen - page_first_key;
+          if (valid_rows < kBlockN) {
+            zero_rows_past_end(smem, stage, valid_rows, consumer_tid);
+            cutlass::arch::fence_view_async_shared();
+            consumer_sync(kConsumerThreads, ConsumerBarrier::kPageMasked);
           }
-        }
-        float row_page_max[kRows], rescale[kRows];
-        softmax.page_max(tSrS_rc, row_page_max);
-        if constexpr (kSplit) {  // the row maximum over every warpgroup's tokens
-          combine_across_warpgroups</*kMax=*/true>(smem.row_max, row_page_max, tScS_rc, col_wg,
-                                                   wg_tid, ConsumerBarrier::kScoresMax);
-        }
-        softmax.update(tSrS_rc, row_page_max, rescale);
-        CUTLASS_PRAGMA_UNROLL
-        for (int i = 0; i < kRows; ++i) {
+
+          warpgroup_gemm</*kZeroInit=*/true>(mma_s, tSrQ, tSrK(_, _, _, stage), tSrS);
+          warpgroup_wait<0>();
+
+          const bool needs_mask = page_first_key + kBlockN > mask_from;
           CUTLASS_PRAGMA_UNROLL
-          for (int j = 0; j < size<1>(tOrO_rc); ++j) { tOrO_rc(i, j) *= rescale[i]; }
+          for (int i = 0; i < kRows; ++i) {
+            CUTLASS_PRAGMA_UNROLL
+            for (int j = 0; j < size<1>(tSrS_rc); ++j) {
+              const float s = tSrS_rc(i, j) * p.scale_log2;
+              const int key = page_first_key + first_score_col + get<1>(tScS_rc(i, j));
+              const bool masked = needs_mask && key > row_last_key[i];
+              tSrS_rc(i, j) = masked ? -INFINITY : s;
+            }
+          }
+          float row_page_max[kRows], rescale[kRows];
+          softmax.page_max(tSrS_rc, row_page_max);
+          if constexpr (kSplit) {  // the row maximum over every warpgroup's tokens
+            combine_across_warpgroups</*kMax=*/true>(smem.row_max, row_page_max, tScS_rc, col_wg,
+                                                     wg_tid, ConsumerBarrier::kScoresMax);
+          }
+          softmax.update(tSrS_rc, row_page_max, rescale);
+          CUTLASS_PRAGMA_UNROLL
+          for (int i = 0; i < kRows; ++i) {
+            CUTLASS_PRAGMA_UNROLL
+            for (int j = 0; j < size<1>(tOrO_rc); ++j) { tOrO_rc(i, j) *= rescale[i]; }
+          }
+
+          if constexpr (kSplit) {
+            // Every warpgroup writes its tokens' probabilities; all then read the whole P.
+            // sP is free: both warpgroups finished the previous page's P V before kScoresMax.
+            copy(convert_fragment<Element>(tSrS), tSsP);
+            cutlass::arch::fence_view_async_shared();  // P written by threads, read by wgmma
+            consumer_sync(kConsumerThreads, ConsumerBarrier::kPReady);
+            Tensor tOsP = thr_o.partition_fragment_A(sP);
+            warpgroup_gemm</*kZeroInit=*/false>(mma_o, tOsP, tOrV(_, _, _, stage), tOrO);
+          } else {
+            Tensor tOrP_acc = convert_fragment<Element>(tSrS);
+            Tensor tOrP = make_tensor(tOrP_acc.data(), accumulator_as_operand_a(tOrP_acc.layout()));
+            warpgroup_gemm</*kZeroInit=*/false>(mma_o, tOrP, tOrV(_, _, _, stage), tOrO);
+          }
+          warpgroup_wait<0>();
+
+          pipeline.consumer_release(state);
+          ++state;
         }
 
-        if constexpr (kSplit) {
-          // Every warpgroup writes its tokens' probabilities; all then read the whole P.
-          // sP is free: both warpgroups finished the previous page's P V before kScoresMax.
-          copy(convert_fragment<Element>(tSrS), tSsP);
-          cutlass::arch::fence_view_async_shared();  // P written by threads, read by wgmma
-          consumer_sync(kConsumerThreads, ConsumerBarrier::kPReady);
-          Tensor tOsP = thr_o.partition_fragment_A(sP);
-          warpgroup_gemm</*kZeroInit=*/false>(mma_o, tOsP, tOrV(_, _, _, stage), tOrO);
-        } else {
-          Tensor tOrP_acc = convert_fragment<Element>(tSrS);
-          Tensor tOrP = make_tensor(tOrP_acc.data(), accumulator_as_operand_a(tOrP_acc.layout()));
-          warpgroup_gemm</*kZeroInit=*/false>(mma_o, tOrP, tOrV(_, _, _, stage), tOrO);
+        float row_total[kRows], inv_sum[kRows], lse[kRows];
+        softmax.quad_sums(row_total);
+        if constexpr (kSplit) {  // each warpgroup summed only its own tokens
+          combine_across_warpgroups</*kMax=*/false>(smem.row_sum, row_total, tScS_rc, col_wg,
+                                                     wg_tid, ConsumerBarrier::kRowSums);
         }
-        warpgroup_wait<0>();
-
-        pipeline.consumer_release(state);
-        ++state;
+        softmax.finalize(row_total, inv_sum, lse);
+        store_output(p, w, tOrO_rc, tOcO_rc, inv_sum, lse, kv_head, row_base, col_wg, wg_tid);
       }
-
-      float row_total[kRows], inv_sum[kRows], lse[kRows];
-      softmax.quad_sums(row_total);
-      if constexpr (kSplit) {  // each warpgroup summed only its own tokens
-        combine_across_warpgroups</*kMax=*/false>(smem.row_sum, row_total, tScS_rc, col_wg,
-                                                   wg_tid, ConsumerBarrier::kRowSums);
-      }
-      softmax.finalize(row_total, inv_sum, lse);
-      store_output(p, w, tOrO_rc, tOcO_rc, inv_sum, lse, kv_head, row_base, col_wg, wg_tid);
-    }
     }
   }
 
