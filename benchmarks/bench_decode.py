@@ -25,16 +25,37 @@ ROOF_GBPS = 3000.0  # sustained HBM read rate of the H100 test card (DESIGN.md ย
 PAGE = 64
 L2_BYTES = 50 * 2**20
 
-# name: (h_q, h_kv, dv, d_rope)
+# Layouts (DESIGN.md ยง2): "inline" = RoPE after V in every KV head's row (gla_with_kvcache);
+# "rope_shared" = latents only, one RoPE row per token for all heads (gla_with_kvcache with
+# rope_cache); "gta" = tied states of dv dims whose last d_rope key dims come from the shared
+# RoPE row (gta_with_kvcache); "gqa" = roofline only: separate K and V of dv dims per head.
 CONFIGS = {
     "gla2": dict(h_q=128, h_kv=2, dv=256, d_rope=64),
     "gla1": dict(h_q=64, h_kv=1, dv=256, d_rope=64),
     "mla": dict(h_q=128, h_kv=1, dv=512, d_rope=64),
     "mla64": dict(h_q=64, h_kv=1, dv=512, d_rope=64),
     "varlen": dict(h_q=128, h_kv=2, dv=256, d_rope=64, varlen=True, batch=96),
+    "gla2-rope1": dict(h_q=128, h_kv=2, dv=256, d_rope=64, layout="rope_shared"),
+    "gta8": dict(h_q=32, h_kv=8, dv=128, d_rope=64, layout="gta"),
+    "gqa8": dict(h_q=32, h_kv=8, dv=128, d_rope=0, layout="gqa"),
 }
 # The FlashMLA configuration each of ours is compared with (MLA at the same number of heads).
-FLASHMLA_TWIN = {"gla2": "mla", "gla1": "mla64", "mla": "mla", "mla64": "mla64", "varlen": "mla"}
+FLASHMLA_TWIN = {"gla2": "mla", "gla1": "mla64", "mla": "mla", "mla64": "mla64", "varlen": "mla",
+                 "gla2-rope1": "mla"}
+
+
+def head_dims(cfg):
+    """(d_qk, KV-cache elements per token, out dims) of a configuration."""
+    layout, h_kv, dv, d_rope = cfg.get("layout", "inline"), cfg["h_kv"], cfg["dv"], cfg["d_rope"]
+    if layout == "inline":
+        return dv + d_rope, h_kv * (dv + d_rope), dv
+    if layout == "rope_shared":
+        return dv + d_rope, h_kv * dv + d_rope, dv
+    if layout == "gta":
+        return dv, h_kv * dv + d_rope, dv
+    if layout == "gqa":
+        return dv, h_kv * 2 * dv, dv
+    raise ValueError(layout)
 
 
 def load_flashmla():
@@ -57,8 +78,11 @@ def varlen_lengths(batch, mean, gen):
 
 
 def make_case(cfg, batch, lengths, s_q, dtype, copies, gen, device):
+    """Per copy (q, kv, rope or None); a shared block table and lengths."""
     h_q, h_kv, dv, d_rope = cfg["h_q"], cfg["h_kv"], cfg["dv"], cfg["d_rope"]
-    d_qk = dv + d_rope
+    layout = cfg.get("layout", "inline")
+    d_qk = head_dims(cfg)[0]
+    kv_dim = dv + d_rope if layout == "inline" else dv
     pages = [(int(length) + PAGE - 1) // PAGE for length in lengths]
     max_pages = max(1, max(pages))
     total_pages = max(1, sum(pages))
@@ -70,9 +94,10 @@ def make_case(cfg, batch, lengths, s_q, dtype, copies, gen, device):
         start += n
     cases = []
     for _ in range(copies):
-        kv = torch.randn(total_pages, PAGE, h_kv, d_qk, dtype=dtype, device=device)
+        kv = torch.randn(total_pages, PAGE, h_kv, kv_dim, dtype=dtype, device=device)
         q = torch.randn(batch, s_q, h_q, d_qk, dtype=dtype, device=device)
-        cases.append((q, kv))
+        rope = None if layout == "inline" else torch.randn(total_pages, PAGE, 1, d_rope, dtype=dtype, device=device)
+        cases.append((q, kv, rope))
     seqlens = lengths.to(device=device, dtype=torch.int32)
     return cases, block_table.to(device), seqlens
 
@@ -111,38 +136,46 @@ def bench_row(name, cfg, length, s_q, args, flashmla, gen):
         lengths = varlen_lengths(batch, 8192, gen)
     else:
         lengths = torch.full((batch,), length, dtype=torch.int32)
-    h_q, h_kv, dv, d_rope = cfg["h_q"], cfg["h_kv"], cfg["dv"], cfg["d_rope"]
-    d_qk = dv + d_rope
+    h_q, h_kv, dv = cfg["h_q"], cfg["h_kv"], cfg["dv"]
+    layout = cfg.get("layout", "inline")
+    d_qk, kv_per_token, d_out = head_dims(cfg)
     tokens = int(lengths.long().sum())
-    kv_bytes = tokens * h_kv * d_qk * 2
-    io_bytes = batch * s_q * h_q * (d_qk + dv) * 2
+    kv_bytes = tokens * kv_per_token * 2
+    io_bytes = batch * s_q * h_q * (d_qk + d_out) * 2
+    flops = 2 * tokens * s_q * h_q * (d_qk + d_out)
+    row = dict(config=name, length=int(length) if not cfg.get("varlen") else "varlen",
+               s_q=s_q, batch=batch, roofline_us=(kv_bytes + io_bytes) / ROOF_GBPS / 1e3,
+               flashmla_us=None, speedup_vs_flashmla=None)
+    if layout == "gqa":  # no kernel: the time a perfect GQA kernel would need, for contrast
+        row.update(us=None, gbps=None, tflops=None, pct_roof=None, roofline_only=True)
+        return row
     copies = max(1, min(4, math.ceil(4 * L2_BYTES / max(kv_bytes, 1))))
     cases, block_table, seqlens = make_case(cfg, batch, lengths, s_q, dtype, copies, gen, device)
     meta, splits = flash_gla.get_metadata(seqlens, s_q * h_q // h_kv, h_kv)
-    outs = [torch.empty(batch, s_q, h_q, dv, dtype=dtype, device=device) for _ in cases]
+    outs = [torch.empty(batch, s_q, h_q, d_out, dtype=dtype, device=device) for _ in cases]
 
     def ours():
-        for (q, kv), o in zip(cases, outs):
-            flash_gla.gla_with_kvcache(q, kv, block_table, seqlens, dv, meta, splits,
-                                       causal=s_q > 1, out=o)
+        for (q, kv, rope), o in zip(cases, outs):
+            if layout == "gta":
+                flash_gla.gta_with_kvcache(q, kv, rope, block_table, seqlens, meta, splits,
+                                           causal=s_q > 1, out=o)
+            else:
+                flash_gla.gla_with_kvcache(q, kv, block_table, seqlens, dv, meta, splits,
+                                           causal=s_q > 1, out=o, rope_cache=rope)
 
     us = time_graph(ours, args.iters) / copies
-    flops = 2 * sum(int(L) for L in lengths) * s_q * h_q * (d_qk + dv)
-    row = dict(config=name, length=int(length) if not cfg.get("varlen") else "varlen",
-               s_q=s_q, batch=batch, us=us, gbps=(kv_bytes + io_bytes) / us / 1e3,
-               tflops=flops / us / 1e6, roofline_us=(kv_bytes + io_bytes) / ROOF_GBPS / 1e3)
+    row.update(us=us, gbps=(kv_bytes + io_bytes) / us / 1e3, tflops=flops / us / 1e6)
     row["pct_roof"] = 100.0 * row["roofline_us"] / us
-    row["flashmla_us"] = None
-    if flashmla is not None and not args.no_flashmla:
+    if flashmla is not None and not args.no_flashmla and name in FLASHMLA_TWIN:
         twin = dict(CONFIGS[FLASHMLA_TWIN[name]])
         twin_cases, twin_table, twin_seqlens = make_case(twin, batch, lengths, s_q, dtype, copies, gen, device)
         get_meta, fmla = flashmla
         metas = [get_meta()[0] for _ in twin_cases]
-        for (q, kv), m in zip(twin_cases, metas):  # initialise the lazy schedulers outside the graph
+        for (q, kv, _), m in zip(twin_cases, metas):  # initialise the lazy schedulers outside the graph
             fmla(q, kv, twin_table, twin_seqlens, 512, m, None, causal=s_q > 1)
 
         def theirs():
-            for (q, kv), m in zip(twin_cases, metas):
+            for (q, kv, _), m in zip(twin_cases, metas):
                 fmla(q, kv, twin_table, twin_seqlens, 512, m, None, causal=s_q > 1)
 
         row["flashmla_us"] = time_graph(theirs, args.iters) / copies
@@ -154,14 +187,17 @@ def bench_row(name, cfg, length, s_q, args, flashmla, gen):
 
 
 def fmt(row):
+    if row.get("roofline_only"):
+        return (f"{row['config']:10s} {str(row['length']):>7s} {row['s_q']:3d} {row['batch']:4d} "
+                f"{'(roofline only: a perfect kernel)':>42s} {row['roofline_us']:9.1f}")
     fm = f"{row['flashmla_us']:9.1f}" if row["flashmla_us"] else "        -"
     sp = f"{row['speedup_vs_flashmla']:6.2f}x" if row["speedup_vs_flashmla"] else "      -"
-    return (f"{row['config']:7s} {str(row['length']):>7s} {row['s_q']:3d} {row['batch']:4d} "
+    return (f"{row['config']:10s} {str(row['length']):>7s} {row['s_q']:3d} {row['batch']:4d} "
             f"{row['us']:9.1f} {row['gbps']:8.0f} {row['tflops']:7.1f} {row['pct_roof']:6.1f}% "
             f"{row['roofline_us']:9.1f} {fm} {sp}")
 
 
-HEADER = ("config   length s_q    b        us     GB/s  TFLOP/s  %roof   roof_us  flashmla   ratio")
+HEADER = ("config      length s_q    b        us     GB/s  TFLOP/s  %roof   roof_us  flashmla   ratio")
 
 
 def plot(rows, path):
@@ -175,7 +211,7 @@ def plot(rows, path):
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
     series = {}
     for r in rows:
-        if r["length"] == "varlen":
+        if r["length"] == "varlen" or r.get("roofline_only"):
             continue
         series.setdefault((r["config"], r["s_q"]), []).append(r)
     for (name, s_q), rs in sorted(series.items()):
@@ -199,7 +235,7 @@ def plot(rows, path):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--configs", default="gla2,gla1,mla,mla64,varlen")
+    ap.add_argument("--configs", default="gla2,gla1,mla,mla64,varlen,gla2-rope1,gta8,gqa8")
     ap.add_argument("--lengths", default="1024,4096,16384,32768")
     ap.add_argument("--sq", default="1,2,4")
     ap.add_argument("--batch", type=int, default=128)

@@ -26,25 +26,40 @@ int device_num_sms() {
 }
 
 using hopper::DType;
+using hopper::RopeCache;
 
-// One entry per compiled instance (hopper/decode/instances/). GLA with more than 64 packed
-// rows per KV head stacks two warpgroups on 128 rows, so each page serves both.
+// Calls run_decode for the given dtype.
+template <int kDV, int kDNope, int kDRope, RopeCache kRope, int kRowWGs>
+void run_for_dtype(const DecodeParams& params, DType dtype, cudaStream_t stream) {
+  dtype == DType::kBF16
+      ? hopper::run_decode<DType::kBF16, kDV, kDNope, kDRope, kRope, kRowWGs>(params, stream)
+      : hopper::run_decode<DType::kFP16, kDV, kDNope, kDRope, kRope, kRowWGs>(params, stream);
+}
+
+// One entry per compiled instance (hopper/decode/instances/generate.py). GLA with more than
+// 64 packed rows per KV head stacks two warpgroups on 128 rows, so each page serves both.
 void dispatch_decode(const DecodeParams& params, DType dtype, cudaStream_t stream) {
-  const int dv = params.head_dim_v, d_rope = params.head_dim_qk - params.head_dim_v;
+  const int dv = params.head_dim_v, d_rope = params.head_dim_rope;
+  const int d_nope = params.head_dim_qk - d_rope;
+  const bool shared = params.rope != nullptr;
   const bool two_row_wgs = params.rows_per_kv_head > 64;
-  const bool bf16 = dtype == DType::kBF16;
-  if (dv == 256 && d_rope == 64 && two_row_wgs) {
-    bf16 ? hopper::run_decode<DType::kBF16, 256, 64, 2>(params, stream)
-         : hopper::run_decode<DType::kFP16, 256, 64, 2>(params, stream);
-  } else if (dv == 256 && d_rope == 64) {
-    bf16 ? hopper::run_decode<DType::kBF16, 256, 64, 1>(params, stream)
-         : hopper::run_decode<DType::kFP16, 256, 64, 1>(params, stream);
-  } else if (dv == 512 && d_rope == 64) {
-    bf16 ? hopper::run_decode<DType::kBF16, 512, 64, 1>(params, stream)
-         : hopper::run_decode<DType::kFP16, 512, 64, 1>(params, stream);
+  constexpr auto kInline = RopeCache::kInline, kShared = RopeCache::kShared;
+  if (!shared && dv == 512 && d_nope == 512 && d_rope == 64) {
+    run_for_dtype<512, 512, 64, kInline, 1>(params, dtype, stream);
+  } else if (!shared && dv == 256 && d_nope == 256 && d_rope == 64) {
+    two_row_wgs ? run_for_dtype<256, 256, 64, kInline, 2>(params, dtype, stream)
+                : run_for_dtype<256, 256, 64, kInline, 1>(params, dtype, stream);
+  } else if (shared && dv == 256 && d_nope == 256 && d_rope == 64) {
+    two_row_wgs ? run_for_dtype<256, 256, 64, kShared, 2>(params, dtype, stream)
+                : run_for_dtype<256, 256, 64, kShared, 1>(params, dtype, stream);
+  } else if (shared && dv == 128 && d_nope == 64 && d_rope == 64) {
+    run_for_dtype<128, 64, 64, kShared, 1>(params, dtype, stream);
+  } else if (shared && dv == 64 && d_nope == 32 && d_rope == 32) {
+    run_for_dtype<64, 32, 32, kShared, 1>(params, dtype, stream);
   } else {
     TORCH_CHECK_VALUE(false, "flash_gla: no compiled decode kernel for head_dim_v=", dv,
-                      ", d_rope=", d_rope);
+                      ", d_nope=", d_nope, ", d_rope=", d_rope,
+                      shared ? " (shared rope cache)" : " (inline RoPE)");
   }
 }
 
@@ -77,9 +92,11 @@ std::vector<at::Tensor> decode(const at::Tensor& q, const at::Tensor& kv_cache,
                                int64_t head_dim_v, const at::Tensor& tile_scheduler_metadata,
                                const at::Tensor& num_splits, double softmax_scale, bool causal,
                                const std::optional<at::Tensor>& out_opt) {
-  TORCH_CHECK_VALUE(!rope_cache.has_value(), "flash_gla: rope_cache is not supported yet");
   TORCH_CHECK(q.is_cuda() && q.stride(-1) == 1 && kv_cache.stride(-1) == 1,
               "flash_gla: q and kv_cache must be CUDA tensors with a contiguous last dim");
+  TORCH_CHECK(!rope_cache.has_value() || (rope_cache->is_cuda() && rope_cache->stride(-1) == 1 &&
+                                          rope_cache->size(2) == 1),
+              "flash_gla: rope_cache must be a CUDA tensor (num_blocks, 64, 1, d_rope), last dim contiguous");
   const c10::cuda::CUDAGuard guard(q.device());
   const auto batch = q.size(0), seqlen_q = q.size(1), heads_q = q.size(2), dim_qk = q.size(3);
   const auto heads_kv = kv_cache.size(2);
@@ -106,6 +123,8 @@ std::vector<at::Tensor> decode(const at::Tensor& q, const at::Tensor& kv_cache,
   p.rows_per_kv_head = static_cast<int>(rows);
   p.head_dim_qk = static_cast<int>(dim_qk);
   p.head_dim_v = static_cast<int>(head_dim_v);
+  // Inline, the RoPE dims follow V in every row (d_qk = dv + d_rope).
+  p.head_dim_rope = static_cast<int>(rope_cache.has_value() ? rope_cache->size(3) : dim_qk - head_dim_v);
   p.num_pages = static_cast<int>(kv_cache.size(0));
   p.max_pages_per_seq = static_cast<int>(block_table.size(1));
   p.causal = causal;
@@ -119,6 +138,11 @@ std::vector<at::Tensor> decode(const at::Tensor& q, const at::Tensor& kv_cache,
   p.kv_page_stride = kv_cache.stride(0);
   p.kv_token_stride = kv_cache.stride(1);
   p.kv_head_stride = kv_cache.stride(2);
+  if (rope_cache.has_value()) {
+    p.rope = rope_cache->data_ptr();
+    p.rope_page_stride = rope_cache->stride(0);
+    p.rope_token_stride = rope_cache->stride(1);
+  }
   p.block_table = block_table.data_ptr<int>();
   p.block_table_batch_stride = block_table.stride(0);
   p.cache_seqlens = cache_seqlens.data_ptr<int>();

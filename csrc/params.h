@@ -39,8 +39,9 @@ struct DecodeParams {
   int num_heads_kv;       // h_kv
   int group_size;         // h_q / h_kv
   int rows_per_kv_head;   // s_q * group_size (packed query rows of one KV head)
-  int head_dim_qk;        // d_qk
+  int head_dim_qk;        // d_qk = d_nope + d_rope
   int head_dim_v;         // dv
+  int head_dim_rope;      // d_rope (inline after V, or in the shared rope cache)
   int num_pages;          // kv_cache.shape[0]
   int max_pages_per_seq;  // block_table.shape[1]
   bool causal;
@@ -51,6 +52,8 @@ struct DecodeParams {
   int64_t q_batch_stride, q_seq_stride, q_head_stride;
   const void* kv;         // (num_pages, 64, h_kv, kv_width), last dim contiguous
   int64_t kv_page_stride, kv_token_stride, kv_head_stride;
+  const void* rope;       // (num_pages, 64, 1, d_rope) shared RoPE keys, or null when inline
+  int64_t rope_page_stride, rope_token_stride;
   const int* block_table; // (b, max_pages_per_seq)
   int64_t block_table_batch_stride;
   const int* cache_seqlens;  // (b,)

@@ -29,6 +29,7 @@ __all__ = [
     "DecodeConfig",
     "get_metadata",
     "gla_with_kvcache",
+    "gta_with_kvcache",
     "get_mla_metadata",
     "flash_mla_with_kvcache",
 ]
@@ -50,6 +51,10 @@ TMA_ALIGN_BYTES = 16  # TMA: global address and every non-unit stride 16-byte al
 _HALF_DTYPES = (torch.bfloat16, torch.float16)
 #: GLA with inline RoPE: d_qk -> head_dim_v (the 64 RoPE dims follow V in each row).
 _GLA_INLINE_DIMS = {320: 256, 576: 512}
+#: GLA with a shared rope cache: head_dim_v -> d_rope (d_qk = head_dim_v + d_rope).
+_GLA_SHARED_ROPE_DIMS = {256: 64}
+#: GTA: tied-state width d -> d_rope (d_qk = d; K = [state[:d - d_rope], rope]).
+_GTA_DIMS = {128: 64, 64: 32}
 
 _extension = None
 
@@ -222,20 +227,24 @@ def gla_with_kvcache(
     is_fp8_kvcache: bool = False,
     indices: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Decode attention for GLA (``h_kv`` latent heads) and MLA (``h_kv == 1``), inline RoPE.
+    """Decode attention for GLA (``h_kv`` latent heads) and MLA (``h_kv == 1``).
 
-    For KV head ``j`` and cached token ``t``: ``K[t] = kv_cache[page, row, j, :]`` (all d_qk
-    dims, the RoPE dims inline after V) and ``V[t] = kv_cache[page, row, j, :head_dim_v]``.
-    Query head ``i`` uses KV head ``i // (h_q // h_kv)``. ``flash_gla.reference`` defines the
-    result exactly.
+    Inline RoPE (``rope_cache=None``, FlashMLA's layout): for KV head ``j`` and cached token
+    ``t``, ``K[t] = kv_cache[page, row, j, :]`` (all d_qk dims, the RoPE dims after V) and
+    ``V[t] = kv_cache[page, row, j, :head_dim_v]``. Shared RoPE (``rope_cache`` given): the
+    RoPE key is stored once per token for all KV heads, ``kv_cache`` holds only the latents,
+    ``K[t] = concat(kv_cache[page, row, j, :], rope_cache[page, row, 0, :])`` and
+    ``V[t] = kv_cache[page, row, j, :]``. Query head ``i`` uses KV head ``i // (h_q // h_kv)``.
+    ``flash_gla.reference`` defines the result exactly.
 
     Args:
         q: (b, s_q, h_q, d_qk) bfloat16 or float16, last-dim stride 1, other strides
             multiples of 8 elements, data_ptr 16-byte aligned (rows are read as 16-byte vectors).
             ``h_q % h_kv == 0``, ``h_q / h_kv <= 128``, ``s_q * h_q / h_kv <= 1024``.
-        kv_cache: (num_blocks, 64, h_kv, d_qk), q's dtype, last-dim stride 1, every other
+        kv_cache: (num_blocks, 64, h_kv, d_qk) with inline RoPE, (num_blocks, 64, h_kv,
+            head_dim_v) with ``rope_cache``; q's dtype, last-dim stride 1, every other
             stride a multiple of 8 elements, data_ptr 16-byte aligned.
-            Supported (head_dim_v, d_qk): (256, 320), (512, 576).
+            Supported (head_dim_v, d_qk): (256, 320), (512, 576) inline; (256, 320) shared.
         block_table: (b, max_pages) int32, last-dim stride 1. Entries at and past
             ``ceil(L_i / 64)`` are never read.
         cache_seqlens: (b,) int32 contiguous, ``0 <= L_i <= max_pages * 64`` (checked only
@@ -250,7 +259,9 @@ def gla_with_kvcache(
         causal: the ``s_q`` queries are the last ``s_q`` positions: query ``r`` of request
             ``i`` sees keys ``0 .. L_i - s_q + r``.
         out: optional (b, s_q, h_q, head_dim_v) contiguous tensor of q's dtype to write into.
-        rope_cache: must be None (a shared RoPE cache is not supported yet).
+        rope_cache: None (inline RoPE), or (num_blocks, 64, 1, d_rope) with
+            ``d_rope = d_qk - head_dim_v`` (64), q's dtype, on the same pages as ``kv_cache``
+            (same block table), strides as for ``kv_cache``.
         is_fp8_kvcache: must be False.
         indices: must be None (sparse attention is not supported).
 
@@ -264,7 +275,61 @@ def gla_with_kvcache(
         num_splits, softmax_scale, causal, out, rope_cache, is_fp8_kvcache, indices,
     )
     return _run_decode(
-        config, q, kv_cache, None, block_table, cache_seqlens,
+        config, q, kv_cache, rope_cache, block_table, cache_seqlens,
+        tile_scheduler_metadata, num_splits, softmax_scale, out,
+    )
+
+
+def gta_with_kvcache(
+    q: torch.Tensor,
+    kv_cache: torch.Tensor,
+    rope_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    cache_seqlens: torch.Tensor,
+    tile_scheduler_metadata: torch.Tensor | SchedulerMetadata,
+    num_splits: torch.Tensor | None = None,
+    softmax_scale: float | None = None,
+    causal: bool = False,
+    out: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decode attention for Grouped-Tied Attention (GTA).
+
+    Each KV head ``j`` caches one tied state of ``d`` dims per token; one RoPE key of
+    ``d_rope`` dims per token is shared by all KV heads. For cached token ``t``:
+    ``K[t] = concat(kv_cache[page, row, j, :d - d_rope], rope_cache[page, row, 0, :])`` and
+    ``V[t] = kv_cache[page, row, j, :]``. Query head ``i`` uses KV head ``i // (h_q // h_kv)``.
+    ``flash_gla.reference.gta_with_kvcache_ref`` defines the result exactly.
+
+    Args:
+        q: (b, s_q, h_q, d) bfloat16 or float16, strides as in :func:`gla_with_kvcache`.
+            ``h_q % h_kv == 0``, ``h_q / h_kv <= 128``, ``s_q * h_q / h_kv <= 1024``.
+        kv_cache: (num_blocks, 64, h_kv, d) tied states, q's dtype, last-dim stride 1,
+            every other stride a multiple of 8 elements, data_ptr 16-byte aligned.
+        rope_cache: (num_blocks, 64, 1, d_rope), q's dtype, same pages as ``kv_cache``.
+            Supported (d, d_rope): (128, 64), (64, 32).
+        block_table, cache_seqlens, tile_scheduler_metadata, num_splits, causal: as in
+            :func:`gla_with_kvcache` (metadata from ``get_metadata(cache_seqlens,
+            s_q * h_q // h_kv, h_kv)`` or the lazy form).
+        softmax_scale: scale of ``q . K``; default ``1 / sqrt(d)``.
+        out: optional (b, s_q, h_q, d) contiguous tensor of q's dtype to write into.
+
+    Returns:
+        out: (b, s_q, h_q, d), q's dtype. lse: (b, h_q, s_q) float32. Rows that see no key
+        get ``out = 0`` and ``lse = +inf``.
+    """
+    if not isinstance(q, torch.Tensor):
+        raise TypeError(f"q must be a torch.Tensor, got {type(q).__name__}")
+    if not isinstance(rope_cache, torch.Tensor):
+        raise TypeError(
+            f"rope_cache must be a torch.Tensor (num_blocks, 64, 1, d_rope), got {type(rope_cache).__name__}"
+        )
+    head_dim_v = q.shape[-1] if q.dim() >= 1 else 0  # V is the whole tied state: d
+    config = _validate_decode_inputs(
+        q, kv_cache, rope_cache, block_table, cache_seqlens, head_dim_v, tile_scheduler_metadata,
+        num_splits, softmax_scale, causal, out, check_head_dims=_check_gta_dims,
+    )
+    return _run_decode(
+        config, q, kv_cache, rope_cache, block_table, cache_seqlens,
         tile_scheduler_metadata, num_splits, softmax_scale, out,
     )
 
@@ -360,15 +425,11 @@ def _validate_gla_inputs(
     num_splits, softmax_scale, causal, out, rope_cache, is_fp8_kvcache, indices,
 ) -> DecodeConfig:
     """All checks of gla_with_kvcache; returns the call's DecodeConfig."""
-    if rope_cache is not None:
-        raise ValueError(
-            "rope_cache is not supported yet: gla_with_kvcache takes the RoPE dims inline, "
-            f"after V in each kv_cache row; got rope_cache of type {type(rope_cache).__name__}"
-        )
     _reject_unsupported(is_fp8_kvcache=is_fp8_kvcache, indices=indices)
+    check = _check_gla_inline_dims if rope_cache is None else _check_gla_shared_rope_dims
     return _validate_decode_inputs(
-        q, kv_cache, None, block_table, cache_seqlens, head_dim_v, tile_scheduler_metadata,
-        num_splits, softmax_scale, causal, out, check_head_dims=_check_gla_inline_dims,
+        q, kv_cache, rope_cache, block_table, cache_seqlens, head_dim_v, tile_scheduler_metadata,
+        num_splits, softmax_scale, causal, out, check_head_dims=check,
     )
 
 
@@ -383,12 +444,42 @@ def _check_gla_inline_dims(d_qk: int, kv_dim: int, rope_dim: int | None, head_di
         raise ValueError(f"head_dim_v must be {expected_dv} for d_qk {d_qk}, got {head_dim_v}")
 
 
+def _check_gla_shared_rope_dims(d_qk: int, kv_dim: int, rope_dim: int | None, head_dim_v: int) -> None:
+    """GLA with a shared rope cache: kv rows are the latents (head_dim_v), d_qk = dv + d_rope."""
+    if head_dim_v not in _GLA_SHARED_ROPE_DIMS:
+        raise ValueError(
+            f"head_dim_v must be one of {sorted(_GLA_SHARED_ROPE_DIMS)} with a rope_cache, got {head_dim_v}"
+        )
+    if kv_dim != head_dim_v:
+        raise ValueError(
+            f"kv_cache.shape[3] must equal head_dim_v = {head_dim_v} with a rope_cache (the RoPE "
+            f"dims live in rope_cache), got {kv_dim}"
+        )
+    expected_rope = _GLA_SHARED_ROPE_DIMS[head_dim_v]
+    if rope_dim != expected_rope:
+        raise ValueError(f"rope_cache.shape[3] (d_rope) must be {expected_rope} for head_dim_v {head_dim_v}, got {rope_dim}")
+    if d_qk != head_dim_v + rope_dim:
+        raise ValueError(
+            f"q.shape[3] (d_qk) must be head_dim_v + d_rope = {head_dim_v + rope_dim}, got {d_qk}"
+        )
+
+
+def _check_gta_dims(d_qk: int, kv_dim: int, rope_dim: int | None, head_dim_v: int) -> None:
+    """GTA: q, kv rows and out all have the tied-state width d; the RoPE dims are its last d_rope."""
+    if d_qk not in _GTA_DIMS:
+        raise ValueError(f"q.shape[3] (d) must be one of {sorted(_GTA_DIMS)}, got {d_qk}")
+    if kv_dim != d_qk:
+        raise ValueError(f"kv_cache.shape[3] must equal q.shape[3] (d) = {d_qk}, got {kv_dim}")
+    if rope_dim != _GTA_DIMS[d_qk]:
+        raise ValueError(f"rope_cache.shape[3] (d_rope) must be {_GTA_DIMS[d_qk]} for d {d_qk}, got {rope_dim}")
+
+
 def _validate_decode_inputs(
     q, kv_cache, rope_cache, block_table, cache_seqlens, head_dim_v, tile_scheduler_metadata,
     num_splits, softmax_scale, causal, out, *,
     check_head_dims: Callable[[int, int, int | None, int], None],
 ) -> DecodeConfig:
-    """Checks shared by every decode entry (GLA now, GTA / shared RoPE later).
+    """Checks shared by every decode entry (GLA inline / shared RoPE, GTA).
 
     ``check_head_dims(d_qk, kv_cache.shape[3], rope_cache.shape[3] or None, head_dim_v)``
     holds the variant's rule for head dims and raises ValueError.

@@ -16,6 +16,7 @@
 #                                   call (600 s at most) still ends with its summary
 #   MAX_JOBS=16                     parallel compile jobs
 #   PYTEST_ARGS="..."               extra pytest arguments (e.g. -k gla2)
+#   BENCH_ARGS="..."                extra benchmark arguments (e.g. --configs gta8 --sq 1)
 #   TEST_TIMEOUT_S=300              per-test limit, where pytest-timeout is installed
 #
 # Files in OUT_DIR (the device tool returns at most 8; the benchmark may add up to 3):
@@ -145,7 +146,7 @@ EOF
         if [[ -f benchmarks/bench_decode.py ]]; then
             PYTHONPATH=$PWD:$PWD/.carry/flashmla${PYTHONPATH:+:$PYTHONPATH} \
                 timeout --signal=INT --kill-after=15 "$(left)" \
-                "$PY" benchmarks/bench_decode.py --out "$OUT_DIR" >"$OUT_DIR/bench.log" 2>&1
+                "$PY" benchmarks/bench_decode.py --out "$OUT_DIR" ${BENCH_ARGS:-} >"$OUT_DIR/bench.log" 2>&1
             local xrc=$?
             tail -n 60 "$OUT_DIR/bench.log"
             if ((xrc == 0)); then bench_msg="ok, see bench.log"; else bench_msg="FAILED (rc $xrc), see bench.log"; rc=1; fi

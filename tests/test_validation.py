@@ -101,9 +101,11 @@ def test_indices(inputs):
     check_raises(inputs, ValueError, r"indices must be None", indices=torch.zeros(B, S_Q, 8, dtype=torch.int32))
 
 
-def test_rope_cache(inputs):
-    rope = torch.zeros(inputs.kv_cache.shape[0], 64, 1, D_ROPE, dtype=torch.bfloat16)
-    check_raises(inputs, ValueError, r"rope_cache is not supported yet", rope_cache=rope)
+def test_rope_cache_with_inline_kv_rows(inputs):
+    """A rope_cache beside kv rows that still hold the RoPE dims: kv_cache is too wide."""
+    rope = torch.randn(inputs.kv_cache.shape[0], 64, 1, D_ROPE).to(torch.bfloat16)
+    check_raises(inputs, ValueError, r"kv_cache.shape\[3\] must equal head_dim_v = 256 with a rope_cache .*, got 320",
+                 rope_cache=rope)
 
 
 # --- dtypes ----------------------------------------------------------------------------

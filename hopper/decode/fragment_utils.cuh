@@ -43,6 +43,17 @@ __device__ auto convert_fragment(Tensor<Engine, Layout> const& src) {
   return dst;
 }
 
+// Issues C += A(:, kABegin .. kABegin + kBlocks) * B(:, 0 .. kBlocks) k-block by k-block,
+// inside a warpgroup_arrive / commit_batch the caller brackets (several calls share a batch).
+template <int kABegin, int kBlocks, class TiledMma, class TA, class TB, class TC>
+__device__ void gemm_k_blocks(TiledMma& mma, TA const& a, TB const& b, TC& c) {
+  CUTLASS_PRAGMA_UNROLL
+  for (int k = 0; k < kBlocks; ++k) {
+    cute::gemm(mma, a(_, _, kABegin + k), b(_, _, k), c);
+    mma.accumulate_ = GMMA::ScaleOut::One;
+  }
+}
+
 // C (+)= A * B on one warpgroup, issued asynchronously; the caller waits with
 // warpgroup_wait<N>() before touching C. kZeroInit overwrites C on the first k-block.
 template <bool kZeroInit, class TiledMma, class TA, class TB, class TC>

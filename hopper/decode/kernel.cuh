@@ -8,7 +8,9 @@
 // Roles (warp-specialised):
 //   last warpgroup (1 thread) producer: TMA-loads whole KV pages (64 tokens x kv_width) of this
 //                              KV head into a ring of kStages shared-memory stages, each
-//                              completing on an mbarrier, page addresses from block_table.
+//                              completing on an mbarrier, page addresses from block_table;
+//                              with a shared rope cache, the page's RoPE rows (64 x d_rope)
+//                              join the same stage.
 //   warpgroups 0..            consumers: load the piece's Q tile, then per page
 //                              S = Q K^T (wgmma, smem x smem), online softmax in registers,
 //                              O += P V (wgmma, P from registers, V = the same page viewed
@@ -20,7 +22,8 @@
 // split over several pieces writes fp32 partials that csrc/combine.cu merges.
 //
 // Shared memory: Q (64 x d_qk) + kStages pages (64 x kv_width), 128B-swizzled K-major,
-// + P (64 x 64) and per-row statistics when the scores are split.
+// [+ kStages shared RoPE pages (64 x d_rope)] + P (64 x 64) and per-row statistics when the
+// scores are split.
 #pragma once
 
 #include <cute/tensor.hpp>
@@ -97,19 +100,26 @@ struct DecodeKernel {
   static constexpr int kHeadDimQK = Traits::kHeadDimQK;
   static constexpr int kHeadDimV = Traits::kHeadDimV;
   static constexpr int kKVWidth = Traits::kKVWidth;
+  static constexpr int kHeadDimRope = Traits::kHeadDimRope;
+  static constexpr bool kSharedRope = Traits::kSharedRope;
   static constexpr int kOutCols = Traits::kOutColsPerWG;
   static constexpr int kConsumerThreads = Traits::kNumConsumerThreads;
   static constexpr int kChunk = 16 / sizeof(Element);  // elements per 16-byte vector
 
   // ------------------------------------------------------------------ producer
   static __device__ void produce(const DecodeParams& p, const typename Traits::TmaKV& tma_kv,
-                                 SharedStorage& smem, Pipeline& pipeline, int kv_head) {
+                                 const typename Traits::TmaRope& tma_rope, SharedStorage& smem,
+                                 Pipeline& pipeline, int kv_head) {
     Tensor mKV = tma_kv.get_tma_tensor(
         make_shape(Int<kBlockN>{}, Int<kKVWidth>{}, p.num_heads_kv, p.num_pages));
     Tensor gKV = mKV(_, _, kv_head, _);  // (token, dim, page)
     Tensor sK = make_tensor(make_smem_ptr(smem.kv.data()), typename Traits::SmemLayoutK{});
     auto [tKgK, tKsK] = tma_partition(tma_kv, Int<0>{}, Layout<_1>{},
                                       group_modes<0, 2>(sK), group_modes<0, 2>(gKV));
+    Tensor mR = tma_rope.get_tma_tensor(make_shape(Int<kBlockN>{}, Int<kHeadDimRope>{}, p.num_pages));
+    Tensor sR = make_tensor(make_smem_ptr(smem.rope.data()), typename Traits::SmemLayoutRope{});
+    auto [tRgR, tRsR] = tma_partition(tma_rope, Int<0>{}, Layout<_1>{},
+                                      group_modes<0, 2>(sR), group_modes<0, 2>(mR));
     PipelineState state = cutlass::make_producer_start_state<Pipeline>();
     for (int part = blockIdx.z; part < p.num_parts; part += gridDim.z) {
       const PartSchedule sched = PartSchedule::load(p, part);
@@ -119,8 +129,11 @@ struct DecodeKernel {
         for (int page = w.page_begin; page < w.page_end; ++page) {
           const int physical_page = pages[page];
           pipeline.producer_acquire(state);
-          copy(tma_kv.with(*pipeline.producer_get_barrier(state)), tKgK(_, physical_page),
-               tKsK(_, state.index()));
+          auto* full_barrier = pipeline.producer_get_barrier(state);
+          copy(tma_kv.with(*full_barrier), tKgK(_, physical_page), tKsK(_, state.index()));
+          if constexpr (kSharedRope) {
+            copy(tma_rope.with(*full_barrier), tRgR(_, physical_page), tRsR(_, state.index()));
+          }
           ++state;
         }
       }
@@ -166,6 +179,16 @@ struct DecodeKernel {
       const int row = first_row + idx / kChunksPerRow;
       const int col = (idx % kChunksPerRow) * kChunk;
       *reinterpret_cast<uint4*>(&sK(row, col, stage)) = make_uint4(0, 0, 0, 0);
+    }
+    if constexpr (kSharedRope) {
+      Tensor sR = make_tensor(make_smem_ptr(smem.rope.data()), typename Traits::SmemLayoutRope{});
+      constexpr int kRopeChunksPerRow = kHeadDimRope / kChunk;
+      const int rope_count = (kBlockN - first_row) * kRopeChunksPerRow;
+      for (int idx = consumer_tid; idx < rope_count; idx += kConsumerThreads) {
+        const int row = first_row + idx / kRopeChunksPerRow;
+        const int col = (idx % kRopeChunksPerRow) * kChunk;
+        *reinterpret_cast<uint4*>(&sR(row, col, stage)) = make_uint4(0, 0, 0, 0);
+      }
     }
   }
 
@@ -215,14 +238,18 @@ struct DecodeKernel {
     // (kOutCols, tokens, stage): this warpgroup's columns of V.
     Tensor sVw = flat_divide(sV, Shape<Int<kOutCols>, Int<kBlockN>>{})(_, _, col_wg, 0, _);
 
-    // (kScoreCols, d_qk, stage): the tokens this warpgroup scores.
+    // (kScoreCols, kv_width, stage): the tokens this warpgroup scores; (kScoreCols, d_rope,
+    // stage): their shared RoPE rows.
     Tensor sKw = flat_divide(sK, Shape<Int<kScoreCols>, Int<kKVWidth>>{})(_, _, col_wg, 0, _);
+    Tensor sR = make_tensor(make_smem_ptr(smem.rope.data()), typename Traits::SmemLayoutRope{});
+    Tensor sRw = flat_divide(sR, Shape<Int<kScoreCols>, Int<kHeadDimRope>>{})(_, _, col_wg, 0, _);
     // (64, d_qk): this warpgroup's rows of the Q tile.
     Tensor sQw = flat_divide(sQ, Shape<Int<Traits::kWGRows>, Int<kHeadDimQK>>{})(_, _, row_wg, 0);
     Tensor sP = make_tensor(make_smem_ptr(smem.p.data()), typename Traits::SmemLayoutP{});
 
     Tensor tSrQ = thr_s.partition_fragment_A(sQw);  // (MMA, 1, d_qk/16) descriptors
-    Tensor tSrK = thr_s.partition_fragment_B(sKw);  // (MMA, 1, d_qk/16, stage)
+    Tensor tSrK = thr_s.partition_fragment_B(sKw);  // (MMA, 1, kv_width/16, stage)
+    Tensor tSrR = thr_s.partition_fragment_B(sRw);  // (MMA, 1, d_rope/16, stage)
     Tensor tOrV = thr_o.partition_fragment_B(sVw);  // (MMA, 1, tokens/16, stage)
     Tensor tSrS = partition_fragment_C(mma_s, Shape<Int<Traits::kWGRows>, Int<kScoreCols>>{});
     Tensor tOrO = partition_fragment_C(mma_o, Shape<Int<Traits::kWGRows>, Int<kOutCols>>{});
@@ -286,8 +313,16 @@ struct DecodeKernel {
             consumer_sync(kConsumerThreads, ConsumerBarrier::kPageMasked);
           }
 
-          warpgroup_gemm</*kZeroInit=*/true>(mma_s, tSrQ, tSrK(_, _, _, stage), tSrS);
+          // S = Q[:, :d_nope] K_nope^T + Q[:, d_nope:] R^T, one batch of wgmmas.
+          warpgroup_fence_operand(tSrS);
+          warpgroup_arrive();
+          mma_s.accumulate_ = GMMA::ScaleOut::Zero;
+          gemm_k_blocks<0, Traits::kScoreBlocksFromPage>(mma_s, tSrQ, tSrK(_, _, _, stage), tSrS);
+          gemm_k_blocks<Traits::kScoreBlocksFromPage, Traits::kScoreBlocksFromRope>(
+              mma_s, tSrQ, tSrR(_, _, _, stage), tSrS);
+          warpgroup_commit_batch();
           warpgroup_wait<0>();
+          warpgroup_fence_operand(tSrS);
 
           const bool needs_mask = page_first_key + kBlockN > mask_from;
           CUTLASS_PRAGMA_UNROLL
@@ -390,7 +425,8 @@ struct DecodeKernel {
 template <class Traits>
 __global__ void __launch_bounds__(Traits::kNumThreads, 1)
     decode_kernel(CUTE_GRID_CONSTANT const DecodeParams params,
-                  CUTE_GRID_CONSTANT const typename Traits::TmaKV tma_kv) {
+                  CUTE_GRID_CONSTANT const typename Traits::TmaKV tma_kv,
+                  CUTE_GRID_CONSTANT const typename Traits::TmaRope tma_rope) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   using Kernel = DecodeKernel<Traits>;
   using Pipeline = typename Traits::Pipeline;
@@ -403,19 +439,22 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
   const bool is_producer_leader = threadIdx.x == Traits::kNumConsumerThreads;
 
   typename Pipeline::Params pipeline_params;
-  pipeline_params.transaction_bytes = Traits::kPageBytes;
+  pipeline_params.transaction_bytes = Traits::kStageBytes;
   pipeline_params.role = is_producer ? Pipeline::ThreadCategory::Producer
                                      : Pipeline::ThreadCategory::Consumer;
   pipeline_params.is_leader = is_producer_leader;
   pipeline_params.num_consumers = Traits::kNumConsumerThreads;
   Pipeline pipeline(smem.pipeline, pipeline_params, Shape<_1, _1, _1>{});
-  if (is_producer_leader) { cute::prefetch_tma_descriptor(tma_kv.get_tma_descriptor()); }
+  if (is_producer_leader) {
+    cute::prefetch_tma_descriptor(tma_kv.get_tma_descriptor());
+    if constexpr (Traits::kSharedRope) { cute::prefetch_tma_descriptor(tma_rope.get_tma_descriptor()); }
+  }
   __syncthreads();  // barrier initialisation is visible to every role
 
   if (is_producer) {
     // The producer needs few registers; give them to the consumers' accumulators.
     if constexpr (Traits::kNumConsumerWGs > 1) { cutlass::arch::warpgroup_reg_dealloc<40>(); }
-    if (is_producer_leader) { Kernel::produce(params, tma_kv, smem, pipeline, kv_head); }
+    if (is_producer_leader) { Kernel::produce(params, tma_kv, tma_rope, smem, pipeline, kv_head); }
   } else {
     if constexpr (Traits::kNumConsumerWGs > 1) { cutlass::arch::warpgroup_reg_alloc<232>(); }
     Kernel::consume(params, smem, pipeline, kv_head, m_block, threadIdx.x);

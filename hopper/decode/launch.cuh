@@ -20,9 +20,10 @@ inline void check_cuda(cudaError_t status, const char* what) {
   }
 }
 
-template <DType kDType, int kHeadDimV, int kHeadDimRope, int kRowWGs>
+template <DType kDType, int kHeadDimV, int kHeadDimNope, int kHeadDimRope, RopeCache kRope,
+          int kRowWGs>
 void run_decode(const DecodeParams& p, cudaStream_t stream) {
-  using Traits = DecodeTraits<kDType, kHeadDimV, kHeadDimRope, kRowWGs>;
+  using Traits = DecodeTraits<kDType, kHeadDimV, kHeadDimNope, kHeadDimRope, kRope, kRowWGs>;
   using Element = typename Traits::Element;
 
   // (token in page, dim, kv head, page): the TMA box is one page of one KV head.
@@ -31,6 +32,17 @@ void run_decode(const DecodeParams& p, cudaStream_t stream) {
       make_stride(p.kv_token_stride, _1{}, p.kv_head_stride, p.kv_page_stride));
   Tensor kv = make_tensor(make_gmem_ptr(static_cast<Element const*>(p.kv)), kv_layout);
   typename Traits::TmaKV tma_kv = make_tma_copy(SM90_TMA_LOAD{}, kv, typename Traits::SmemLayoutPage{});
+  // (token in page, dim, page) of the shared rope cache. Inline, the descriptor is never used:
+  // it describes the RoPE dims of KV head 0 so that it is still a valid one.
+  const Element* rope_base = Traits::kSharedRope ? static_cast<Element const*>(p.rope)
+                                                 : static_cast<Element const*>(p.kv) + kHeadDimV;
+  auto rope_layout = make_layout(
+      make_shape(Int<Traits::kBlockN>{}, Int<kHeadDimRope>{}, p.num_pages),
+      Traits::kSharedRope ? make_stride(p.rope_token_stride, _1{}, p.rope_page_stride)
+                          : make_stride(p.kv_token_stride, _1{}, p.kv_page_stride));
+  typename Traits::TmaRope tma_rope = make_tma_copy(
+      SM90_TMA_LOAD{}, make_tensor(make_gmem_ptr(rope_base), rope_layout),
+      typename Traits::SmemLayoutRopePage{});
 
   auto kernel = decode_kernel<Traits>;
   constexpr int kSmemBytes = sizeof(typename Traits::SharedStorage);
@@ -44,7 +56,7 @@ void run_decode(const DecodeParams& p, cudaStream_t stream) {
   const int ctas_per_part = num_m_blocks * p.num_heads_kv;
   const int grid_parts = std::max(1, std::min(p.num_parts, p.num_sms / ctas_per_part));
   dim3 grid(num_m_blocks, p.num_heads_kv, grid_parts);
-  kernel<<<grid, Traits::kNumThreads, kSmemBytes, stream>>>(p, tma_kv);
+  kernel<<<grid, Traits::kNumThreads, kSmemBytes, stream>>>(p, tma_kv, tma_rope);
   check_cuda(cudaGetLastError(), "launching the decode kernel");
 }
 

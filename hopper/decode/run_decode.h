@@ -1,6 +1,5 @@
 // Host-side entry to the SM90 decode kernel family. Host code sees only this header:
-// one explicitly instantiated run_decode per (dtype, dv, d_rope, row warpgroups) in
-// hopper/decode/instances/.
+// one explicitly instantiated run_decode per traits instance in hopper/decode/instances/.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -11,9 +10,15 @@ namespace flash_gla::hopper {
 
 enum class DType { kBF16, kFP16 };
 
+// Where the key's RoPE dims are cached: after V in every KV head's row (MLA, GLA), or once
+// per token in a separate rope cache shared by all KV heads (GLA with shared RoPE, GTA).
+enum class RopeCache { kInline, kShared };
+
 // Launches the decode kernel for params.batch requests on `stream`; throws on launch failure.
+// The key is [row[:kHeadDimNope], RoPE (kHeadDimRope)], the value row[:kHeadDimV].
 // kRowWGs: consumer warpgroups stacked along the packed query rows (64 rows each).
-template <DType kDType, int kHeadDimV, int kHeadDimRope, int kRowWGs>
+template <DType kDType, int kHeadDimV, int kHeadDimNope, int kHeadDimRope, RopeCache kRope,
+          int kRowWGs>
 void run_decode(const DecodeParams& params, cudaStream_t stream);
 
 }  // namespace flash_gla::hopper

@@ -1,8 +1,14 @@
 // What one instance of the decode kernel family is.
 //
-// MLA, GLA and (later) GTA differ only in these numbers: the value width dv, the RoPE width,
-// and the element type. A cached row of one KV head is `kv_width` elements; V is its first dv
-// dims and, with RoPE stored inline, K is its first dv + d_rope dims (d_qk = kv_width).
+// MLA, GLA and GTA differ only in these numbers (../DESIGN table, reference.py):
+//   * dv: the value width; V is the first dv dims of a KV head's cached row.
+//   * d_nope, d_rope: the key is [row[:d_nope], R] with R the d_rope RoPE dims, so
+//     d_qk = d_nope + d_rope is q's last dim.
+//   * where R lives: inline, right after V in every head's row (MLA, GLA; d_nope = dv), or in
+//     a separate rope cache with one row per token shared by all KV heads (GLA with a shared
+//     RoPE key: d_nope = dv; GTA: d_nope = dv - d_rope, the tied state is both V and K_nope).
+// The kernel computes S = Q[:, :d_nope] K_nope^T + Q[:, d_nope:] R^T either way: inline, R is
+// simply the next k-blocks of the same shared-memory page.
 #pragma once
 
 #include <cute/tensor.hpp>
@@ -26,14 +32,35 @@ struct ElementOf<DType::kFP16> { using type = cutlass::half_t; };
 // Dynamic shared memory available to one block on sm_90 (227 KB).
 constexpr int kSmemBudgetBytes = 232448;
 
-template <DType kDType_, int kHeadDimV_, int kHeadDimRope_, int kRowWGs_ = 1>
+// The widest K-major wgmma swizzle atom whose width divides kCols: 128-byte rows for
+// 64-element tiles, 64-byte rows for GTA-64's 32 RoPE dims.
+template <class Element, int kCols>
+constexpr auto k_major_atom() {
+  constexpr int kBytes = kCols * int(sizeof(Element));
+  if constexpr (kBytes % 128 == 0) { return GMMA::Layout_K_SW128_Atom<Element>{}; }
+  else if constexpr (kBytes % 64 == 0) { return GMMA::Layout_K_SW64_Atom<Element>{}; }
+  else { return GMMA::Layout_K_SW32_Atom<Element>{}; }
+}
+
+template <DType kDType_, int kHeadDimV_, int kHeadDimNope_, int kHeadDimRope_, RopeCache kRope_,
+          int kRowWGs_ = 1>
 struct DecodeTraits {
   using Element = typename ElementOf<kDType_>::type;
   static constexpr DType kDType = kDType_;
   static constexpr int kHeadDimV = kHeadDimV_;
+  static constexpr int kHeadDimNope = kHeadDimNope_;
   static constexpr int kHeadDimRope = kHeadDimRope_;
-  static constexpr int kHeadDimQK = kHeadDimV + kHeadDimRope;  // RoPE inline, right after V
-  static constexpr int kKVWidth = kHeadDimQK;                  // elements per cached row
+  static constexpr int kHeadDimQK = kHeadDimNope + kHeadDimRope;
+  static constexpr bool kSharedRope = kRope_ == RopeCache::kShared;
+  // Elements per cached row of one KV head: V, then (inline) the RoPE dims.
+  static constexpr int kKVWidth = kSharedRope ? kHeadDimV : kHeadDimV + kHeadDimRope;
+  static_assert(kSharedRope || kHeadDimNope == kHeadDimV, "inline RoPE follows all of V");
+  static_assert(kHeadDimNope <= kHeadDimV, "the key's latent part is a prefix of the row");
+  static_assert(kHeadDimNope % 16 == 0 && kHeadDimRope % 16 == 0, "wgmma k-blocks are 16 wide");
+  // k-blocks (16 dims) of S = Q K^T read from the KV page, then from the rope tile; inline,
+  // the RoPE dims are simply the page's next k-blocks.
+  static constexpr int kScoreBlocksFromPage = (kSharedRope ? kHeadDimNope : kHeadDimQK) / 16;
+  static constexpr int kScoreBlocksFromRope = kSharedRope ? kHeadDimRope / 16 : 0;
 
   static constexpr int kWGRows = 64;          // packed query rows per warpgroup: one wgmma M
   // Warpgroups stacked along the rows: with two, each page loaded serves 128 rows and one
@@ -59,7 +86,7 @@ struct DecodeTraits {
 
   static_assert(kHeadDimV % kOutColsPerWG == 0, "dv must split evenly over consumer warpgroups");
   static_assert(kScoreCols % 8 == 0, "a warpgroup's token share must be whole 8-row swizzle atoms");
-  static_assert(kHeadDimQK % 64 == 0, "128-byte swizzle atoms are 64 elements wide");
+  static_assert(kHeadDimQK % 64 == 0 && kKVWidth % 64 == 0, "128-byte swizzle atoms are 64 elements wide");
   static_assert(kOutColsPerWG % 64 == 0, "each consumer's V slice must be whole swizzle atoms");
 
   // Shared memory. Q and each KV stage use the canonical K-major 128B-swizzled wgmma layout;
@@ -68,16 +95,22 @@ struct DecodeTraits {
   using SmemLayoutAtomV = decltype(GMMA::Layout_MN_SW128_Atom<Element>{});
   using SmemLayoutQ = decltype(tile_to_shape(SmemLayoutAtomK{}, Shape<Int<kBlockM>, Int<kHeadDimQK>>{}));
   using SmemLayoutPage = decltype(tile_to_shape(SmemLayoutAtomK{}, Shape<Int<kBlockN>, Int<kKVWidth>>{}));
+  // A shared RoPE page (tokens x d_rope): one per stage, beside the KV head's page.
+  using SmemLayoutRopePage = decltype(tile_to_shape(k_major_atom<Element, kHeadDimRope>(),
+                                                    Shape<Int<kBlockN>, Int<kHeadDimRope>>{}));
   // Probabilities of one page (rows x tokens), the A operand of P V when scores are split.
   using SmemLayoutP = decltype(tile_to_shape(SmemLayoutAtomK{}, Shape<Int<kWGRows>, Int<kBlockN>>{}));
 
   static constexpr int kQBytes = kBlockM * kHeadDimQK * sizeof(Element);
   static constexpr int kPageBytes = kBlockN * kKVWidth * sizeof(Element);
+  static constexpr int kRopePageBytes = kSharedRope ? kBlockN * kHeadDimRope * sizeof(Element) : 0;
+  static constexpr int kStageBytes = kPageBytes + kRopePageBytes;  // what one stage's TMA brings
   static constexpr int kPBytes = kSplitScores ? kWGRows * kBlockN * sizeof(Element) : 0;
   static constexpr int kBarrierBytes = 2048;  // pipeline barriers + row-statistics exchange
   // As many pages in flight as fit: 2 for MLA (576-wide rows), 4 for GLA (320-wide; 3 with
-  // 128 query rows per CTA).
-  static constexpr int kStages = (kSmemBudgetBytes - kQBytes - kPBytes - kBarrierBytes) / kPageBytes;
+  // 128 query rows per CTA), capped at 8 for the narrow GTA pages.
+  static constexpr int kStages = cute::min(
+      8, (kSmemBudgetBytes - kQBytes - kPBytes - kBarrierBytes) / kStageBytes);
   static_assert(kStages >= 2, "shared memory must hold Q and at least two KV pages");
 
   using SmemLayoutK = decltype(tile_to_shape(SmemLayoutAtomK{},
@@ -87,6 +120,8 @@ struct DecodeTraits {
   using SmemLayoutV = decltype(tile_to_shape(SmemLayoutAtomV{},
                                              Shape<Int<kKVWidth>, Int<kBlockN>, Int<kStages>>{},
                                              Step<_2, _1, _3>{}));
+  using SmemLayoutRope = decltype(tile_to_shape(k_major_atom<Element, kHeadDimRope>(),
+                                                Shape<Int<kBlockN>, Int<kHeadDimRope>, Int<kStages>>{}));
 
   using TiledMmaS = decltype(make_tiled_mma(
       GMMA::ss_op_selector<Element, Element, float, Shape<Int<kWGRows>, Int<kScoreCols>, _64>,
@@ -111,10 +146,19 @@ struct DecodeTraits {
       SM90_TMA_LOAD{},
       make_tensor(make_gmem_ptr(static_cast<Element const*>(nullptr)), GmemLayoutKV{}),
       SmemLayoutPage{}));
+  // The rope cache: (token in page, dim, page), one row per token for all KV heads.
+  using GmemShapeRope = Shape<Int<kBlockN>, Int<kHeadDimRope>, int32_t>;
+  using GmemStrideRope = Stride<int64_t, _1, int64_t>;
+  using TmaRope = decltype(make_tma_copy(
+      SM90_TMA_LOAD{},
+      make_tensor(make_gmem_ptr(static_cast<Element const*>(nullptr)),
+                  Layout<GmemShapeRope, GmemStrideRope>{}),
+      SmemLayoutRopePage{}));
 
   struct SharedStorage {
     alignas(1024) cute::array_aligned<Element, cute::cosize_v<SmemLayoutQ>> q;
     alignas(1024) cute::array_aligned<Element, cute::cosize_v<SmemLayoutK>> kv;
+    alignas(1024) cute::array_aligned<Element, kSharedRope ? cute::cosize_v<SmemLayoutRope> : 1> rope;
     alignas(1024) cute::array_aligned<Element, kSplitScores ? cute::cosize_v<SmemLayoutP> : 1> p;
     // Per-row statistics exchanged between consumer warpgroups: page maxima, final sums.
     float row_max[kNumColWGs][kWGRows];
