@@ -215,6 +215,25 @@ struct DecodeKernel {
     }
   }
 
+  // Issues O += P V for one page as one wgmma batch, not waited for: P from registers, or
+  // from shared memory when the scores are split over warpgroups. The caller fences P and O
+  // before the batch that precedes this one: an operand fence between two open batches
+  // counts as a write to a wgmma input, and ptxas would then serialise every wgmma.
+  template <class ThrMmaO, class TensorSP, class TensorP, class TensorV, class TensorO>
+  static __device__ void issue_pv(typename Traits::TiledMmaO& mma_o, ThrMmaO const& thr_o,
+                                  TensorSP const& sP, TensorP& tOrP, TensorV const& tOrV,
+                                  TensorO& tOrO) {
+    warpgroup_arrive();
+    if constexpr (Traits::kSplitScores) {
+      Tensor tOsP = thr_o.partition_fragment_A(sP);
+      gemm_k_blocks<0, decltype(size<2>(tOsP))::value>(mma_o, tOsP, tOrV, tOrO);
+    } else {
+      Tensor tOrP_a = make_tensor(tOrP.data(), accumulator_as_operand_a(tOrP.layout()));
+      gemm_k_blocks<0, decltype(size<2>(tOrP_a))::value>(mma_o, tOrP_a, tOrV, tOrO);
+    }
+    warpgroup_commit_batch();
+  }
+
   static __device__ void consume(const DecodeParams& p, SharedStorage& smem, Pipeline& pipeline,
                                  int kv_head, int m_block, int consumer_tid) {
     constexpr bool kSplit = Traits::kSplitScores;
@@ -274,6 +293,10 @@ struct DecodeKernel {
     Tensor tSsP = thr_s.partition_C(
         flat_divide(sP, Shape<Int<Traits::kWGRows>, Int<kScoreCols>>{})(_, _, 0, col_wg));
 
+    // P of the page whose P V is next, as 16-bit values in the accumulator's layout (unused
+    // when the scores are split: P then lives in shared memory).
+    Tensor tOrP = make_tensor<Element>(tSrS.layout());
+
     OnlineSoftmax<kRows> softmax;
     PipelineState state;  // consumers start at stage 0, phase 0
 
@@ -302,28 +325,31 @@ struct DecodeKernel {
         clear(tOrO);
         softmax.reset();
 
-        for (int page = w.page_begin; page < w.page_end; ++page) {
+        // Waits for a page's stage and zeroes its rows past the sequence end; returns the stage.
+        auto wait_page = [&](int page) {
           pipeline.consumer_wait(state);
           const int stage = state.index();
-          const int page_first_key = page * kBlockN;
-          const int valid_rows = w.seqlen - page_first_key;
+          const int valid_rows = w.seqlen - page * kBlockN;
           if (valid_rows < kBlockN) {
             zero_rows_past_end(smem, stage, valid_rows, consumer_tid);
             cutlass::arch::fence_view_async_shared();
             consumer_sync(kConsumerThreads, ConsumerBarrier::kPageMasked);
           }
-
-          // S = Q[:, :d_nope] K_nope^T + Q[:, d_nope:] R^T, one batch of wgmmas.
-          warpgroup_fence_operand(tSrS);
+          return stage;
+        };
+        // Issues S = Q[:, :d_nope] K_nope^T + Q[:, d_nope:] R^T as one wgmma batch.
+        auto issue_scores = [&](int stage) {
           warpgroup_arrive();
           mma_s.accumulate_ = GMMA::ScaleOut::Zero;
           gemm_k_blocks<0, Traits::kScoreBlocksFromPage>(mma_s, tSrQ, tSrK(_, _, _, stage), tSrS);
           gemm_k_blocks<Traits::kScoreBlocksFromPage, Traits::kScoreBlocksFromRope>(
               mma_s, tSrQ, tSrR(_, _, _, stage), tSrS);
           warpgroup_commit_batch();
-          warpgroup_wait<0>();
-          warpgroup_fence_operand(tSrS);
-
+        };
+        // Scales and masks the page's scores, updates the running softmax and turns the scores
+        // into probabilities in place; rescale[i] is what O's row i must be multiplied by.
+        auto softmax_page = [&](int page, float (&rescale)[kRows]) {
+          const int page_first_key = page * kBlockN;
           const bool needs_mask = page_first_key + kBlockN > mask_from;
           CUTLASS_PRAGMA_UNROLL
           for (int i = 0; i < kRows; ++i) {
@@ -335,36 +361,97 @@ struct DecodeKernel {
               tSrS_rc(i, j) = masked ? -INFINITY : s;
             }
           }
-          float row_page_max[kRows], rescale[kRows];
+          float row_page_max[kRows];
           softmax.page_max(tSrS_rc, row_page_max);
           if constexpr (kSplit) {  // the row maximum over every warpgroup's tokens
             combine_across_warpgroups</*kMax=*/true>(smem.row_max, row_page_max, tScS_rc, col_wg,
                                                      wg_tid, ConsumerBarrier::kScoresMax);
           }
           softmax.update(tSrS_rc, row_page_max, rescale);
+        };
+        // Rescales O and stages the page's P for its P V (issued with the next page's S).
+        auto stage_p = [&](float const (&rescale)[kRows]) {
+          // Once the running maxima settle, most pages leave every row's factor at exactly 1:
+          // a warp whose rows all kept their maximum skips the 128 multiplies.
+          bool changed = false;
           CUTLASS_PRAGMA_UNROLL
-          for (int i = 0; i < kRows; ++i) {
+          for (int i = 0; i < kRows; ++i) { changed |= rescale[i] != 1.f; }
+          if (__any_sync(0xffffffff, changed)) {
             CUTLASS_PRAGMA_UNROLL
-            for (int j = 0; j < size<1>(tOrO_rc); ++j) { tOrO_rc(i, j) *= rescale[i]; }
+            for (int i = 0; i < kRows; ++i) {
+              CUTLASS_PRAGMA_UNROLL
+              for (int j = 0; j < size<1>(tOrO_rc); ++j) { tOrO_rc(i, j) *= rescale[i]; }
+            }
           }
-
           if constexpr (kSplit) {
             // Every warpgroup writes its tokens' probabilities; all then read the whole P.
             // sP is free: both warpgroups finished the previous page's P V before kScoresMax.
             copy(convert_fragment<Element>(tSrS), tSsP);
             cutlass::arch::fence_view_async_shared();  // P written by threads, read by wgmma
             consumer_sync(kConsumerThreads, ConsumerBarrier::kPReady);
-            Tensor tOsP = thr_o.partition_fragment_A(sP);
-            warpgroup_gemm</*kZeroInit=*/false>(mma_o, tOsP, tOrV(_, _, _, stage), tOrO);
           } else {
-            Tensor tOrP_acc = convert_fragment<Element>(tSrS);
-            Tensor tOrP = make_tensor(tOrP_acc.data(), accumulator_as_operand_a(tOrP_acc.layout()));
-            warpgroup_gemm</*kZeroInit=*/false>(mma_o, tOrP, tOrV(_, _, _, stage), tOrO);
+            copy(convert_fragment<Element>(tSrS), tOrP);
           }
-          warpgroup_wait<0>();
+        };
 
-          pipeline.consumer_release(state);
+        if constexpr (!Traits::kOverlapPV) {
+          // Page by page, one wgmma batch in flight at a time (see Traits::kOverlapPV).
+          for (int page = w.page_begin; page < w.page_end; ++page) {
+            float rescale[kRows];
+            const int stage = wait_page(page);
+            warpgroup_fence_operand(tSrS);
+            issue_scores(stage);
+            warpgroup_wait<0>();
+            warpgroup_fence_operand(tSrS);
+            softmax_page(page, rescale);
+            stage_p(rescale);
+            if constexpr (!kSplit) { warpgroup_fence_operand(tOrP); }
+            warpgroup_fence_operand(tOrO);
+            issue_pv(mma_o, thr_o, sP, tOrP, tOrV(_, _, _, stage), tOrO);
+            warpgroup_wait<0>();
+            warpgroup_fence_operand(tOrO);
+            pipeline.consumer_release(state);
+            ++state;
+          }
+        } else if (w.page_begin < w.page_end) {
+          // Software pipeline over the pages: page n's S = Q K^T and page n-1's O += P V are
+          // issued back to back, and page n's softmax runs while the tensor cores finish
+          // page n-1's P V; P waits in registers for the next iteration. The first page has
+          // no predecessor and is peeled off, so that no branch sits between two open wgmma
+          // batches (ptxas would serialise every wgmma).
+          float rescale[kRows];
+          warpgroup_fence_operand(tSrS);
+          issue_scores(wait_page(w.page_begin));
+          warpgroup_wait<0>();
+          warpgroup_fence_operand(tSrS);
+          softmax_page(w.page_begin, rescale);
+          stage_p(rescale);
+          PipelineState prev_state = state;
           ++state;
+          for (int page = w.page_begin + 1; page < w.page_end; ++page) {
+            const int stage = wait_page(page);
+            warpgroup_fence_operand(tSrS);
+            warpgroup_fence_operand(tOrP);
+            warpgroup_fence_operand(tOrO);
+            issue_scores(stage);
+            issue_pv(mma_o, thr_o, sP, tOrP, tOrV(_, _, _, prev_state.index()), tOrO);
+            warpgroup_wait<1>();
+            warpgroup_fence_operand(tSrS);
+            softmax_page(page, rescale);
+            warpgroup_wait<0>();  // page n-1's P V is in O; its stage can be refilled
+            warpgroup_fence_operand(tOrO);
+            warpgroup_fence_operand(tOrP);
+            pipeline.consumer_release(prev_state);
+            stage_p(rescale);
+            prev_state = state;
+            ++state;
+          }
+          warpgroup_fence_operand(tOrP);
+          warpgroup_fence_operand(tOrO);
+          issue_pv(mma_o, thr_o, sP, tOrP, tOrV(_, _, _, prev_state.index()), tOrO);
+          warpgroup_wait<0>();
+          warpgroup_fence_operand(tOrO);
+          pipeline.consumer_release(prev_state);
         }
 
         float row_total[kRows], inv_sum[kRows], lse[kRows];
@@ -452,11 +539,12 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
   __syncthreads();  // barrier initialisation is visible to every role
 
   if (is_producer) {
-    // The producer needs few registers; give them to the consumers' accumulators.
-    if constexpr (Traits::kNumConsumerWGs > 1) { cutlass::arch::warpgroup_reg_dealloc<40>(); }
+    // The producer needs few registers; give them to the consumers' accumulators
+    // (2 x 128 x 240 + 128 x 24 = 64,512 of the 65,536).
+    if constexpr (Traits::kNumConsumerWGs > 1) { cutlass::arch::warpgroup_reg_dealloc<24>(); }
     if (is_producer_leader) { Kernel::produce(params, tma_kv, tma_rope, smem, pipeline, kv_head); }
   } else {
-    if constexpr (Traits::kNumConsumerWGs > 1) { cutlass::arch::warpgroup_reg_alloc<232>(); }
+    if constexpr (Traits::kNumConsumerWGs > 1) { cutlass::arch::warpgroup_reg_alloc<240>(); }
     Kernel::consume(params, smem, pipeline, kv_head, m_block, threadIdx.x);
   }
 #endif

@@ -83,6 +83,11 @@ struct DecodeTraits {
   static constexpr bool kSplitScores = kNumColWGs > 1;
   static constexpr int kScoreCols = kBlockN / kNumColWGs;  // tokens scored per warpgroup
   static_assert(kNumRowWGs == 1 || kNumColWGs == 1, "warpgroups split either rows or columns");
+  // Whether page n's softmax overlaps page n-1's P V (S and P V issued back to back). That
+  // keeps two wgmma batches and a second P in flight: it fits the registers except with split
+  // scores (MLA: P goes through one shared buffer) and with two row warpgroups reading a
+  // shared RoPE tile (12 bytes of spills, measured slower), which run page by page.
+  static constexpr bool kOverlapPV = !kSplitScores && !(kSharedRope && kNumRowWGs > 1);
 
   static_assert(kHeadDimV % kOutColsPerWG == 0, "dv must split evenly over consumer warpgroups");
   static_assert(kScoreCols % 8 == 0, "a warpgroup's token share must be whole 8-row swizzle atoms");
