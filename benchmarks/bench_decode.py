@@ -68,6 +68,17 @@ def load_flashmla():
     return None
 
 
+def decode_call(cfg, q, kv, rope, block_table, seqlens, meta, splits, out):
+    """One flash_gla decode call for a configuration (causal when s_q > 1)."""
+    import flash_gla
+
+    causal = q.shape[1] > 1
+    if cfg.get("layout") == "gta":
+        return flash_gla.gta_with_kvcache(q, kv, rope, block_table, seqlens, meta, splits, causal=causal, out=out)
+    return flash_gla.gla_with_kvcache(q, kv, block_table, seqlens, cfg["dv"], meta, splits, causal=causal,
+                                      out=out, rope_cache=rope)
+
+
 def varlen_lengths(batch, mean, gen):
     """Long-tailed lengths averaging about `mean`: some zeros, one 64K request."""
     x = torch.distributions.Pareto(torch.tensor(1.0), torch.tensor(1.6)).sample((batch,))
@@ -156,12 +167,7 @@ def bench_row(name, cfg, length, s_q, args, flashmla, gen):
 
     def ours():
         for (q, kv, rope), o in zip(cases, outs):
-            if layout == "gta":
-                flash_gla.gta_with_kvcache(q, kv, rope, block_table, seqlens, meta, splits,
-                                           causal=s_q > 1, out=o)
-            else:
-                flash_gla.gla_with_kvcache(q, kv, block_table, seqlens, dv, meta, splits,
-                                           causal=s_q > 1, out=o, rope_cache=rope)
+            decode_call(cfg, q, kv, rope, block_table, seqlens, meta, splits, o)
 
     us = time_graph(ours, args.iters) / copies
     row.update(us=us, gbps=(kv_bytes + io_bytes) / us / 1e3, tflops=flops / us / 1e6)

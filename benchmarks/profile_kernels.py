@@ -15,25 +15,29 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_decode import CONFIGS, make_case, varlen_lengths  # noqa: E402
+from bench_decode import CONFIGS, decode_call, make_case, varlen_lengths  # noqa: E402
 
 
-def profile_case(name, length, s_q, batch, iters, gen):
+def profile_case(name, length, s_q, batch, iters, gen, plain=False):
     import flash_gla
 
     cfg = CONFIGS[name]
     batch = cfg.get("batch", batch)
     lengths = varlen_lengths(batch, 8192, gen) if cfg.get("varlen") else torch.full((batch,), length, dtype=torch.int32)
     cases, table, seqlens = make_case(cfg, batch, lengths, s_q, torch.bfloat16, 1, gen, "cuda")
-    q, kv = cases[0]
+    q, kv, rope = cases[0]
     meta, splits = flash_gla.get_metadata(seqlens, s_q * cfg["h_q"] // cfg["h_kv"], cfg["h_kv"])
     out = torch.empty(batch, s_q, cfg["h_q"], cfg["dv"], dtype=q.dtype, device="cuda")
-    call = lambda: flash_gla.gla_with_kvcache(q, kv, table, seqlens, cfg["dv"], meta, splits,  # noqa: E731
-                                              causal=s_q > 1, out=out)
+    call = lambda: decode_call(cfg, q, kv, rope, table, seqlens, meta, splits, out)  # noqa: E731
     flash_gla.ops.CHECK_LENGTHS = False  # no host sync inside the profiled region
     for _ in range(3):
         call()
     torch.cuda.synchronize()
+    if plain:  # under an external profiler (ncu): just the calls, no torch.profiler (CUPTI)
+        for _ in range(iters):
+            call()
+        torch.cuda.synchronize()
+        return
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(iters):
             call()
@@ -52,18 +56,20 @@ def profile_case(name, length, s_q, batch, iters, gen):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--configs", default="gla2,mla,varlen")
+    ap.add_argument("--configs", default="gla2,mla,varlen,gta8,gla2-rope1")
     ap.add_argument("--lengths", default="1024,32768")
     ap.add_argument("--sq", default="1,2")
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--plain", action="store_true", help="only run the calls (for ncu: "
+                    "ncu -k regex:decode_kernel --launch-skip 3 --launch-count 1 python ... --plain)")
     args = ap.parse_args()
     gen = torch.Generator().manual_seed(0)
     for name in args.configs.split(","):
         lengths = [0] if CONFIGS[name].get("varlen") else [int(x) for x in args.lengths.split(",")]
         for s_q in [int(x) for x in args.sq.split(",")]:
             for length in lengths:
-                profile_case(name, length, s_q, args.batch, args.iters, gen)
+                profile_case(name, length, s_q, args.batch, args.iters, gen, args.plain)
 
 
 if __name__ == "__main__":
