@@ -6,6 +6,7 @@ set -uo pipefail
 OUT_DIR=${1:?usage: scripts/ncu_decode.sh OUT_DIR CONFIG:LENGTH:SQ ...}
 shift
 cd "$(dirname "$0")/.."
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 NCU=$(command -v ncu || ls /usr/local/cuda/bin/ncu 2>/dev/null || true)
 [[ -n $NCU ]] || { echo "ncu not found"; exit 1; }
 for spec in "$@"; do
