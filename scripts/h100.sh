@@ -143,11 +143,17 @@ EOF
 
     if want bench; then
         banner bench
+        # Clocks, temperature, power and throttle reasons around the run (read only), to tell
+        # a slow row from a throttled GPU.
+        local gpu_state="clocks.sm,clocks.max.sm,temperature.gpu,power.draw,clocks_throttle_reasons.active"
+        echo "gpu before: $(nvidia-smi --query-gpu=$gpu_state --format=csv,noheader 2>&1 | head -n 1)"
         if [[ -f benchmarks/bench_decode.py ]]; then
             PYTHONPATH=$PWD:$PWD/.carry/flashmla${PYTHONPATH:+:$PYTHONPATH} \
                 timeout --signal=INT --kill-after=15 "$(left)" \
                 "$PY" benchmarks/bench_decode.py --out "$OUT_DIR" ${BENCH_ARGS:-} >"$OUT_DIR/bench.log" 2>&1
             local xrc=$?
+            echo "gpu after:  $(nvidia-smi --query-gpu=$gpu_state --format=csv,noheader 2>&1 | head -n 1)" \
+                | tee -a "$OUT_DIR/bench.log"
             tail -n 60 "$OUT_DIR/bench.log"
             if ((xrc == 0)); then bench_msg="ok, see bench.log"; else bench_msg="FAILED (rc $xrc), see bench.log"; rc=1; fi
         else
