@@ -3,12 +3,49 @@
 from __future__ import annotations
 
 import math
+import random
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
 PAGE = 64
 GARBAGE_PAGE = 2**30  # block-table entries that must never be read
+
+# Named varlen batches for the GPU grids: a seeded mix of empty, page-edge and long requests.
+VARLEN = {
+    "mix": [0, 0, 1, 63, 64, 65, 1000, 4113, 9000, 16384],  # long context, zeros included
+    "moderate": [0, 0, 1, 64, 65, 200, 511, 777, 1024, 1100],  # for large batches
+}
+
+
+def grid_lengths(length: int | str, b: int, seed: int) -> list[int]:
+    """``b`` copies of one length, or ``b`` seeded draws from ``VARLEN[length]`` with the first
+    request empty and the last the longest of the pattern."""
+    if isinstance(length, int):
+        return [length] * b
+    rng = random.Random(seed)
+    choices = VARLEN[length]
+    lengths = [rng.choice(choices) for _ in range(b)]
+    lengths[0], lengths[-1] = 0, max(choices)
+    return lengths
+
+
+def capture_graph(step: Callable):
+    """Warm ``step`` up on a side stream, then capture one call in a CUDA graph.
+
+    Returns (graph, what the captured call returned: static outputs for every replay)."""
+    import torch.cuda
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # lazy initialisation outside the capture
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        result = step()
+    return graph, result
 
 
 @dataclass

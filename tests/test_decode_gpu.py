@@ -9,13 +9,12 @@ like the configuration: ``h128kv2-dv256-bf16-sq2-causal-L4113-b3``.
 from __future__ import annotations
 
 import math
-import random
 import zlib
 from dataclasses import dataclass
 
 import pytest
 import torch
-from helpers import assert_close, make_inputs
+from helpers import assert_close, capture_graph, grid_lengths, make_inputs
 
 import flash_gla
 from flash_gla.reference import gla_with_kvcache_ref
@@ -28,11 +27,6 @@ S_QS = [1, 2, 3, 4, 8]
 HEADS = [(128, 2), (64, 1), (128, 1), (16, 2), (128, 8)]
 DVS = [256, 512]
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-# Named varlen batches: a seeded mix of empty, page-edge and long requests.
-VARLEN = {
-    "mix": [0, 0, 1, 63, 64, 65, 1000, 4113, 9000, 16384],  # long context, zeros included
-    "moderate": [0, 0, 1, 64, 65, 200, 511, 777, 1024, 1100],  # for large batches
-}
 
 
 @dataclass(frozen=True)
@@ -56,13 +50,7 @@ class Case:
         return zlib.crc32(self.id.encode())
 
     def lengths(self) -> list[int]:
-        if isinstance(self.length, int):
-            return [self.length] * self.b
-        rng = random.Random(self.seed)
-        choices = VARLEN[self.length]
-        lengths = [rng.choice(choices) for _ in range(self.b)]
-        lengths[0], lengths[-1] = 0, max(choices)  # always one empty and one longest request
-        return lengths
+        return grid_lengths(self.length, self.b, self.seed)
 
 
 def build_grid() -> list[Case]:
@@ -205,14 +193,7 @@ def test_cuda_graph_capture_and_replay():
             meta, num_splits, causal=True, out=out,
         )
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm up outside the capture
-        step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        _, lse = step()
+    graph, (_, lse) = capture_graph(step)
 
     for lengths, seed in ((first, 1), (second, 2)):
         new = make(lengths, seed)

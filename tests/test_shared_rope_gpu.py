@@ -13,14 +13,13 @@ Ids read like the configuration: ``gta-d128-h32kv8-bf16-sq2-causal-L4113-b3``.
 from __future__ import annotations
 
 import math
-import random
 import zlib
 from dataclasses import dataclass
 
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import assert_close, make_inputs
+from helpers import assert_close, capture_graph, grid_lengths, make_inputs
 
 import flash_gla
 from flash_gla.reference import gather_rows, gla_with_kvcache_ref, gta_with_kvcache_ref
@@ -30,10 +29,6 @@ pytestmark = pytest.mark.sm90
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 D_ROPE = {("gta", 128): 64, ("gta", 64): 32, ("glarope", 256): 64}
 LENGTHS = [0, 1, 63, 64, 65, 1000, 4113]
-VARLEN = {
-    "mix": [0, 0, 1, 63, 64, 65, 1000, 4113, 9000, 16384],
-    "moderate": [0, 0, 1, 64, 65, 200, 511, 777, 1024, 1100],
-}
 # (h_q, h_kv): 1 to 16 KV heads, 1 to 16 query heads per KV head.
 GTA_HEADS = [(32, 8), (8, 8), (16, 1), (48, 16), (256, 16), (6, 2)]
 GLA_HEADS = [(128, 2), (64, 1), (16, 2), (128, 8)]
@@ -65,13 +60,7 @@ class Case:
         return zlib.crc32(self.id.encode())
 
     def lengths(self) -> list[int]:
-        if isinstance(self.length, int):
-            return [self.length] * self.b
-        rng = random.Random(self.seed)
-        choices = VARLEN[self.length]
-        lengths = [rng.choice(choices) for _ in range(self.b)]
-        lengths[0], lengths[-1] = 0, max(choices)
-        return lengths
+        return grid_lengths(self.length, self.b, self.seed)
 
 
 def build_grid() -> list[Case]:
@@ -236,14 +225,7 @@ def test_gta_cuda_graph_capture_and_replay():
             causal=True, out=out,
         )
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        _, lse = step()
+    graph, (_, lse) = capture_graph(step)
 
     for lengths, seed in ((first, 1), (second, 2)):
         new = make(lengths, seed)

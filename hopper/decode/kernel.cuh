@@ -169,26 +169,28 @@ struct DecodeKernel {
   }
 
   // Rows past the sequence end may hold anything (NaN included); 0 * NaN would poison P V,
-  // so they are zeroed in shared memory before either GEMM reads the page.
+  // so they are zeroed in shared memory (the page, and its shared RoPE rows) before either
+  // GEMM reads the page.
   static __device__ void zero_rows_past_end(SharedStorage& smem, int stage, int first_row,
                                             int consumer_tid) {
-    Tensor sK = make_tensor(make_smem_ptr(smem.kv.data()), typename Traits::SmemLayoutK{});
-    constexpr int kChunksPerRow = kKVWidth / kChunk;
+    zero_rows<kKVWidth>(make_tensor(make_smem_ptr(smem.kv.data()), typename Traits::SmemLayoutK{}),
+                        stage, first_row, consumer_tid);
+    if constexpr (kSharedRope) {
+      zero_rows<kHeadDimRope>(
+          make_tensor(make_smem_ptr(smem.rope.data()), typename Traits::SmemLayoutRope{}), stage,
+          first_row, consumer_tid);
+    }
+  }
+
+  // Zeroes rows [first_row, 64) of one stage of a (tokens, kCols, stage) tile, 16 bytes a store.
+  template <int kCols, class TensorS>
+  static __device__ void zero_rows(TensorS&& tile, int stage, int first_row, int consumer_tid) {
+    constexpr int kChunksPerRow = kCols / kChunk;
     const int count = (kBlockN - first_row) * kChunksPerRow;
     for (int idx = consumer_tid; idx < count; idx += kConsumerThreads) {
       const int row = first_row + idx / kChunksPerRow;
       const int col = (idx % kChunksPerRow) * kChunk;
-      *reinterpret_cast<uint4*>(&sK(row, col, stage)) = make_uint4(0, 0, 0, 0);
-    }
-    if constexpr (kSharedRope) {
-      Tensor sR = make_tensor(make_smem_ptr(smem.rope.data()), typename Traits::SmemLayoutRope{});
-      constexpr int kRopeChunksPerRow = kHeadDimRope / kChunk;
-      const int rope_count = (kBlockN - first_row) * kRopeChunksPerRow;
-      for (int idx = consumer_tid; idx < rope_count; idx += kConsumerThreads) {
-        const int row = first_row + idx / kRopeChunksPerRow;
-        const int col = (idx % kRopeChunksPerRow) * kChunk;
-        *reinterpret_cast<uint4*>(&sR(row, col, stage)) = make_uint4(0, 0, 0, 0);
-      }
+      *reinterpret_cast<uint4*>(&tile(row, col, stage)) = make_uint4(0, 0, 0, 0);
     }
   }
 
