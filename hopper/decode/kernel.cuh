@@ -14,10 +14,12 @@
 //   warpgroups 0..            consumers: load the piece's Q tile, then per page
 //                              S = Q K^T (wgmma, smem x smem), online softmax in registers,
 //                              O += P V (wgmma, P from registers, V = the same page viewed
-//                              MN-major), and release the stage. Each consumer warpgroup owns
-//                              256 output columns and 64 query rows. With dv = 512 the two warpgroups score
-//                              half of the page's tokens each, exchange row maxima and write
-//                              P to shared memory, so that no QK^T is computed twice.
+//                              MN-major), and release the stage; page n's softmax runs while
+//                              page n-1's P V is on the tensor cores (Traits::kOverlapPV).
+//                              Each consumer warpgroup owns up to 256 output columns and 64
+//                              query rows. With dv = 512 the two warpgroups score half of the
+//                              page's tokens each, exchange row maxima and write P to shared
+//                              memory, so that no QK^T is computed twice.
 // Epilogue: a request handled by one piece writes bf16/fp16 O and LSE directly; a request
 // split over several pieces writes fp32 partials that csrc/combine.cu merges.
 //
