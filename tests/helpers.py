@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import random
+import zlib
 from dataclasses import dataclass
 from typing import Callable
 
@@ -29,6 +30,18 @@ def grid_lengths(length: int | str, b: int, seed: int) -> list[int]:
     lengths = [rng.choice(choices) for _ in range(b)]
     lengths[0], lengths[-1] = 0, max(choices)
     return lengths
+
+
+class SeededGridCase:
+    """Mixin for a frozen dataclass of one grid case with ``id``, ``length`` (an int or a
+    VARLEN key) and ``b``: a seed derived from the id, and the requests' lengths."""
+
+    @property
+    def seed(self) -> int:
+        return zlib.crc32(self.id.encode())
+
+    def lengths(self) -> list[int]:
+        return grid_lengths(self.length, self.b, self.seed)
 
 
 def capture_graph(step: Callable):

@@ -9,12 +9,11 @@ like the configuration: ``h128kv2-dv256-bf16-sq2-causal-L4113-b3``.
 from __future__ import annotations
 
 import math
-import zlib
 from dataclasses import dataclass
 
 import pytest
 import torch
-from helpers import assert_close, capture_graph, grid_lengths, make_inputs
+from helpers import SeededGridCase, assert_close, capture_graph, make_inputs
 
 import flash_gla
 from flash_gla.reference import gla_with_kvcache_ref
@@ -30,7 +29,7 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass(frozen=True)
-class Case:
+class Case(SeededGridCase):
     h_q: int
     h_kv: int
     dv: int
@@ -45,12 +44,6 @@ class Case:
         mask = "causal" if self.causal else "full"
         return f"h{self.h_q}kv{self.h_kv}-dv{self.dv}-{self.dtype}-sq{self.s_q}-{mask}-L{self.length}-b{self.b}"
 
-    @property
-    def seed(self) -> int:
-        return zlib.crc32(self.id.encode())
-
-    def lengths(self) -> list[int]:
-        return grid_lengths(self.length, self.b, self.seed)
 
 
 def build_grid() -> list[Case]:

@@ -13,13 +13,12 @@ Ids read like the configuration: ``gta-d128-h32kv8-bf16-sq2-causal-L4113-b3``.
 from __future__ import annotations
 
 import math
-import zlib
 from dataclasses import dataclass
 
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import assert_close, capture_graph, grid_lengths, make_inputs
+from helpers import SeededGridCase, assert_close, capture_graph, make_inputs
 
 import flash_gla
 from flash_gla.reference import gather_rows, gla_with_kvcache_ref, gta_with_kvcache_ref
@@ -35,7 +34,7 @@ GLA_HEADS = [(128, 2), (64, 1), (16, 2), (128, 8)]
 
 
 @dataclass(frozen=True)
-class Case:
+class Case(SeededGridCase):
     kind: str  # "gta" or "glarope"
     d: int  # gta: tied-state width; glarope: latent width (head_dim_v)
     h_q: int
@@ -55,12 +54,6 @@ class Case:
     def d_rope(self) -> int:
         return D_ROPE[(self.kind, self.d)]
 
-    @property
-    def seed(self) -> int:
-        return zlib.crc32(self.id.encode())
-
-    def lengths(self) -> list[int]:
-        return grid_lengths(self.length, self.b, self.seed)
 
 
 def build_grid() -> list[Case]:
