@@ -32,17 +32,17 @@ void run_decode(const DecodeParams& p, cudaStream_t stream) {
       make_stride(p.kv_token_stride, _1{}, p.kv_head_stride, p.kv_page_stride));
   Tensor kv = make_tensor(make_gmem_ptr(static_cast<Element const*>(p.kv)), kv_layout);
   typename Traits::TmaKV tma_kv = make_tma_copy(SM90_TMA_LOAD{}, kv, typename Traits::SmemLayoutPage{});
-  // (token in page, dim, page) of the shared rope cache. Inline, the descriptor is never used:
-  // it describes the RoPE dims of KV head 0 so that it is still a valid one.
-  const Element* rope_base = Traits::kSharedRope ? static_cast<Element const*>(p.rope)
-                                                 : static_cast<Element const*>(p.kv) + kHeadDimV;
-  auto rope_layout = make_layout(
-      make_shape(Int<Traits::kBlockN>{}, Int<kHeadDimRope>{}, p.num_pages),
-      Traits::kSharedRope ? make_stride(p.rope_token_stride, _1{}, p.rope_page_stride)
-                          : make_stride(p.kv_token_stride, _1{}, p.kv_page_stride));
-  typename Traits::TmaRope tma_rope = make_tma_copy(
-      SM90_TMA_LOAD{}, make_tensor(make_gmem_ptr(rope_base), rope_layout),
-      typename Traits::SmemLayoutRopePage{});
+  // (token in page, dim, page) of the shared rope cache. Inline RoPE needs no descriptor: the
+  // kernel never touches it, so a default one is passed and no encoding is paid per call.
+  typename Traits::TmaRope tma_rope{};
+  if constexpr (Traits::kSharedRope) {
+    auto rope_layout = make_layout(make_shape(Int<Traits::kBlockN>{}, Int<kHeadDimRope>{}, p.num_pages),
+                                   make_stride(p.rope_token_stride, _1{}, p.rope_page_stride));
+    tma_rope = make_tma_copy(
+        SM90_TMA_LOAD{},
+        make_tensor(make_gmem_ptr(static_cast<Element const*>(p.rope)), rope_layout),
+        typename Traits::SmemLayoutRopePage{});
+  }
 
   auto kernel = decode_kernel<Traits>;
   constexpr int kSmemBytes = sizeof(typename Traits::SharedStorage);
