@@ -43,35 +43,15 @@ __device__ auto convert_fragment(Tensor<Engine, Layout> const& src) {
   return dst;
 }
 
-// Issues C += A(:, kABegin .. kABegin + kBlocks) * B(:, 0 .. kBlocks) k-block by k-block,
+// Issues C += A(:, kABegin + k) * B(:, kBBegin + k) for k < kBlocks, k-block by k-block,
 // inside a warpgroup_arrive / commit_batch the caller brackets (several calls share a batch).
-template <int kABegin, int kBlocks, class TiledMma, class TA, class TB, class TC>
+template <int kABegin, int kBBegin, int kBlocks, class TiledMma, class TA, class TB, class TC>
 __device__ void gemm_k_blocks(TiledMma& mma, TA const& a, TB const& b, TC& c) {
   CUTLASS_PRAGMA_UNROLL
   for (int k = 0; k < kBlocks; ++k) {
-    cute::gemm(mma, a(_, _, kABegin + k), b(_, _, k), c);
+    cute::gemm(mma, a(_, _, kABegin + k), b(_, _, kBBegin + k), c);
     mma.accumulate_ = GMMA::ScaleOut::One;
   }
-}
-
-// C (+)= A * B on one warpgroup, issued asynchronously; the caller waits with
-// warpgroup_wait<N>() before touching C. kZeroInit overwrites C on the first k-block.
-template <bool kZeroInit, class TiledMma, class TA, class TB, class TC>
-__device__ void warpgroup_gemm(TiledMma& mma, TA const& a, TB const& b, TC& c) {
-  // A is either shared-memory descriptors (SS) or a register fragment (RS) to fence.
-  constexpr bool kRegisterA = !is_same_v<typename TA::iterator, GMMA::DescriptorIterator>;
-  if constexpr (kRegisterA) { warpgroup_fence_operand(const_cast<TA&>(a)); }
-  warpgroup_fence_operand(c);
-  warpgroup_arrive();
-  if constexpr (kZeroInit) { mma.accumulate_ = GMMA::ScaleOut::Zero; }
-  CUTLASS_PRAGMA_UNROLL
-  for (int k = 0; k < size<2>(a); ++k) {
-    cute::gemm(mma, a(_, _, k), b(_, _, k), c);
-    mma.accumulate_ = GMMA::ScaleOut::One;
-  }
-  warpgroup_commit_batch();
-  warpgroup_fence_operand(c);
-  if constexpr (kRegisterA) { warpgroup_fence_operand(const_cast<TA&>(a)); }
 }
 
 }  // namespace flash_gla::hopper

@@ -150,7 +150,7 @@ struct DecodeKernel {
                                 int kv_head, int m_block, int consumer_tid) {
     Tensor sQ = make_tensor(make_smem_ptr(smem.q.data()), typename Traits::SmemLayoutQ{});
     const Element* q = static_cast<const Element*>(p.q) + batch * p.q_batch_stride;
-    constexpr int kChunksPerRow = kHeadDimQK / kChunk;
+    constexpr int kChunksPerRow = Traits::kQSmemCols / kChunk;
     for (int idx = consumer_tid; idx < kBlockM * kChunksPerRow; idx += kConsumerThreads) {
       const int row = idx / kChunksPerRow;
       const int col = (idx % kChunksPerRow) * kChunk;
@@ -168,6 +168,30 @@ struct DecodeKernel {
                    "r"(valid ? 16 : 0));
     }
     asm volatile("cp.async.commit_group;\ncp.async.wait_group 0;\n" ::: "memory");
+  }
+
+  // Loads this thread's elements of its warpgroup's Q RoPE columns (64 rows x d_rope) into
+  // the A-operand registers of the RoPE wgmma (Traits::kQRopeInRegisters); padding rows are 0.
+  // The fragment's first mode is a pair of adjacent columns: one 32-bit load per pair.
+  template <class TensorQ, class TensorC>
+  static __device__ void load_q_rope(const DecodeParams& p, int batch, int kv_head, int row_base,
+                                     TensorQ& tQr, TensorC const& coord) {
+    const Element* q = static_cast<const Element*>(p.q) + batch * p.q_batch_stride +
+                       Traits::kHeadDimNope;
+    CUTLASS_PRAGMA_UNROLL
+    for (int i = 0; i < size(tQr); i += 2) {
+      const int m = row_base + get<0>(coord(i));
+      cutlass::Array<Element, 2> pair;
+      pair.clear();
+      if (m < p.rows_per_kv_head) {
+        const int token = m / p.group_size;
+        const int head = kv_head * p.group_size + m % p.group_size;
+        pair = *reinterpret_cast<const cutlass::Array<Element, 2>*>(
+            q + token * p.q_seq_stride + head * p.q_head_stride + get<1>(coord(i)));
+      }
+      tQr(i) = pair[0];
+      tQr(i + 1) = pair[1];
+    }
   }
 
   // Rows past the sequence end may hold anything (NaN included); 0 * NaN would poison P V,
@@ -230,10 +254,10 @@ struct DecodeKernel {
     warpgroup_arrive();
     if constexpr (Traits::kSplitScores) {
       Tensor tOsP = thr_o.partition_fragment_A(sP);
-      gemm_k_blocks<0, decltype(size<2>(tOsP))::value>(mma_o, tOsP, tOrV, tOrO);
+      gemm_k_blocks<0, 0, decltype(size<2>(tOsP))::value>(mma_o, tOsP, tOrV, tOrO);
     } else {
       Tensor tOrP_a = make_tensor(tOrP.data(), accumulator_as_operand_a(tOrP.layout()));
-      gemm_k_blocks<0, decltype(size<2>(tOrP_a))::value>(mma_o, tOrP_a, tOrV, tOrO);
+      gemm_k_blocks<0, 0, decltype(size<2>(tOrP_a))::value>(mma_o, tOrP_a, tOrV, tOrO);
     }
     warpgroup_commit_batch();
   }
@@ -245,8 +269,12 @@ struct DecodeKernel {
     // Which slice of O (and of the page's tokens) and which 64 of the CTA's query rows this
     // warpgroup owns; compile-time 0 where there is only one.
     constexpr int kColWGs = Traits::kNumColWGs, kRowWGs = Traits::kNumRowWGs;
-    const int col_wg = kColWGs == 1 ? 0 : consumer_tid / 128 % kColWGs;
-    const int row_wg = kRowWGs == 1 ? 0 : consumer_tid / 128 / kColWGs;
+    // Read through a shuffle so that ptxas knows the index is warp-uniform: the shared-memory
+    // descriptors derived from it then live in uniform registers instead of 2 general
+    // registers per k-block (32 of them for Q alone with two row warpgroups).
+    const int warpgroup = __shfl_sync(0xffffffff, consumer_tid / 128, 0);
+    const int col_wg = kColWGs == 1 ? 0 : warpgroup % kColWGs;
+    const int row_wg = kRowWGs == 1 ? 0 : warpgroup / kColWGs;
     const int row_base = m_block * kBlockM + row_wg * Traits::kWGRows;  // its first packed row
     const int wg_tid = consumer_tid % 128;
 
@@ -266,14 +294,24 @@ struct DecodeKernel {
     Tensor sKw = flat_divide(sK, Shape<Int<kScoreCols>, Int<kKVWidth>>{})(_, _, col_wg, 0, _);
     Tensor sR = make_tensor(make_smem_ptr(smem.rope.data()), typename Traits::SmemLayoutRope{});
     Tensor sRw = flat_divide(sR, Shape<Int<kScoreCols>, Int<kHeadDimRope>>{})(_, _, col_wg, 0, _);
-    // (64, d_qk): this warpgroup's rows of the Q tile.
-    Tensor sQw = flat_divide(sQ, Shape<Int<Traits::kWGRows>, Int<kHeadDimQK>>{})(_, _, row_wg, 0);
+    // (64, d_qk or d_nope): this warpgroup's rows of the Q tile in shared memory.
+    Tensor sQw = flat_divide(sQ, Shape<Int<Traits::kWGRows>, Int<Traits::kQSmemCols>>{})(_, _, row_wg, 0);
     Tensor sP = make_tensor(make_smem_ptr(smem.p.data()), typename Traits::SmemLayoutP{});
 
-    Tensor tSrQ = thr_s.partition_fragment_A(sQw);  // (MMA, 1, d_qk/16) descriptors
+    Tensor tSrQ = thr_s.partition_fragment_A(sQw);  // (MMA, 1, k-blocks) descriptors
     Tensor tSrK = thr_s.partition_fragment_B(sKw);  // (MMA, 1, kv_width/16, stage)
     Tensor tSrR = thr_s.partition_fragment_B(sRw);  // (MMA, 1, d_rope/16, stage)
     Tensor tOrV = thr_o.partition_fragment_B(sVw);  // (MMA, 1, tokens/16, stage)
+    // Q's RoPE columns in registers (used only with Traits::kQRopeInRegisters): the RoPE
+    // k-blocks of S then run as register-sourced wgmma against the same shared-memory keys.
+    typename Traits::TiledMmaSRope mma_r;
+    auto thr_r = mma_r.get_thread_slice(wg_tid);
+    Tensor tSrQr = thr_r.partition_fragment_A(make_tensor(
+        make_smem_ptr(smem.q.data()), make_layout(Shape<Int<Traits::kWGRows>, Int<kHeadDimRope>>{})));
+    Tensor tScQr = thr_r.partition_A(
+        make_identity_tensor(Shape<Int<Traits::kWGRows>, Int<kHeadDimRope>>{}));
+    Tensor tSrKr = thr_r.partition_fragment_B(sKw);
+    Tensor tSrRr = thr_r.partition_fragment_B(sRw);
     Tensor tSrS = partition_fragment_C(mma_s, Shape<Int<Traits::kWGRows>, Int<kScoreCols>>{});
     Tensor tOrO = partition_fragment_C(mma_o, Shape<Int<Traits::kWGRows>, Int<kOutCols>>{});
 
@@ -311,6 +349,10 @@ struct DecodeKernel {
 
         consumer_sync(kConsumerThreads, ConsumerBarrier::kQFree);
         load_q(p, smem, batch, kv_head, m_block, consumer_tid);
+        if constexpr (Traits::kQRopeInRegisters) {
+          load_q_rope(p, batch, kv_head, row_base, tSrQr, tScQr);
+          warpgroup_fence_operand(tSrQr);
+        }
         cutlass::arch::fence_view_async_shared();  // Q written by threads, read by wgmma
         consumer_sync(kConsumerThreads, ConsumerBarrier::kQReady);
 
@@ -341,13 +383,26 @@ struct DecodeKernel {
           }
           return stage;
         };
-        // Issues S = Q[:, :d_nope] K_nope^T + Q[:, d_nope:] R^T as one wgmma batch.
+        // Issues S = Q[:, :d_nope] K_nope^T + Q[:, d_nope:] R^T as one wgmma batch; R is the
+        // page's next k-blocks (inline) or the stage's rope tile (shared).
         auto issue_scores = [&](int stage) {
+          constexpr int kNope = Traits::kNopeBlocks, kRope = Traits::kRopeBlocks;
+          constexpr int kRopeB = Traits::kRopeFirstBlockB;
           warpgroup_arrive();
           mma_s.accumulate_ = GMMA::ScaleOut::Zero;
-          gemm_k_blocks<0, Traits::kScoreBlocksFromPage>(mma_s, tSrQ, tSrK(_, _, _, stage), tSrS);
-          gemm_k_blocks<Traits::kScoreBlocksFromPage, Traits::kScoreBlocksFromRope>(
-              mma_s, tSrQ, tSrR(_, _, _, stage), tSrS);
+          gemm_k_blocks<0, 0, kNope>(mma_s, tSrQ, tSrK(_, _, _, stage), tSrS);
+          if constexpr (Traits::kQRopeInRegisters) {
+            mma_r.accumulate_ = GMMA::ScaleOut::One;
+            if constexpr (kSharedRope) {
+              gemm_k_blocks<0, kRopeB, kRope>(mma_r, tSrQr, tSrRr(_, _, _, stage), tSrS);
+            } else {
+              gemm_k_blocks<0, kRopeB, kRope>(mma_r, tSrQr, tSrKr(_, _, _, stage), tSrS);
+            }
+          } else if constexpr (kSharedRope) {
+            gemm_k_blocks<kNope, kRopeB, kRope>(mma_s, tSrQ, tSrR(_, _, _, stage), tSrS);
+          } else {
+            gemm_k_blocks<kNope, kRopeB, kRope>(mma_s, tSrQ, tSrK(_, _, _, stage), tSrS);
+          }
           warpgroup_commit_batch();
         };
         // Scales and masks the page's scores, updates the running softmax and turns the scores

@@ -57,10 +57,11 @@ struct DecodeTraits {
   static_assert(kSharedRope || kHeadDimNope == kHeadDimV, "inline RoPE follows all of V");
   static_assert(kHeadDimNope <= kHeadDimV, "the key's latent part is a prefix of the row");
   static_assert(kHeadDimNope % 16 == 0 && kHeadDimRope % 16 == 0, "wgmma k-blocks are 16 wide");
-  // k-blocks (16 dims) of S = Q K^T read from the KV page, then from the rope tile; inline,
-  // the RoPE dims are simply the page's next k-blocks.
-  static constexpr int kScoreBlocksFromPage = (kSharedRope ? kHeadDimNope : kHeadDimQK) / 16;
-  static constexpr int kScoreBlocksFromRope = kSharedRope ? kHeadDimRope / 16 : 0;
+  // k-blocks (16 dims) of S = Q K^T: the latent part from the KV page, then the RoPE part,
+  // which inline is the page's next k-blocks and shared is the rope tile's.
+  static constexpr int kNopeBlocks = kHeadDimNope / 16;
+  static constexpr int kRopeBlocks = kHeadDimRope / 16;
+  static constexpr int kRopeFirstBlockB = kSharedRope ? 0 : kNopeBlocks;
 
   static constexpr int kWGRows = 64;          // packed query rows per warpgroup: one wgmma M
   // Warpgroups stacked along the rows: with two, each page loaded serves 128 rows and one
@@ -83,6 +84,12 @@ struct DecodeTraits {
   static constexpr bool kSplitScores = kNumColWGs > 1;
   static constexpr int kScoreCols = kBlockN / kNumColWGs;  // tokens scored per warpgroup
   static_assert(kNumRowWGs == 1 || kNumColWGs == 1, "warpgroups split either rows or columns");
+  // With two row warpgroups the 128-row Q tile leaves room for only three KV stages, and the
+  // overlapped consumer holds two of them, so a single page load would be in flight. Keeping
+  // Q's RoPE columns in registers instead (the A operand of register-sourced wgmma: 16 per
+  // thread for d_rope 64) frees the 16 KB that make a fourth stage fit.
+  static constexpr bool kQRopeInRegisters = kNumRowWGs > 1;
+  static constexpr int kQSmemCols = kQRopeInRegisters ? kHeadDimNope : kHeadDimQK;
   // Whether page n's softmax overlaps page n-1's P V (S and P V issued back to back). That
   // keeps two wgmma batches and a second P in flight: it fits the registers except with split
   // scores (MLA: P goes through one shared buffer) and with two row warpgroups reading a
@@ -98,7 +105,7 @@ struct DecodeTraits {
   // V is the same bytes viewed MN-major (dims x tokens), so a page is loaded once for both GEMMs.
   using SmemLayoutAtomK = decltype(GMMA::Layout_K_SW128_Atom<Element>{});
   using SmemLayoutAtomV = decltype(GMMA::Layout_MN_SW128_Atom<Element>{});
-  using SmemLayoutQ = decltype(tile_to_shape(SmemLayoutAtomK{}, Shape<Int<kBlockM>, Int<kHeadDimQK>>{}));
+  using SmemLayoutQ = decltype(tile_to_shape(SmemLayoutAtomK{}, Shape<Int<kBlockM>, Int<kQSmemCols>>{}));
   using SmemLayoutPage = decltype(tile_to_shape(SmemLayoutAtomK{}, Shape<Int<kBlockN>, Int<kKVWidth>>{}));
   // A shared RoPE page (tokens x d_rope): one per stage, beside the KV head's page.
   using SmemLayoutRopePage = decltype(tile_to_shape(k_major_atom<Element, kHeadDimRope>(),
@@ -106,14 +113,14 @@ struct DecodeTraits {
   // Probabilities of one page (rows x tokens), the A operand of P V when scores are split.
   using SmemLayoutP = decltype(tile_to_shape(SmemLayoutAtomK{}, Shape<Int<kWGRows>, Int<kBlockN>>{}));
 
-  static constexpr int kQBytes = kBlockM * kHeadDimQK * sizeof(Element);
+  static constexpr int kQBytes = kBlockM * kQSmemCols * sizeof(Element);
   static constexpr int kPageBytes = kBlockN * kKVWidth * sizeof(Element);
   static constexpr int kRopePageBytes = kSharedRope ? kBlockN * kHeadDimRope * sizeof(Element) : 0;
   static constexpr int kStageBytes = kPageBytes + kRopePageBytes;  // what one stage's TMA brings
   static constexpr int kPBytes = kSplitScores ? kWGRows * kBlockN * sizeof(Element) : 0;
   static constexpr int kBarrierBytes = 2048;  // pipeline barriers + row-statistics exchange
-  // As many pages in flight as fit: 2 for MLA (576-wide rows), 4 for GLA (320-wide; 3 with
-  // 128 query rows per CTA), capped at 8 for the narrow GTA pages.
+  // As many pages in flight as fit: 2 for MLA (576-wide rows), 4 for GLA (320-wide), capped
+  // at 8 for the narrow GTA pages.
   static constexpr int kStages = cute::min(
       8, (kSmemBudgetBytes - kQBytes - kPBytes - kBarrierBytes) / kStageBytes);
   static_assert(kStages >= 2, "shared memory must hold Q and at least two KV pages");
@@ -130,6 +137,10 @@ struct DecodeTraits {
 
   using TiledMmaS = decltype(make_tiled_mma(
       GMMA::ss_op_selector<Element, Element, float, Shape<Int<kWGRows>, Int<kScoreCols>, _64>,
+                           GMMA::Major::K, GMMA::Major::K>()));
+  // The RoPE part of S with Q's RoPE columns in registers (kQRopeInRegisters).
+  using TiledMmaSRope = decltype(make_tiled_mma(
+      GMMA::rs_op_selector<Element, Element, float, Shape<Int<kWGRows>, Int<kScoreCols>, _64>,
                            GMMA::Major::K, GMMA::Major::K>()));
   // P V: P from registers when one warpgroup holds all of it, else from shared memory.
   using OutTileShape = Shape<Int<kWGRows>, Int<kOutColsPerWG>, Int<kBlockN>>;
