@@ -42,14 +42,18 @@ namespace flash_gla::hopper {
 
 using namespace cute;
 
-// Named barriers among the consumer threads (id 0 is __syncthreads).
+// Named barriers among the consumer threads (id 0 is __syncthreads); kQIssued also holds the
+// producer's first warp.
 enum class ConsumerBarrier : int {
   kQFree = 1,      // every consumer is done reading the previous piece's Q tile
   kQReady = 2,     // the new Q tile is in shared memory
   kPageMasked = 3,  // rows past the sequence end of a page are zeroed
   kScoresMax = 4,   // split scores: each warpgroup's page row maxima are in shared memory
   kPReady = 5,      // split scores: the page's probabilities are in shared memory
-  kRowSums = 6      // split scores: each warpgroup's final row sums are in shared memory
+  kRowSums = 6,     // split scores: each warpgroup's final row sums are in shared memory
+  kOutputStage = 7,  // every consumer is done with the piece's Q tile: O may be staged there
+  kOutputStaged = 8,  // the piece's O tiles are in shared memory
+  kQIssued = 9        // the first Q tile's loads are issued (consumers arrive, producer waits)
 };
 
 __device__ __forceinline__ void consumer_sync(int num_threads, ConsumerBarrier id) {
@@ -70,10 +74,23 @@ struct WorkPiece {
 struct PartSchedule {
   int begin_batch, begin_page, end_batch, end_page, begin_split;
 
+  // kReload: read every field from global memory (an L1 hit) each time, instead of letting
+  // the compiler keep five values live across a consumer's page loop, where registers are
+  // at the setmaxnreg limit (they were spilled otherwise).
+  template <bool kReload = false>
   __device__ static PartSchedule load(const DecodeParams& p, int part) {
     const int* m = p.sched_meta + part * kMetaFields;
-    return {m[kMetaBeginBatch], m[kMetaBeginPage], m[kMetaEndBatch], m[kMetaEndPage],
-            m[kMetaBeginSplit]};
+    auto field = [&](int f) {
+      if constexpr (kReload) {
+        int v;
+        asm volatile("ld.global.nc.b32 %0, [%1];" : "=r"(v) : "l"(m + f));
+        return v;
+      } else {
+        return m[f];
+      }
+    };
+    return {field(kMetaBeginBatch), field(kMetaBeginPage), field(kMetaEndBatch),
+            field(kMetaEndPage), field(kMetaBeginSplit)};
   }
 
   __device__ WorkPiece piece(const DecodeParams& p, int batch) const {
@@ -143,9 +160,10 @@ struct DecodeKernel {
   }
 
   // ------------------------------------------------------------------ consumers
-  // Copies the piece's packed query rows into shared memory (zeros for padding rows) with
-  // cp.async: every 16-byte load of the tile is in flight at once, instead of one
-  // load-to-store round trip per vector (which cost ~10 us per piece at short context).
+  // Starts copying the piece's packed query rows into shared memory (zeros for padding rows)
+  // with cp.async: every 16-byte load of the tile is in flight at once, instead of one
+  // load-to-store round trip per vector (which cost ~10 us per piece at short context). The
+  // caller waits with cp.async.wait_group 0.
   static __device__ void load_q(const DecodeParams& p, SharedStorage& smem, int batch,
                                 int kv_head, int m_block, int consumer_tid) {
     Tensor sQ = make_tensor(make_smem_ptr(smem.q.data()), typename Traits::SmemLayoutQ{});
@@ -167,7 +185,7 @@ struct DecodeKernel {
       asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
                    "r"(valid ? 16 : 0));
     }
-    asm volatile("cp.async.commit_group;\ncp.async.wait_group 0;\n" ::: "memory");
+    asm volatile("cp.async.commit_group;\n" ::: "memory");
   }
 
   // Loads this thread's elements of its warpgroup's Q RoPE columns (64 rows x d_rope) into
@@ -342,17 +360,29 @@ struct DecodeKernel {
     OnlineSoftmax<kRows> softmax;
     PipelineState state;  // consumers start at stage 0, phase 0
 
+    // The producer starts its KV loads only once the first Q tile's loads are issued: all
+    // CTAs start together and their first pages alone are ~20 MB, so a Q load queued behind
+    // them arrived ~10 us into the kernel (per-CTA trace, gla2 at 1K) while the ring sat full.
+    bool producer_released = false;
+    auto release_producer = [&] {
+      cutlass::arch::NamedBarrier::arrive(kConsumerThreads + 32,
+                                          static_cast<int>(ConsumerBarrier::kQIssued));
+      producer_released = true;
+    };
+
     for (int part = blockIdx.z; part < p.num_parts; part += gridDim.z) {
-      const PartSchedule sched = PartSchedule::load(p, part);
-      for (int batch = sched.begin_batch; batch <= sched.end_batch; ++batch) {
-        const WorkPiece w = sched.piece(p, batch);
+      for (int batch = PartSchedule::load<true>(p, part).begin_batch;
+           batch <= PartSchedule::load<true>(p, part).end_batch; ++batch) {
+        const WorkPiece w = PartSchedule::load<true>(p, part).piece(p, batch);
 
         consumer_sync(kConsumerThreads, ConsumerBarrier::kQFree);
         load_q(p, smem, batch, kv_head, m_block, consumer_tid);
         if constexpr (Traits::kQRopeInRegisters) {
           load_q_rope(p, batch, kv_head, row_base, tSrQr, tScQr);
-          warpgroup_fence_operand(tSrQr);
         }
+        if (!producer_released) { release_producer(); }
+        asm volatile("cp.async.wait_group 0;\n" ::: "memory");
+        if constexpr (Traits::kQRopeInRegisters) { warpgroup_fence_operand(tSrQr); }
         cutlass::arch::fence_view_async_shared();  // Q written by threads, read by wgmma
         consumer_sync(kConsumerThreads, ConsumerBarrier::kQReady);
 
@@ -520,50 +550,94 @@ struct DecodeKernel {
                                                      wg_tid, ConsumerBarrier::kRowSums);
         }
         softmax.finalize(row_total, inv_sum, lse);
-        store_output(p, w, tOrO_rc, tOcO_rc, inv_sum, lse, kv_head, row_base, col_wg, wg_tid);
+        store_output(p, smem, w, thr_o, tOrO, tOrO_rc, tOcO_rc, inv_sum, lse, kv_head, row_base,
+                     row_wg, col_wg, consumer_tid);
       }
     }
+    if (!producer_released) { release_producer(); }  // a CTA without work
   }
 
-  template <class TensorO, class TensorC, int kRows>
-  static __device__ void store_output(const DecodeParams& p, const WorkPiece& w, TensorO& o,
-                                      TensorC const& coord, float const (&inv_sum)[kRows],
-                                      float const (&lse)[kRows], int kv_head, int row_base,
-                                      int col_wg, int wg_tid) {
+  // Writes the piece's normalised O rows (bf16/fp16 into out, or fp32 partials of a split
+  // request) and LSE.
+  //
+  // In the accumulator layout a lane holds 2 adjacent columns of every 8-column group, so
+  // storing straight from registers takes 4-byte stores that touch 8 rows per warp
+  // instruction: ~1,000 store instructions per warp for a 64 x 256 tile, 3-6 us per piece (a
+  // per-CTA trace at 64-token contexts). The 16-bit output is therefore staged in shared
+  // memory, in the Q tile, which no wgmma reads once the piece's last S is done, and written
+  // out as whole 16-byte vectors, a warp covering 512 contiguous bytes of a row. Split
+  // requests' fp32 partials (at most two pieces per part) are stored directly.
+  template <class ThrMmaO, class TensorO, class TensorOrc, class TensorC, int kRows>
+  static __device__ void store_output(const DecodeParams& p, SharedStorage& smem,
+                                      const WorkPiece& w, ThrMmaO const& thr_o, TensorO& tOrO,
+                                      TensorOrc& o, TensorC const& coord,
+                                      float const (&inv_sum)[kRows], float const (&lse)[kRows],
+                                      int kv_head, int row_base, int row_wg, int col_wg,
+                                      int consumer_tid) {
+    const int wg_tid = consumer_tid % 128;
+    const bool lse_lane = col_wg == 0 && wg_tid % 4 == 0;  // one lane of the row's quad
     CUTLASS_PRAGMA_UNROLL
     for (int i = 0; i < kRows; ++i) {
+      CUTLASS_PRAGMA_UNROLL
+      for (int j = 0; j < size<1>(o); ++j) { o(i, j) *= inv_sum[i]; }
       const int m = row_base + get<0>(coord(i, 0));
-      if (m >= p.rows_per_kv_head) { continue; }  // padding row of the last m-block
+      if (m >= p.rows_per_kv_head || !lse_lane) { continue; }
       const int token = m / p.group_size;
       const int head = kv_head * p.group_size + m % p.group_size;
-      const bool write_lse = col_wg == 0 && wg_tid % 4 == 0;  // one lane of the row's quad
       if (w.is_split) {
+        p.lse_accum[(int64_t(w.slot) * p.num_heads_kv + kv_head) * p.rows_per_kv_head + m] = lse[i];
+      } else {
+        // A row that saw no key reports +inf, so that a later merge ignores it.
+        p.lse[(int64_t(w.batch) * p.num_heads_q + head) * p.seqlen_q + token] =
+            lse[i] == -INFINITY ? INFINITY : lse[i];
+      }
+    }
+
+    if (w.is_split) {
+      CUTLASS_PRAGMA_UNROLL
+      for (int i = 0; i < kRows; ++i) {
+        const int m = row_base + get<0>(coord(i, 0));
+        if (m >= p.rows_per_kv_head) { continue; }  // padding row of the last m-block
         const int64_t row = (int64_t(w.slot) * p.num_heads_kv + kv_head) * p.rows_per_kv_head + m;
         float* dst = p.o_accum + row * kHeadDimV + col_wg * kOutCols;
         CUTLASS_PRAGMA_UNROLL
         for (int j = 0; j < size<1>(o); j += 2) {
-          const int col = get<1>(coord(i, j));
-          *reinterpret_cast<float2*>(dst + col) =
-              make_float2(o(i, j) * inv_sum[i], o(i, j + 1) * inv_sum[i]);
-        }
-        if (write_lse) { p.lse_accum[row] = lse[i]; }
-      } else {
-        Element* dst = static_cast<Element*>(p.out) + w.batch * p.o_batch_stride +
-                       token * p.o_seq_stride + head * p.o_head_stride + col_wg * kOutCols;
-        CUTLASS_PRAGMA_UNROLL
-        for (int j = 0; j < size<1>(o); j += 2) {
-          const int col = get<1>(coord(i, j));
-          cutlass::Array<Element, 2> pair;
-          pair[0] = static_cast<Element>(o(i, j) * inv_sum[i]);
-          pair[1] = static_cast<Element>(o(i, j + 1) * inv_sum[i]);
-          *reinterpret_cast<cutlass::Array<Element, 2>*>(dst + col) = pair;
-        }
-        if (write_lse) {
-          // A row that saw no key reports +inf, so that a later merge ignores it.
-          p.lse[(int64_t(w.batch) * p.num_heads_q + head) * p.seqlen_q + token] =
-              lse[i] == -INFINITY ? INFINITY : lse[i];
+          *reinterpret_cast<float2*>(dst + get<1>(coord(i, j))) = make_float2(o(i, j), o(i, j + 1));
         }
       }
+      return;
+    }
+
+    // Every consumer warpgroup has finished its last S of the piece (the staging tiles of
+    // different warpgroups overlap other warpgroups' Q rows).
+    consumer_sync(kConsumerThreads, ConsumerBarrier::kOutputStage);
+    // The staging addresses depend only on the thread; computed here, not hoisted to the
+    // kernel's start, where keeping 16 of them live across the page loop spilled (the empty
+    // asm hides that the values are loop-invariant).
+    int stage_offset = (row_wg * Traits::kNumColWGs + col_wg) * Traits::kOutStageElems;
+    int stage_tid = wg_tid;
+    asm volatile("" : "+r"(stage_offset), "+r"(stage_tid));
+    Tensor sO = make_tensor(make_smem_ptr(smem.q.data() + stage_offset),
+                            typename Traits::SmemLayoutOStage{});
+    {  // stmatrix: four 8x8 16-bit tiles of the accumulator per instruction
+      auto stage_copy = make_tiled_copy_C(Copy_Atom<SM90_U32x4_STSM_N, Element>{},
+                                          typename Traits::TiledMmaO{});
+      auto thr_copy = stage_copy.get_thread_slice(stage_tid);
+      Tensor tOrO_16 = convert_fragment<Element>(tOrO);
+      copy(stage_copy, thr_copy.retile_S(tOrO_16), thr_copy.partition_D(sO));
+    }
+    consumer_sync(kConsumerThreads, ConsumerBarrier::kOutputStaged);
+    constexpr int kChunksPerRow = kOutCols / kChunk;
+    CUTLASS_PRAGMA_UNROLL
+    for (int idx = stage_tid; idx < Traits::kWGRows * kChunksPerRow; idx += 128) {
+      const int r = idx / kChunksPerRow, col = (idx % kChunksPerRow) * kChunk;
+      const int m = row_base + r;
+      if (m >= p.rows_per_kv_head) { continue; }
+      const int token = m / p.group_size;
+      const int head = kv_head * p.group_size + m % p.group_size;
+      Element* dst = static_cast<Element*>(p.out) + w.batch * p.o_batch_stride +
+                     token * p.o_seq_stride + head * p.o_head_stride + col_wg * kOutCols + col;
+      *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(&sO(r, col));
     }
   }
 };
@@ -601,6 +675,10 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
     // The producer needs few registers; give them to the consumers' accumulators
     // (2 x 128 x 240 + 128 x 24 = 64,512 of the 65,536).
     if constexpr (Traits::kNumConsumerWGs > 1) { cutlass::arch::warpgroup_reg_dealloc<24>(); }
+    if (threadIdx.x < Traits::kNumConsumerThreads + 32) {  // the producer's first warp
+      cutlass::arch::NamedBarrier::sync(Traits::kNumConsumerThreads + 32,
+                                        static_cast<int>(ConsumerBarrier::kQIssued));
+    }
     if (is_producer_leader) { Kernel::produce(params, tma_kv, tma_rope, smem, pipeline, kv_head); }
   } else {
     if constexpr (Traits::kNumConsumerWGs > 1) { cutlass::arch::warpgroup_reg_alloc<240>(); }

@@ -113,6 +113,13 @@ struct DecodeTraits {
   // Probabilities of one page (rows x tokens), the A operand of P V when scores are split.
   using SmemLayoutP = decltype(tile_to_shape(SmemLayoutAtomK{}, Shape<Int<kWGRows>, Int<kBlockN>>{}));
 
+  // The epilogue stages each consumer warpgroup's 16-bit O tile (64 x kOutColsPerWG) in the Q
+  // tile's shared memory, one tile after another.
+  using SmemLayoutOStage = decltype(tile_to_shape(SmemLayoutAtomK{},
+                                                  Shape<Int<kWGRows>, Int<kOutColsPerWG>>{}));
+  static constexpr int kOutStageElems = kWGRows * kOutColsPerWG;
+  static_assert(kNumConsumerWGs * kOutStageElems <= kBlockM * kQSmemCols,
+                "the O tiles must fit in the Q tile's shared memory");
   static constexpr int kQBytes = kBlockM * kQSmemCols * sizeof(Element);
   static constexpr int kPageBytes = kBlockN * kKVWidth * sizeof(Element);
   static constexpr int kRopePageBytes = kSharedRope ? kBlockN * kHeadDimRope * sizeof(Element) : 0;
