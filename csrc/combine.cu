@@ -51,8 +51,8 @@ __device__ __forceinline__ void store4(__half* dst, float4 v) {
 
 // Merges the n pieces of one packed query row (kv head, m) of request `batch`.
 template <class T>
-__device__ void combine_row(const DecodeParams& p, int batch, int first, int n, int row,
-                            float* weights, int lane) {
+__device__ __forceinline__ void combine_row(const DecodeParams& p, int batch, int first, int n,
+                                            int row, float* weights, int lane) {
   const int kv_head = row / p.rows_per_kv_head;
   const int m = row % p.rows_per_kv_head;
   // Slot s of this request, row (kv_head, m): index into lse_accum / rows of o_accum.
