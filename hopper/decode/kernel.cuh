@@ -31,6 +31,7 @@
 #include <cute/tensor.hpp>
 #include <cutlass/arch/barrier.h>
 #include <cutlass/arch/reg_reconfig.h>
+#include <cutlass/fast_math.h>
 #include <cutlass/pipeline/sm90_pipeline.hpp>
 
 #include "params.h"
@@ -108,6 +109,29 @@ struct PartSchedule {
   }
 };
 
+// Packed query row m of a KV head is query token m / group of query head
+// kv_head * group + m % group. The division uses a precomputed multiply-high and shift: an
+// integer division by a runtime value is ~20 dependent instructions, and it ran for every
+// 16-byte vector of the Q load and the output store, with one warp per scheduler to issue them.
+struct PackedRows {
+  cutlass::FastDivmod group;
+  int kv_head;
+
+  __device__ PackedRows(int group_size, int kv_head_) : group(group_size), kv_head(kv_head_) {}
+
+  __device__ void query(int m, int& token, int& head) const {
+    int h;
+    group(token, h, m);
+    head = kv_head * group.divisor + h;
+  }
+  // Element offset of row m in a (token, head, dim) tensor with the given strides.
+  __device__ int64_t offset(int m, int64_t token_stride, int64_t head_stride) const {
+    int token, head;
+    query(m, token, head);
+    return token * token_stride + head * head_stride;
+  }
+};
+
 template <class Traits>
 struct DecodeKernel {
   using Element = typename Traits::Element;
@@ -165,7 +189,7 @@ struct DecodeKernel {
   // load-to-store round trip per vector (which cost ~10 us per piece at short context). The
   // caller waits with cp.async.wait_group 0.
   static __device__ void load_q(const DecodeParams& p, SharedStorage& smem, int batch,
-                                int kv_head, int m_block, int consumer_tid) {
+                                PackedRows const& rows, int m_block, int consumer_tid) {
     Tensor sQ = make_tensor(make_smem_ptr(smem.q.data()), typename Traits::SmemLayoutQ{});
     const Element* q = static_cast<const Element*>(p.q) + batch * p.q_batch_stride;
     constexpr int kChunksPerRow = Traits::kQSmemCols / kChunk;
@@ -175,11 +199,7 @@ struct DecodeKernel {
       const int m = m_block * kBlockM + row;
       const bool valid = m < p.rows_per_kv_head;
       const Element* src = q;  // any valid address: a padding row reads 0 bytes
-      if (valid) {
-        const int token = m / p.group_size;
-        const int head = kv_head * p.group_size + m % p.group_size;
-        src = q + token * p.q_seq_stride + head * p.q_head_stride + col;
-      }
+      if (valid) { src = q + rows.offset(m, p.q_seq_stride, p.q_head_stride) + col; }
       const uint32_t dst = cute::cast_smem_ptr_to_uint(&sQ(row, col));
       // src-size 0 zero-fills the 16 bytes.
       asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
@@ -192,7 +212,8 @@ struct DecodeKernel {
   // the A-operand registers of the RoPE wgmma (Traits::kQRopeInRegisters); padding rows are 0.
   // The fragment's first mode is a pair of adjacent columns: one 32-bit load per pair.
   template <class TensorQ, class TensorC>
-  static __device__ void load_q_rope(const DecodeParams& p, int batch, int kv_head, int row_base,
+  static __device__ void load_q_rope(const DecodeParams& p, int batch, PackedRows const& rows,
+                                     int row_base,
                                      TensorQ& tQr, TensorC const& coord) {
     const Element* q = static_cast<const Element*>(p.q) + batch * p.q_batch_stride +
                        Traits::kHeadDimNope;
@@ -202,10 +223,8 @@ struct DecodeKernel {
       cutlass::Array<Element, 2> pair;
       pair.clear();
       if (m < p.rows_per_kv_head) {
-        const int token = m / p.group_size;
-        const int head = kv_head * p.group_size + m % p.group_size;
         pair = *reinterpret_cast<const cutlass::Array<Element, 2>*>(
-            q + token * p.q_seq_stride + head * p.q_head_stride + get<1>(coord(i)));
+            q + rows.offset(m, p.q_seq_stride, p.q_head_stride) + get<1>(coord(i)));
       }
       tQr(i) = pair[0];
       tQr(i + 1) = pair[1];
@@ -359,6 +378,7 @@ struct DecodeKernel {
 
     OnlineSoftmax<kRows> softmax;
     PipelineState state;  // consumers start at stage 0, phase 0
+    const PackedRows rows(p.group_size, kv_head);
 
     // The producer starts its KV loads only once the first Q tile's loads are issued: all
     // CTAs start together and their first pages alone are ~20 MB, so a Q load queued behind
@@ -373,14 +393,14 @@ struct DecodeKernel {
     for (int part = blockIdx.z; part < p.num_parts; part += gridDim.z) {
       for (int batch = PartSchedule::load<true>(p, part).begin_batch;
            batch <= PartSchedule::load<true>(p, part).end_batch; ++batch) {
-        const WorkPiece w = PartSchedule::load<true>(p, part).piece(p, batch);
-
         consumer_sync(kConsumerThreads, ConsumerBarrier::kQFree);
-        load_q(p, smem, batch, kv_head, m_block, consumer_tid);
+        load_q(p, smem, batch, rows, m_block, consumer_tid);
         if constexpr (Traits::kQRopeInRegisters) {
-          load_q_rope(p, batch, kv_head, row_base, tSrQr, tScQr);
+          load_q_rope(p, batch, rows, row_base, tSrQr, tScQr);
         }
         if (!producer_released) { release_producer(); }
+        // The piece's bounds (a chain of dependent global loads) are read while Q is in flight.
+        const WorkPiece w = PartSchedule::load<true>(p, part).piece(p, batch);
         asm volatile("cp.async.wait_group 0;\n" ::: "memory");
         if constexpr (Traits::kQRopeInRegisters) { warpgroup_fence_operand(tSrQr); }
         cutlass::arch::fence_view_async_shared();  // Q written by threads, read by wgmma
@@ -391,8 +411,7 @@ struct DecodeKernel {
         int row_last_key[kRows];
         CUTLASS_PRAGMA_UNROLL
         for (int i = 0; i < kRows; ++i) {
-          const int m = row_base + row_of(i);
-          const int token = m / p.group_size;
+          const int token = rows.group.div(row_base + row_of(i));
           row_last_key[i] = p.causal ? min(w.seqlen - p.seqlen_q + token, w.seqlen - 1)
                                      : w.seqlen - 1;
         }
@@ -550,7 +569,7 @@ struct DecodeKernel {
                                                      wg_tid, ConsumerBarrier::kRowSums);
         }
         softmax.finalize(row_total, inv_sum, lse);
-        store_output(p, smem, w, thr_o, tOrO, tOrO_rc, tOcO_rc, inv_sum, lse, kv_head, row_base,
+        store_output(p, smem, w, thr_o, tOrO, tOrO_rc, tOcO_rc, inv_sum, lse, rows, row_base,
                      row_wg, col_wg, consumer_tid);
       }
     }
@@ -572,8 +591,9 @@ struct DecodeKernel {
                                       const WorkPiece& w, ThrMmaO const& thr_o, TensorO& tOrO,
                                       TensorOrc& o, TensorC const& coord,
                                       float const (&inv_sum)[kRows], float const (&lse)[kRows],
-                                      int kv_head, int row_base, int row_wg, int col_wg,
-                                      int consumer_tid) {
+                                      PackedRows const& rows, int row_base, int row_wg,
+                                      int col_wg, int consumer_tid) {
+    const int kv_head = rows.kv_head;
     const int wg_tid = consumer_tid % 128;
     const bool lse_lane = col_wg == 0 && wg_tid % 4 == 0;  // one lane of the row's quad
     CUTLASS_PRAGMA_UNROLL
@@ -582,8 +602,8 @@ struct DecodeKernel {
       for (int j = 0; j < size<1>(o); ++j) { o(i, j) *= inv_sum[i]; }
       const int m = row_base + get<0>(coord(i, 0));
       if (m >= p.rows_per_kv_head || !lse_lane) { continue; }
-      const int token = m / p.group_size;
-      const int head = kv_head * p.group_size + m % p.group_size;
+      int token, head;
+      rows.query(m, token, head);
       if (w.is_split) {
         p.lse_accum[(int64_t(w.slot) * p.num_heads_kv + kv_head) * p.rows_per_kv_head + m] = lse[i];
       } else {
@@ -633,10 +653,8 @@ struct DecodeKernel {
       const int r = idx / kChunksPerRow, col = (idx % kChunksPerRow) * kChunk;
       const int m = row_base + r;
       if (m >= p.rows_per_kv_head) { continue; }
-      const int token = m / p.group_size;
-      const int head = kv_head * p.group_size + m % p.group_size;
       Element* dst = static_cast<Element*>(p.out) + w.batch * p.o_batch_stride +
-                     token * p.o_seq_stride + head * p.o_head_stride + col_wg * kOutCols + col;
+                     rows.offset(m, p.o_seq_stride, p.o_head_stride) + col_wg * kOutCols + col;
       *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(&sO(r, col));
     }
   }
