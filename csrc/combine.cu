@@ -61,13 +61,18 @@ __device__ __forceinline__ void combine_row(const DecodeParams& p, int batch, in
   };
 
   float max_lse = -INFINITY;
+  // Not unrolled: n is rarely above 32, and unrolled copies of these loops had their lane
+  // offsets hoisted out of the row loop and spilled (ptxas with --use_fast_math).
+#pragma unroll 1
   for (int s = lane; s < n; s += 32) { max_lse = fmaxf(max_lse, p.lse_accum[slot_row(s)]); }
   max_lse = warp_max(max_lse);
   const float ref = max_lse == -INFINITY ? 0.f : max_lse;
   float sum = 0.f;
+#pragma unroll 1
   for (int s = lane; s < n; s += 32) { sum += expf(p.lse_accum[slot_row(s)] - ref); }
   sum = warp_sum(sum);
   const float lse = sum == 0.f ? INFINITY : ref + logf(sum);
+#pragma unroll 1
   for (int s = lane; s < n; s += 32) {
     weights[s] = sum == 0.f ? 0.f : expf(p.lse_accum[slot_row(s)] - lse);
   }
