@@ -148,12 +148,6 @@ struct DecodeKernel {
   static constexpr int kOutCols = Traits::kOutColsPerWG;
   static constexpr int kConsumerThreads = Traits::kNumConsumerThreads;
   static constexpr int kChunk = 16 / sizeof(Element);  // elements per 16-byte vector
-  // The Q load and the output store run once per request piece on one warp per scheduler;
-  // rolled, their address math is a dependent chain at ~5 cycles per instruction (2-3 us per
-  // piece each in a per-CTA trace at 64-token contexts). Unrolled, the iterations interleave.
-  // The 128-row instances are at the setmaxnreg limit in the page loop, and any unrolling
-  // there (even by 2) made ptxas spill, so theirs stay rolled.
-  static constexpr bool kUnrollPieceLoops = Traits::kNumRowWGs == 1;
 
   // ------------------------------------------------------------------ producer
   static __device__ void produce(const DecodeParams& p, const typename Traits::TmaKV& tma_kv,
@@ -199,15 +193,7 @@ struct DecodeKernel {
     Tensor sQ = make_tensor(make_smem_ptr(smem.q.data()), typename Traits::SmemLayoutQ{});
     const Element* q = static_cast<const Element*>(p.q) + batch * p.q_batch_stride;
     constexpr int kChunksPerRow = Traits::kQSmemCols / kChunk;
-    constexpr int kVectors = kBlockM * kChunksPerRow;
-    static_assert(kVectors % kConsumerThreads == 0, "whole 16-byte vectors per consumer thread");
-    // The addresses depend only on the thread; hidden from the optimiser so that they are
-    // computed here rather than hoisted out of the piece loop and kept live (which spilled).
-    int tid = consumer_tid;
-    asm volatile("" : "+r"(tid));
-    #pragma unroll(kUnrollPieceLoops ? kVectors / kConsumerThreads : 1)
-    for (int k = 0; k < kVectors / kConsumerThreads; ++k) {  // see kUnrollPieceLoops
-      const int idx = tid + k * kConsumerThreads;
+    for (int idx = consumer_tid; idx < kBlockM * kChunksPerRow; idx += kConsumerThreads) {
       const int row = idx / kChunksPerRow;
       const int col = (idx % kChunksPerRow) * kChunk;
       const int m = m_block * kBlockM + row;
@@ -397,14 +383,12 @@ struct DecodeKernel {
     // The producer starts its KV loads only once the first Q tile's loads are issued: all
     // CTAs start together and their first pages alone are ~20 MB, so a Q load queued behind
     // them arrived ~10 us into the kernel (per-CTA trace, gla2 at 1K) while the ring sat full.
-    // (No flag records the release: a register live across the page loop spilled there.)
+    bool producer_released = false;
     auto release_producer = [&] {
       cutlass::arch::NamedBarrier::arrive(kConsumerThreads + 32,
                                           static_cast<int>(ConsumerBarrier::kQIssued));
+      producer_released = true;
     };
-    // The first part's first piece releases the producer; a CTA with no piece at all
-    // releases it at the end. (Parts are filled in order, so if a CTA's first part is empty,
-    // so are its later ones.)
 
     for (int part = blockIdx.z; part < p.num_parts; part += gridDim.z) {
       for (int batch = PartSchedule::load<true>(p, part).begin_batch;
@@ -414,9 +398,7 @@ struct DecodeKernel {
         if constexpr (Traits::kQRopeInRegisters) {
           load_q_rope(p, batch, rows, row_base, tSrQr, tScQr);
         }
-        if (part == blockIdx.z && batch == PartSchedule::load<true>(p, part).begin_batch) {
-          release_producer();
-        }
+        if (!producer_released) { release_producer(); }
         // The piece's bounds (a chain of dependent global loads) are read while Q is in flight.
         const WorkPiece w = PartSchedule::load<true>(p, part).piece(p, batch);
         asm volatile("cp.async.wait_group 0;\n" ::: "memory");
@@ -591,10 +573,7 @@ struct DecodeKernel {
                      row_wg, col_wg, consumer_tid);
       }
     }
-    const bool had_work = blockIdx.z < p.num_parts &&
-                          PartSchedule::load<true>(p, blockIdx.z).begin_batch <=
-                              PartSchedule::load<true>(p, blockIdx.z).end_batch;
-    if (!had_work) { release_producer(); }
+    if (!producer_released) { release_producer(); }  // a CTA without work
   }
 
   // Writes the piece's normalised O rows (bf16/fp16 into out, or fp32 partials of a split
@@ -669,11 +648,8 @@ struct DecodeKernel {
     }
     consumer_sync(kConsumerThreads, ConsumerBarrier::kOutputStaged);
     constexpr int kChunksPerRow = kOutCols / kChunk;
-    constexpr int kVectors = Traits::kWGRows * kChunksPerRow;
-    static_assert(kVectors % 128 == 0, "whole 16-byte vectors per thread");
-    #pragma unroll(kUnrollPieceLoops ? kVectors / 128 : 1)
-    for (int k = 0; k < kVectors / 128; ++k) {  // see kUnrollPieceLoops
-      const int idx = stage_tid + k * 128;
+    CUTLASS_PRAGMA_UNROLL
+    for (int idx = stage_tid; idx < Traits::kWGRows * kChunksPerRow; idx += 128) {
       const int r = idx / kChunksPerRow, col = (idx % kChunksPerRow) * kChunk;
       const int m = row_base + r;
       if (m >= p.rows_per_kv_head) { continue; }
