@@ -395,10 +395,10 @@ struct DecodeKernel {
            batch <= PartSchedule::load<true>(p, part).end_batch; ++batch) {
         consumer_sync(kConsumerThreads, ConsumerBarrier::kQFree);
         load_q(p, smem, batch, rows, m_block, consumer_tid);
+        if (!producer_released) { release_producer(); }  // the RoPE register loads need not wait
         if constexpr (Traits::kQRopeInRegisters) {
           load_q_rope(p, batch, rows, row_base, tSrQr, tScQr);
         }
-        if (!producer_released) { release_producer(); }
         // The piece's bounds (a chain of dependent global loads) are read while Q is in flight.
         const WorkPiece w = PartSchedule::load<true>(p, part).piece(p, batch);
         asm volatile("cp.async.wait_group 0;\n" ::: "memory");
