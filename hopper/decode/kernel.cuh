@@ -10,8 +10,10 @@
 //                              KV head into a ring of kStages shared-memory stages, each
 //                              completing on an mbarrier, page addresses from block_table;
 //                              with a shared rope cache, the page's RoPE rows (64 x d_rope)
-//                              join the same stage.
-//   warpgroups 0..            consumers: load the piece's Q tile, then per page
+//                              join the same stage. It starts once the first Q tile's loads
+//                              are issued, so that they reach HBM before ~20 MB of pages.
+//   warpgroups 0..            consumers: load the piece's Q tile (128-row CTAs keep its RoPE
+//                              columns in registers: a fourth stage fits), then per page
 //                              S = Q K^T (wgmma, smem x smem), online softmax in registers,
 //                              O += P V (wgmma, P from registers, V = the same page viewed
 //                              MN-major), and release the stage; page n's softmax runs while
@@ -20,12 +22,13 @@
 //                              query rows. With dv = 512 the two warpgroups score half of the
 //                              page's tokens each, exchange row maxima and write P to shared
 //                              memory, so that no QK^T is computed twice.
-// Epilogue: a request handled by one piece writes bf16/fp16 O and LSE directly; a request
-// split over several pieces writes fp32 partials that csrc/combine.cu merges.
+// Epilogue: a request handled by one piece writes bf16/fp16 O (staged in the Q tile's shared
+// memory, stored as 16-byte vectors) and LSE; a request split over several pieces writes fp32
+// partials that csrc/combine.cu merges.
 //
-// Shared memory: Q (64 x d_qk) + kStages pages (64 x kv_width), 128B-swizzled K-major,
-// [+ kStages shared RoPE pages (64 x d_rope)] + P (64 x 64) and per-row statistics when the
-// scores are split.
+// Shared memory: Q (64 or 128 rows x d_qk, or x d_nope with the RoPE columns in registers) +
+// kStages pages (64 x kv_width), 128B-swizzled K-major, [+ kStages shared RoPE pages
+// (64 x d_rope)] + P (64 x 64) and per-row statistics when the scores are split.
 #pragma once
 
 #include <cute/tensor.hpp>
