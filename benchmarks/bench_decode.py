@@ -21,21 +21,22 @@ import time
 
 import torch
 
-ROOF_GBPS = 3000.0  # sustained HBM read rate of the H100 test card (DESIGN.md §6)
+ROOF_GBPS = 3000.0  # sustained HBM read rate measured on an H100 80GB HBM3 (benchmarks/NOTES.md)
 PAGE = 64
 L2_BYTES = 50 * 2**20
 
-# Layouts (DESIGN.md §2): "inline" = RoPE after V in every KV head's row (gla_with_kvcache);
-# "rope_shared" = latents only, one RoPE row per token for all heads (gla_with_kvcache with
-# rope_cache); "gta" = tied states of dv dims whose last d_rope key dims come from the shared
-# RoPE row (gta_with_kvcache); "gqa" = roofline only: separate K and V of dv dims per head.
+# Layouts (flash_gla/reference.py defines them): "inline" = RoPE after V in every KV head's row
+# (gla_with_kvcache; C++ RopeCache::kInline); "shared" = latents only, one RoPE row per token
+# for all heads (gla_with_kvcache with rope_cache: the gla_rope1 variant; RopeCache::kShared);
+# "gta" = tied states of dv dims whose last d_rope key dims come from the shared RoPE row
+# (gta_with_kvcache); "gqa" = roofline only: separate K and V of dv dims per head.
 CONFIGS = {
     "gla2": dict(h_q=128, h_kv=2, dv=256, d_rope=64),
     "gla1": dict(h_q=64, h_kv=1, dv=256, d_rope=64),
     "mla": dict(h_q=128, h_kv=1, dv=512, d_rope=64),
     "mla64": dict(h_q=64, h_kv=1, dv=512, d_rope=64),
     "varlen": dict(h_q=128, h_kv=2, dv=256, d_rope=64, varlen=True, batch=96),
-    "gla2-rope1": dict(h_q=128, h_kv=2, dv=256, d_rope=64, layout="rope_shared"),
+    "gla2-rope1": dict(h_q=128, h_kv=2, dv=256, d_rope=64, layout="shared"),
     "gta8": dict(h_q=32, h_kv=8, dv=128, d_rope=64, layout="gta"),
     "gqa8": dict(h_q=32, h_kv=8, dv=128, d_rope=0, layout="gqa"),
 }
@@ -49,7 +50,7 @@ def head_dims(cfg):
     layout, h_kv, dv, d_rope = cfg.get("layout", "inline"), cfg["h_kv"], cfg["dv"], cfg["d_rope"]
     if layout == "inline":
         return dv + d_rope, h_kv * (dv + d_rope), dv
-    if layout == "rope_shared":
+    if layout == "shared":
         return dv + d_rope, h_kv * dv + d_rope, dv
     if layout == "gta":
         return dv, h_kv * dv + d_rope, dv
