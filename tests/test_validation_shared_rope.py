@@ -152,5 +152,5 @@ def test_gla_shared_rope_unsupported_dv(gla):
 
 
 def test_gla_shared_rope_type(gla):
-    with pytest.raises(TypeError, match=r"rope_cache must be a torch.Tensor, got list"):
+    with pytest.raises(TypeError, match=r"rope_cache must be a torch.Tensor \(num_blocks, 64, 1, d_rope\), got list"):
         call_gla(gla, rope_cache=[1, 2])

@@ -1,0 +1,364 @@
+"""Every check of the decode ops' inputs, in one place, before the extension is touched.
+
+The compiled ``flash_gla._C`` trusts its inputs. The checks run in a fixed order so that the
+first error a caller sees is the most basic one, and so that everything but the device can be
+checked on a machine without a GPU or the extension:
+
+    Python types (TypeError) -> dtypes (TypeError) -> ranks, shapes, divisibility
+    (ValueError) -> strides and alignment (ValueError) -> lengths vs. block-table capacity
+    (ValueError, optional: flash_gla.ops.CHECK_LENGTHS) -> device (ValueError) ->
+    metadata rows vs. the device's scheduler parts (ValueError; asks the extension).
+
+Every message names the argument, what was expected and what was given. The supported head
+dims come from ``flash_gla._instances``, the generated list of compiled kernel instances.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Any, Callable, NamedTuple
+
+import torch
+
+from flash_gla._extension import num_sm_parts
+from flash_gla._instances import DTYPES, INSTANCES
+from flash_gla._metadata import DecodeConfig, SchedulerMetadata
+
+PAGE_SIZE = 64  # tokens per KV page (kv_cache.shape[1]); C++ kPageSize
+META_FIELDS = 8  # int32 fields per row of tile_scheduler_metadata; C++ kMetaFields
+MAX_GROUP = 128  # largest h_q / h_kv
+MAX_Q_ROWS_PER_HEAD_K = 1024  # largest s_q * h_q / h_kv (packed query rows per KV head)
+TMA_ALIGN_BYTES = 16  # TMA: global address and every non-unit stride 16-byte aligned
+
+HALF_DTYPES = tuple({"bf16": torch.bfloat16, "fp16": torch.float16}[name] for name in DTYPES)
+
+
+def _dims_table(variants: tuple[str, ...], key: Callable, value: Callable) -> dict[int, int]:
+    """``{key(inst): value(inst)}`` over the compiled instances of ``variants``."""
+    table: dict[int, int] = {}
+    for inst in INSTANCES:
+        if inst.variant in variants and table.setdefault(key(inst), value(inst)) != value(inst):
+            raise RuntimeError(f"flash_gla._instances: {inst.name} conflicts with another {variants} instance")
+    return table
+
+
+#: Inline RoPE (``gla_with_kvcache`` without rope_cache; variants mla, gla): d_qk -> head_dim_v.
+#: A cached row is [V (head_dim_v) | RoPE], and the whole row is the key.
+INLINE_DIMS = _dims_table(("mla", "gla"), lambda i: i.head_dim_nope + i.head_dim_rope, lambda i: i.head_dim_v)
+#: RoPE stored once (``gla_with_kvcache`` with rope_cache; variant gla_rope1): head_dim_v -> d_rope.
+ROPE1_DIMS = _dims_table(("gla_rope1",), lambda i: i.head_dim_v, lambda i: i.head_dim_rope)
+#: GTA (``gta_with_kvcache``): tied-state width d -> d_rope (K = [state[:d - d_rope], rope]).
+GTA_DIMS = _dims_table(("gta",), lambda i: i.head_dim_v, lambda i: i.head_dim_rope)
+
+
+def _check_inline_dims(d_qk: int, kv_dim: int, rope_dim: int | None, head_dim_v: int) -> None:
+    """Inline RoPE: kv rows are [V (head_dim_v) | RoPE] = d_qk dims."""
+    if d_qk not in INLINE_DIMS:
+        raise ValueError(f"q.shape[3] (d_qk) must be one of {sorted(INLINE_DIMS)}, got {d_qk}")
+    if kv_dim != d_qk:
+        raise ValueError(f"kv_cache.shape[3] must equal q.shape[3] (d_qk) = {d_qk}, got {kv_dim}")
+    expected_dv = INLINE_DIMS[d_qk]
+    if head_dim_v != expected_dv:
+        raise ValueError(f"head_dim_v must be {expected_dv} for d_qk {d_qk}, got {head_dim_v}")
+
+
+def _check_rope1_dims(d_qk: int, kv_dim: int, rope_dim: int | None, head_dim_v: int) -> None:
+    """RoPE stored once: kv rows are the latents (head_dim_v), d_qk = head_dim_v + d_rope."""
+    if head_dim_v not in ROPE1_DIMS:
+        raise ValueError(f"head_dim_v must be one of {sorted(ROPE1_DIMS)} with a rope_cache, got {head_dim_v}")
+    if kv_dim != head_dim_v:
+        raise ValueError(
+            f"kv_cache.shape[3] must equal head_dim_v = {head_dim_v} with a rope_cache (the RoPE "
+            f"dims live in rope_cache), got {kv_dim}"
+        )
+    expected_rope = ROPE1_DIMS[head_dim_v]
+    if rope_dim != expected_rope:
+        raise ValueError(
+            f"rope_cache.shape[3] (d_rope) must be {expected_rope} for head_dim_v {head_dim_v}, got {rope_dim}"
+        )
+    if d_qk != head_dim_v + rope_dim:
+        raise ValueError(f"q.shape[3] (d_qk) must be head_dim_v + d_rope = {head_dim_v + rope_dim}, got {d_qk}")
+
+
+def _check_gta_dims(d_qk: int, kv_dim: int, rope_dim: int | None, head_dim_v: int) -> None:
+    """GTA: q, kv rows and out all have the tied-state width d; the key's RoPE part is rope_cache."""
+    if d_qk not in GTA_DIMS:
+        raise ValueError(f"q.shape[3] (d) must be one of {sorted(GTA_DIMS)}, got {d_qk}")
+    if kv_dim != d_qk:
+        raise ValueError(f"kv_cache.shape[3] must equal q.shape[3] (d) = {d_qk}, got {kv_dim}")
+    if rope_dim != GTA_DIMS[d_qk]:
+        raise ValueError(f"rope_cache.shape[3] (d_rope) must be {GTA_DIMS[d_qk]} for d {d_qk}, got {rope_dim}")
+
+
+class Variant(NamedTuple):
+    """How a decode entry reads its arguments: one of GLA_INLINE, GLA_ROPE1, GTA."""
+
+    name: str
+    takes_rope_cache: bool  # a shared rope cache is required (else rope_cache is None)
+    v_is_q_width: bool  # head_dim_v is q.shape[3] (GTA: V is the whole tied state)
+    check_head_dims: Callable[[int, int, int | None, int], None]  # (d_qk, kv dim, rope dim, dv)
+
+
+GLA_INLINE = Variant("gla", False, False, _check_inline_dims)  # also MLA (h_kv 1)
+GLA_ROPE1 = Variant("gla_rope1", True, False, _check_rope1_dims)
+GTA = Variant("gta", True, True, _check_gta_dims)
+
+
+def check_decode_inputs(
+    variant: Variant, q, kv_cache, rope_cache, block_table, cache_seqlens, head_dim_v,
+    tile_scheduler_metadata, num_splits, softmax_scale, causal, out, *, check_lengths: bool,
+) -> DecodeConfig:
+    """Every check of a decode call, in the order of the module docstring; the call's DecodeConfig.
+
+    ``head_dim_v`` is ignored for a variant whose V is q's width. ``check_lengths`` is
+    flash_gla.ops.CHECK_LENGTHS, read by the caller at call time.
+    """
+    lazy = isinstance(tile_scheduler_metadata, SchedulerMetadata)
+    metadata = () if lazy else (("tile_scheduler_metadata", tile_scheduler_metadata), ("num_splits", num_splits))
+    tensors = (("q", q), ("kv_cache", kv_cache), ("rope_cache", rope_cache), ("block_table", block_table),
+               ("cache_seqlens", cache_seqlens), *metadata, ("out", out))
+    _check_types(variant, q, kv_cache, rope_cache, block_table, cache_seqlens, head_dim_v, tile_scheduler_metadata,
+                 num_splits, softmax_scale, causal, out, lazy)
+    _check_dtypes(q, kv_cache, rope_cache, block_table, cache_seqlens, metadata, out)
+    config = _check_shapes(variant, q, kv_cache, rope_cache, block_table, cache_seqlens, head_dim_v, metadata, out,
+                           causal)
+    if softmax_scale is not None and not math.isfinite(softmax_scale):
+        raise ValueError(f"softmax_scale must be finite, got {softmax_scale}")
+    if lazy:
+        tile_scheduler_metadata.check_config(config)
+    _check_strides(q, kv_cache, rope_cache, block_table, cache_seqlens, metadata, out)
+    if check_lengths and not (cache_seqlens.is_cuda and torch.cuda.is_current_stream_capturing()):
+        check_lengths_fit(cache_seqlens, block_table.shape[1])  # host sync; skipped in capture
+    # Device: last but one, so that everything above can be checked without a GPU.
+    if not q.is_cuda:
+        raise ValueError(f"q must be a CUDA tensor (all tensors on one CUDA device), got device {q.device}")
+    for name, x in tensors:
+        if x is not None and x.device != q.device:
+            raise ValueError(f"{name} must be on q's device {q.device} (all tensors on one CUDA device), got {x.device}")
+    if not lazy:
+        parts = num_sm_parts(q.device.index, config.num_q_tokens_per_head_k, config.h_kv)
+        if tile_scheduler_metadata.shape[0] != parts:
+            raise ValueError(
+                f"tile_scheduler_metadata.shape[0] must be {parts} (scheduler parts for "
+                f"num_q_tokens_per_head_k={config.num_q_tokens_per_head_k}, num_heads_k={config.h_kv} on "
+                f"{q.device}), got {tile_scheduler_metadata.shape[0]}: the metadata was computed for a "
+                "different num_q_tokens_per_head_k / num_heads_k"
+            )
+    return config
+
+
+def _check_types(variant, q, kv_cache, rope_cache, block_table, cache_seqlens, head_dim_v, tile_scheduler_metadata,
+                 num_splits, softmax_scale, causal, out, lazy):
+    for name, x in (("q", q), ("kv_cache", kv_cache), ("block_table", block_table), ("cache_seqlens", cache_seqlens)):
+        expect_tensor(name, x)
+    if variant.takes_rope_cache:
+        expect_tensor("rope_cache", rope_cache, hint="(num_blocks, 64, 1, d_rope)")
+    if out is not None:
+        expect_tensor("out", out)
+    if not variant.v_is_q_width:
+        expect_int("head_dim_v", head_dim_v)
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+    if softmax_scale is not None and (isinstance(softmax_scale, bool) or not isinstance(softmax_scale, numbers.Real)):
+        raise TypeError(f"softmax_scale must be a float or None, got {type(softmax_scale).__name__}")
+    if lazy:
+        if num_splits is not None:
+            raise TypeError(
+                "num_splits must be None when tile_scheduler_metadata is a SchedulerMetadata "
+                f"(lazy form), got {type(num_splits).__name__}"
+            )
+        return
+    if isinstance(tile_scheduler_metadata, tuple):
+        raise TypeError(
+            "tile_scheduler_metadata must be a torch.Tensor or a SchedulerMetadata, got a "
+            "tuple: get_metadata() returns (SchedulerMetadata, None) like FlashMLA; unpack it"
+        )
+    expect_tensor("tile_scheduler_metadata", tile_scheduler_metadata, hint="or a SchedulerMetadata")
+    expect_tensor("num_splits", num_splits, hint="(or pass a SchedulerMetadata as tile_scheduler_metadata)")
+
+
+def _check_dtypes(q, kv_cache, rope_cache, block_table, cache_seqlens, metadata, out):
+    expect_dtype("q", q, HALF_DTYPES)
+    expect_dtype("kv_cache", kv_cache, q.dtype, what="q's dtype")
+    if rope_cache is not None:
+        expect_dtype("rope_cache", rope_cache, q.dtype, what="q's dtype")
+    expect_dtype("block_table", block_table, torch.int32)
+    expect_dtype("cache_seqlens", cache_seqlens, torch.int32)
+    for name, x in metadata:
+        expect_dtype(name, x, torch.int32)
+    if out is not None:
+        expect_dtype("out", out, q.dtype, what="q's dtype")
+
+
+def _check_shapes(variant, q, kv_cache, rope_cache, block_table, cache_seqlens, head_dim_v, metadata, out, causal):
+    """Ranks, shapes, divisibility; returns the call's DecodeConfig."""
+    ranked = (("q", q, 4), ("kv_cache", kv_cache, 4), ("rope_cache", rope_cache, 4), ("block_table", block_table, 2),
+              ("cache_seqlens", cache_seqlens, 1), *((name, x, rank) for (name, x), rank in zip(metadata, (2, 1))),
+              ("out", out, 4))
+    for name, x, rank in ranked:
+        if x is not None:
+            expect_rank(name, x, rank)
+
+    batch, s_q, h_q, d_qk = q.shape
+    num_blocks, page_size, h_kv, kv_dim = kv_cache.shape
+    expect_at_least("q.shape[0] (batch)", batch, 1)
+    expect_at_least("q.shape[1] (s_q)", s_q, 1)
+    expect_at_least("q.shape[2] (h_q)", h_q, 1)
+    expect_at_least("kv_cache.shape[0] (num_blocks)", num_blocks, 1)
+    if page_size != PAGE_SIZE:
+        raise ValueError(f"kv_cache.shape[1] (page size) must be {PAGE_SIZE}, got {page_size}")
+    expect_at_least("kv_cache.shape[2] (h_kv)", h_kv, 1)
+    if h_q % h_kv != 0:
+        raise ValueError(f"q.shape[2] (h_q = {h_q}) must be a multiple of kv_cache.shape[2] (h_kv = {h_kv})")
+    group = h_q // h_kv
+    if group > MAX_GROUP:
+        raise ValueError(f"h_q / h_kv (query heads per KV head) must be <= {MAX_GROUP}, got {h_q} / {h_kv} = {group}")
+    if s_q * group > MAX_Q_ROWS_PER_HEAD_K:
+        raise ValueError(
+            f"s_q * h_q / h_kv (query rows per KV head) must be <= {MAX_Q_ROWS_PER_HEAD_K}, "
+            f"got {s_q} * {group} = {s_q * group}"
+        )
+    rope_dim = None
+    if rope_cache is not None:
+        expected = (num_blocks, page_size, 1)
+        if tuple(rope_cache.shape[:3]) != expected:
+            raise ValueError(
+                f"rope_cache.shape[:3] must be (num_blocks, page size, 1) = {expected}, got {tuple(rope_cache.shape[:3])}"
+            )
+        rope_dim = rope_cache.shape[3]
+    if variant.v_is_q_width:
+        head_dim_v = d_qk
+    variant.check_head_dims(d_qk, kv_dim, rope_dim, head_dim_v)
+    if block_table.shape[0] != batch:
+        raise ValueError(f"block_table.shape[0] must equal q.shape[0] (batch) = {batch}, got {block_table.shape[0]}")
+    if cache_seqlens.shape[0] != batch:
+        raise ValueError(f"cache_seqlens.shape[0] must equal q.shape[0] (batch) = {batch}, got {cache_seqlens.shape[0]}")
+    if metadata:
+        (_, meta), (_, num_splits) = metadata
+        if meta.shape[1] != META_FIELDS:
+            raise ValueError(f"tile_scheduler_metadata.shape[1] must be {META_FIELDS}, got {meta.shape[1]}")
+        if meta.shape[0] < 1:
+            raise ValueError("tile_scheduler_metadata.shape[0] (scheduler parts) must be >= 1, got 0")
+        if num_splits.shape[0] != batch + 1:
+            raise ValueError(
+                f"num_splits.shape[0] must be batch + 1 = {batch + 1}, got {num_splits.shape[0]} "
+                "(metadata from a different batch size?)"
+            )
+    if out is not None and tuple(out.shape) != (batch, s_q, h_q, head_dim_v):
+        raise ValueError(
+            f"out.shape must be (b, s_q, h_q, head_dim_v) = {(batch, s_q, h_q, head_dim_v)}, got {tuple(out.shape)}"
+        )
+    return DecodeConfig(batch, s_q, h_q, h_kv, page_size, causal, head_dim_v, q.device)
+
+
+def _check_strides(q, kv_cache, rope_cache, block_table, cache_seqlens, metadata, out):
+    for name, x in (("q", q), ("kv_cache", kv_cache), ("rope_cache", rope_cache)):
+        if x is not None:
+            expect_tma_compatible(name, x)  # Q rows are read as 16-byte vectors, the caches by TMA
+    expect_unit_last_stride("block_table", block_table)
+    expect_contiguous("cache_seqlens", cache_seqlens)
+    for name, x in metadata:
+        expect_contiguous(name, x)
+    if out is not None:
+        expect_contiguous("out", out)
+        expect_tma_compatible("out", out)  # written as 8-byte vectors by the combine kernel
+
+
+def check_metadata_args(cache_seqlens, num_q_tokens_per_head_k, num_heads_k) -> None:
+    """The checks of get_metadata's classic form."""
+    expect_tensor("cache_seqlens", cache_seqlens)
+    expect_int("num_q_tokens_per_head_k", num_q_tokens_per_head_k)
+    expect_int("num_heads_k", num_heads_k)
+    expect_dtype("cache_seqlens", cache_seqlens, torch.int32)
+    expect_rank("cache_seqlens", cache_seqlens, 1)
+    expect_at_least("num_q_tokens_per_head_k", num_q_tokens_per_head_k, 1)
+    expect_at_least("num_heads_k", num_heads_k, 1)
+    expect_contiguous("cache_seqlens", cache_seqlens)
+    if not cache_seqlens.is_cuda:
+        raise ValueError(f"cache_seqlens must be a CUDA tensor, got device {cache_seqlens.device}")
+
+
+def check_lengths_fit(cache_seqlens: torch.Tensor, max_pages: int, page_size: int = PAGE_SIZE) -> None:
+    """Raise ValueError unless ``0 <= cache_seqlens[i] <= max_pages * page_size`` for all i.
+
+    Reads the lengths on the host: one device synchronisation for a CUDA tensor.
+    """
+    if cache_seqlens.numel() == 0:
+        return
+    lo, hi = torch.stack(torch.aminmax(cache_seqlens)).tolist()
+    capacity = max_pages * page_size
+    if lo < 0 or hi > capacity:
+        raise ValueError(
+            f"cache_seqlens values must lie in [0, block_table.shape[1] * {page_size} = {capacity}] "
+            f"(the block table's capacity), got min {lo}, max {hi}"
+        )
+
+
+def reject_unsupported(**kwargs: Any) -> None:
+    """ValueError for a FlashMLA feature flash_gla lacks, passed with a non-default value.
+
+    The default is False for ``is_fp8_kvcache`` and None for everything else.
+    """
+    for name, value in kwargs.items():
+        default = False if name == "is_fp8_kvcache" else None
+        if value is not default:
+            shown = f"a {type(value).__name__}" if isinstance(value, torch.Tensor) else repr(value)
+            raise ValueError(f"{name} must be {default} (not supported by flash_gla yet), got {shown}")
+
+
+def expect_tensor(name: str, x: Any, hint: str = "") -> None:
+    if not isinstance(x, torch.Tensor):
+        extra = f" {hint}" if hint else ""
+        raise TypeError(f"{name} must be a torch.Tensor{extra}, got {type(x).__name__}")
+
+
+def expect_int(name: str, x: Any) -> None:
+    if isinstance(x, bool) or not isinstance(x, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(x).__name__}")
+
+
+def expect_dtype(name: str, x: torch.Tensor, expected, what: str | None = None) -> None:
+    allowed = expected if isinstance(expected, tuple) else (expected,)
+    if x.dtype not in allowed:
+        shown = " or ".join(str(d) for d in allowed)
+        if what:
+            shown = f"{shown} ({what})"
+        raise TypeError(f"{name}.dtype must be {shown}, got {x.dtype}")
+
+
+def expect_rank(name: str, x: torch.Tensor, rank: int) -> None:
+    if x.dim() != rank:
+        raise ValueError(f"{name} must be {rank}-D, got {x.dim()}-D with shape {tuple(x.shape)}")
+
+
+def expect_at_least(name: str, value: int, minimum: int) -> None:
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+
+
+def expect_unit_last_stride(name: str, x: torch.Tensor) -> None:
+    if x.stride(-1) != 1:
+        raise ValueError(f"{name}.stride(-1) must be 1 (last dim contiguous), got {x.stride(-1)}")
+
+
+def expect_contiguous(name: str, x: torch.Tensor) -> None:
+    if not x.is_contiguous():
+        raise ValueError(f"{name} must be contiguous, got strides {tuple(x.stride())} for shape {tuple(x.shape)}")
+
+
+def expect_tma_compatible(name: str, x: torch.Tensor) -> None:
+    """Last dim contiguous, other strides and the base address 16-byte aligned (TMA)."""
+    expect_unit_last_stride(name, x)
+    align = TMA_ALIGN_BYTES // x.element_size()
+    for dim in range(x.dim() - 1):
+        if x.stride(dim) % align != 0:
+            raise ValueError(
+                f"{name}.stride({dim}) must be a multiple of {align} elements ({TMA_ALIGN_BYTES} bytes, "
+                f"for TMA), got {x.stride(dim)}"
+            )
+    if x.data_ptr() % TMA_ALIGN_BYTES != 0:
+        raise ValueError(
+            f"{name}.data_ptr() must be {TMA_ALIGN_BYTES}-byte aligned (for TMA), got address "
+            f"{x.data_ptr():#x} (offset {x.data_ptr() % TMA_ALIGN_BYTES})"
+        )
