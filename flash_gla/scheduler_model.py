@@ -1,37 +1,37 @@
-"""Host model of the decode tile scheduler (``get_metadata``), block for block.
+"""Host model of the decode tile scheduler (``get_metadata``), page for page.
 
-The CUDA scheduler kernel implements exactly :func:`plan`; this module is the readable
-definition that the tests check invariants on, and that a reader can step through.
+The CUDA scheduler kernel (csrc/scheduler.cu) implements exactly :func:`plan`; this module is
+the readable definition that the tests check invariants on, and that a reader can step through.
 
-Cost model. Every request costs its KV pages ("blocks", 64 tokens each) plus
-``FIXED_OVERHEAD_BLOCKS`` for the fixed work of a piece of a request (loading Q, the
+Cost model. Every request costs its KV pages (``PAGE_SIZE`` tokens each) plus
+``FIXED_OVERHEAD_PAGES`` for the fixed work of a piece of a request (loading Q, the
 epilogue, and for a split request the combine). The total cost is spread over ``num_parts``
 scheduler parts (about one persistent CTA per SM per KV head x query tile) with a payload of
-``ceil(total / num_parts) + FIXED_OVERHEAD_BLOCKS`` per part. Parts are filled in request
+``ceil(total / num_parts) + FIXED_OVERHEAD_PAGES`` per part. Parts are filled in request
 order; a request that does not fit in what is left of a part is split: the part takes as
-many of its blocks as fit and the next part continues where it stopped.
+many of its pages as fit and the next part continues where it stopped.
 
 Metadata row of part ``p`` (``META_FIELDS`` int32 values)::
 
-    [begin_batch, begin_block, end_batch, end_block, begin_nsplit, 0, 0, 0]
+    [begin_batch, begin_page, end_batch, end_page, begin_split, 0, 0, 0]
 
 * The part processes requests ``begin_batch .. end_batch`` inclusive.
-* In ``begin_batch`` it starts at block ``begin_block``; in ``end_batch`` it stops before
-  block ``end_block`` (exclusive); requests strictly in between are processed whole.
+* In ``begin_batch`` it starts at page ``begin_page``; in ``end_batch`` it stops before
+  page ``end_page`` (exclusive); requests strictly in between are processed whole.
   When ``begin_batch == end_batch`` both bounds apply to that one request.
 * An empty part (one that has nothing left to do) has ``end_batch < begin_batch``. This
   happens only when all requests were taken by earlier parts; the row is then
-  ``[b, 0, b - 1, blocks[b - 1], 0, 0, 0, 0]`` (``[0, 0, -1, 0, 0, ...]`` for ``b == 0``).
+  ``[b, 0, b - 1, pages[b - 1], 0, 0, 0, 0]`` (``[0, 0, -1, 0, 0, ...]`` for ``b == 0``).
   A part that starts with work always makes progress (its payload exceeds the fixed
-  overhead), so every non-empty row covers at least one block or one zero-length request.
-* A zero-length request (0 blocks) sits in exactly one part's range, with an empty block
+  overhead), so every non-empty row covers at least one page or one zero-length request.
+* A zero-length request (0 pages) sits in exactly one part's range, with an empty page
   range; that part writes its output rows (``out = 0``, ``lse = +inf``).
-* ``begin_nsplit`` is how many earlier parts already processed a piece of ``begin_batch``.
+* ``begin_split`` is how many earlier parts already processed a piece of ``begin_batch``.
 
 ``num_splits`` (``b + 1`` int32) is the exclusive prefix sum of the number of pieces each
 request was cut into: request ``i`` has ``num_splits[i+1] - num_splits[i]`` pieces and is
 split iff that is > 1. A part's piece of request ``i`` owns accumulator slot
-``num_splits[i] + (begin_nsplit if i == begin_batch else 0)``; split requests write fp32
+``num_splits[i] + (begin_split if i == begin_batch else 0)``; split requests write fp32
 partial outputs + LSE there and the combine kernel merges slots
 ``num_splits[i] .. num_splits[i+1] - 1``. ``num_splits[b] <= b + num_parts - 1``.
 
@@ -43,24 +43,24 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-PAGE = 64
-FIXED_OVERHEAD_BLOCKS = 5
-META_FIELDS = 8
+PAGE_SIZE = 64  # tokens per KV page; C++ kPageSize
+FIXED_OVERHEAD_PAGES = 5  # cost of a (request, part) piece beyond its pages; C++ kFixedOverheadPages
+META_FIELDS = 8  # C++ kMetaFields
 
 
-def num_blocks(seqlen: int) -> int:
+def num_pages(seqlen: int) -> int:
     """KV pages of a request of ``seqlen`` tokens."""
-    return -(-seqlen // PAGE)
+    return -(-seqlen // PAGE_SIZE)
 
 
 def payload_per_part(seqlens: list[int], num_parts: int) -> int:
-    """The cost budget of one part: ``ceil(total / num_parts) + FIXED_OVERHEAD_BLOCKS``."""
-    total = sum(num_blocks(n) + FIXED_OVERHEAD_BLOCKS for n in seqlens)
-    return -(-total // num_parts) + FIXED_OVERHEAD_BLOCKS
+    """The cost budget of one part: ``ceil(total / num_parts) + FIXED_OVERHEAD_PAGES``."""
+    total = sum(num_pages(n) + FIXED_OVERHEAD_PAGES for n in seqlens)
+    return -(-total // num_parts) + FIXED_OVERHEAD_PAGES
 
 
 def plan(seqlens: list[int], num_parts: int) -> tuple[list[list[int]], list[int]]:
-    """Assign the KV blocks of every request to ``num_parts`` parts.
+    """Assign the KV pages of every request to ``num_parts`` parts.
 
     Args:
         seqlens: the ``cache_seqlens`` values, one non-negative int per request.
@@ -75,41 +75,41 @@ def plan(seqlens: list[int], num_parts: int) -> tuple[list[list[int]], list[int]
     if any(n < 0 for n in seqlens):
         raise ValueError(f"seqlens must be >= 0, got {min(seqlens)}")
     b = len(seqlens)
-    blocks = [num_blocks(n) for n in seqlens]
+    pages = [num_pages(n) for n in seqlens]
     payload = payload_per_part(seqlens, num_parts)
 
     meta = []
     num_splits = [0] * (b + 1)
-    idx, blk, nsplit, cum = 0, 0, 0, 0  # next block to assign: request idx, block blk
+    idx, page, split, cum = 0, 0, 0, 0  # next to assign: page `page` of request idx
     for p in range(num_parts):
-        begin_batch, begin_block, begin_nsplit = idx, blk, nsplit
+        begin_batch, begin_page, begin_split = idx, page, split
         remain = payload
         last = p == num_parts - 1
         while idx < b:
-            rest = blocks[idx] - blk
-            if last or remain >= rest + FIXED_OVERHEAD_BLOCKS:
+            rest = pages[idx] - page
+            if last or remain >= rest + FIXED_OVERHEAD_PAGES:
                 # The rest of request idx fits: finish it in this part.
-                cum += nsplit + 1
+                cum += split + 1
                 num_splits[idx + 1] = cum
-                remain -= rest + FIXED_OVERHEAD_BLOCKS
-                idx, blk, nsplit = idx + 1, 0, 0
+                remain -= rest + FIXED_OVERHEAD_PAGES
+                idx, page, split = idx + 1, 0, 0
             else:
-                # Take what fits (remain - FIXED < rest, so at least one block stays for
+                # Take what fits (remain - FIXED < rest, so at least one page stays for
                 # the next part). On a part's first request remain == payload > FIXED, so
-                # a part that starts with work always takes >= 1 block here.
-                if remain > FIXED_OVERHEAD_BLOCKS:
-                    blk += remain - FIXED_OVERHEAD_BLOCKS
-                    nsplit += 1
+                # a part that starts with work always takes >= 1 page here.
+                if remain > FIXED_OVERHEAD_PAGES:
+                    page += remain - FIXED_OVERHEAD_PAGES
+                    split += 1
                 break
-        if blk > 0:
-            end_batch, end_block = idx, blk
+        if page > 0:
+            end_batch, end_page = idx, page
         else:
             end_batch = idx - 1
-            end_block = blocks[idx - 1] if idx > 0 else 0
-        meta.append([begin_batch, begin_block, end_batch, end_block, begin_nsplit, 0, 0, 0])
+            end_page = pages[idx - 1] if idx > 0 else 0
+        meta.append([begin_batch, begin_page, end_batch, end_page, begin_split, 0, 0, 0])
     # Balance argument: a part that stops early (the else branch) has consumed at least
-    # payload - FIXED of the not-yet-assigned cost (a partial piece consumes its blocks, a
-    # finished request its remaining blocks + FIXED), so after num_parts - 1 parts at most
+    # payload - FIXED of the not-yet-assigned cost (a partial piece consumes its pages, a
+    # finished request its remaining pages + FIXED), so after num_parts - 1 parts at most
     # total - (num_parts - 1) * ceil(total / num_parts) <= payload - FIXED is left for the
     # last part, which therefore never exceeds the payload either.
     return meta, num_splits
@@ -117,36 +117,36 @@ def plan(seqlens: list[int], num_parts: int) -> tuple[list[list[int]], list[int]
 
 @dataclass(frozen=True)
 class Piece:
-    """One part's share of one request: blocks ``[block_begin, block_end)``."""
+    """One part's share of one request: pages ``[page_begin, page_end)``."""
 
     part: int
     request: int
-    block_begin: int
-    block_end: int
+    page_begin: int
+    page_end: int
     slot: int  # accumulator slot (used only when the request is split)
     split: bool  # request has more than one piece
 
     @property
     def cost(self) -> int:
-        return self.block_end - self.block_begin + FIXED_OVERHEAD_BLOCKS
+        return self.page_end - self.page_begin + FIXED_OVERHEAD_PAGES
 
 
 def pieces(meta: list[list[int]], num_splits: list[int], seqlens: list[int]) -> list[Piece]:
     """Decode metadata the way the decode kernel reads it: every (part, request) piece."""
-    blocks = [num_blocks(n) for n in seqlens]
+    pages = [num_pages(n) for n in seqlens]
     out = []
     for p, row in enumerate(meta):
-        begin_batch, begin_block, end_batch, end_block, begin_nsplit = row[:5]
+        begin_batch, begin_page, end_batch, end_page, begin_split = row[:5]
         for i in range(begin_batch, end_batch + 1):
-            lo = begin_block if i == begin_batch else 0
-            hi = end_block if i == end_batch else blocks[i]
-            slot = num_splits[i] + (begin_nsplit if i == begin_batch else 0)
+            lo = begin_page if i == begin_batch else 0
+            hi = end_page if i == end_batch else pages[i]
+            slot = num_splits[i] + (begin_split if i == begin_batch else 0)
             out.append(Piece(p, i, lo, hi, slot, num_splits[i + 1] - num_splits[i] > 1))
     return out
 
 
 def part_costs(meta: list[list[int]], num_splits: list[int], seqlens: list[int]) -> list[int]:
-    """Cost (blocks + fixed overhead per piece) of every part."""
+    """Cost (pages + fixed overhead per piece) of every part."""
     costs = [0] * len(meta)
     for piece in pieces(meta, num_splits, seqlens):
         costs[piece.part] += piece.cost

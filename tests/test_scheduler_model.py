@@ -2,15 +2,18 @@
 
 import math
 import random
+import re
 from collections import defaultdict
+from pathlib import Path
 
 import pytest
 import torch
 
 from flash_gla.scheduler_model import (
-    FIXED_OVERHEAD_BLOCKS,
+    FIXED_OVERHEAD_PAGES,
     META_FIELDS,
-    num_blocks,
+    PAGE_SIZE,
+    num_pages,
     part_costs,
     payload_per_part,
     pieces,
@@ -23,7 +26,7 @@ def check_plan(seqlens, num_parts):
     where = f"[b={len(seqlens)}, num_parts={num_parts}, seqlens[:8]={seqlens[:8]}]"
     b = len(seqlens)
     meta, num_splits = plan(seqlens, num_parts)
-    blocks = [num_blocks(n) for n in seqlens]
+    pages = [num_pages(n) for n in seqlens]
 
     assert len(meta) == num_parts and all(len(row) == META_FIELDS for row in meta), where
     assert len(num_splits) == b + 1 and num_splits[0] == 0, where
@@ -31,10 +34,10 @@ def check_plan(seqlens, num_parts):
     assert num_splits[-1] <= b + num_parts - 1, f"{where} num_splits[-1] = {num_splits[-1]}"
 
     for p, row in enumerate(meta):
-        begin_batch, begin_block, end_batch, end_block = row[:4]
+        begin_batch, begin_page, end_batch, end_page = row[:4]
         assert row[5:] == [0, 0, 0], f"{where} part {p}: reserved fields {row[5:]}"
         if end_batch < begin_batch:  # empty part: only once every request is taken
-            assert begin_batch == b and begin_block == 0 and row[4] == 0, f"{where} part {p} empty row {row}"
+            assert begin_batch == b and begin_page == 0 and row[4] == 0, f"{where} part {p} empty row {row}"
         else:
             assert 0 <= begin_batch <= end_batch < b, f"{where} part {p} row {row}"
 
@@ -43,16 +46,16 @@ def check_plan(seqlens, num_parts):
     for piece in all_pieces:
         by_request[piece.request].append(piece)
     for i in range(b):
-        own = sorted(by_request[i], key=lambda x: x.block_begin)
+        own = sorted(by_request[i], key=lambda x: x.page_begin)
         assert own, f"{where} request {i} (L={seqlens[i]}) is in no part"
-        if blocks[i] == 0:
-            assert len(own) == 1 and own[0].block_begin == own[0].block_end == 0, f"{where} request {i}: {own}"
+        if pages[i] == 0:
+            assert len(own) == 1 and own[0].page_begin == own[0].page_end == 0, f"{where} request {i}: {own}"
         else:
-            # Every block exactly once: the pieces tile [0, blocks) without gaps or overlap.
-            assert own[0].block_begin == 0 and own[-1].block_end == blocks[i], f"{where} request {i}: {own}"
+            # Every page exactly once: the pieces tile [0, pages) without gaps or overlap.
+            assert own[0].page_begin == 0 and own[-1].page_end == pages[i], f"{where} request {i}: {own}"
             for x, y in zip(own, own[1:]):
-                assert x.block_end == y.block_begin, f"{where} request {i}: gap/overlap {x} {y}"
-            assert all(x.block_end > x.block_begin for x in own), f"{where} request {i}: empty piece {own}"
+                assert x.page_end == y.page_begin, f"{where} request {i}: gap/overlap {x} {y}"
+            assert all(x.page_end > x.page_begin for x in own), f"{where} request {i}: empty piece {own}"
         # Parts hand a request on in order; the slots are exactly the request's range.
         assert [x.part for x in own] == sorted({x.part for x in own}), f"{where} request {i}: {own}"
         count = num_splits[i + 1] - num_splits[i]
@@ -123,16 +126,16 @@ def test_single_long_request_is_split_evenly():
     assert num_splits == [0, 10]
     # Each piece pays the fixed overhead but the payload counts it once per request, so the
     # last part ends up about 2 * FIXED lighter than the others (here 96 vs. 106).
-    assert max(costs) - min(costs) <= 2 * FIXED_OVERHEAD_BLOCKS, costs
+    assert max(costs) - min(costs) <= 2 * FIXED_OVERHEAD_PAGES, costs
 
 
 def test_known_plan():
     """A hand-checked plan, so that the kernel's port can be compared row by row.
 
-    blocks = [2, 0, 10], total = (2+5) + (0+5) + (10+5) = 27, 3 parts: payload = 9 + 5 = 14.
+    pages = [2, 0, 10], total = (2+5) + (0+5) + (10+5) = 27, 3 parts: payload = 9 + 5 = 14.
     Part 0: request 0 whole (cost 7, remain 7), request 1 whole (cost 5, remain 2), stop.
-    Part 1: request 2 needs 15 > 14: take 14 - 5 = 9 blocks.
-    Part 2 (last): the remaining block of request 2.
+    Part 1: request 2 needs 15 > 14: take 14 - 5 = 9 pages.
+    Part 2 (last): the remaining page of request 2.
     """
     meta, num_splits = plan([100, 0, 640], 3)
     assert meta == [
@@ -150,6 +153,16 @@ def test_empty_part_encoding():
     assert num_splits == [0, 1, 2]
 
 
+def test_constants_match_the_cuda_side():
+    """The model's constants have the values (and names) of the C++ ones the kernels use."""
+    root = Path(__file__).resolve().parents[1]
+    headers = "\n".join(p.read_text() for d in ("csrc", "hopper") for p in sorted((root / d).rglob("*.h")))
+    for cpp, value in (("kPageSize", PAGE_SIZE), ("kFixedOverheadPages", FIXED_OVERHEAD_PAGES),
+                       ("kMetaFields", META_FIELDS)):
+        found = re.findall(rf"constexpr int {cpp} = (\d+);", headers)
+        assert found == [str(value)], f"C++ {cpp}: {found} in csrc/ and hopper/ headers, Python {value}"
+
+
 def test_bad_arguments():
     with pytest.raises(ValueError, match="num_parts"):
         plan([1], 0)
@@ -161,7 +174,7 @@ def simulate_split_decode(q, keys, values, lengths, num_parts, causal, scale):
     """Run attention the way the kernels do: per scheduler piece, then combine split requests.
 
     q (b, s_q, h, d); keys/values: per request (L_i, h, d) float64 (one KV head per query
-    head, enough for the scheduling logic). A piece over blocks [lo, hi) sees keys
+    head, enough for the scheduling logic). A piece over pages [lo, hi) sees keys
     [64 lo, min(64 hi, L)). Unsplit requests are written directly; split ones write
     (o, lse) partials to their slot, and the combine merges slots num_splits[i] ..
     num_splits[i+1] - 1. A partial row that sees no key has lse = -inf (weight 0); a row
@@ -174,7 +187,7 @@ def simulate_split_decode(q, keys, values, lengths, num_parts, causal, scale):
     acc_o, acc_lse = {}, {}
     for piece in pieces(meta, num_splits, lengths):
         i, length = piece.request, lengths[piece.request]
-        t0, t1 = piece.block_begin * 64, min(piece.block_end * 64, length)
+        t0, t1 = piece.page_begin * 64, min(piece.page_end * 64, length)
         pos = torch.arange(t0, t1)
         scores = torch.einsum("shd,lhd->hsl", q[i].double(), keys[i][t0:t1]) * scale
         if causal:
