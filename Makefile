@@ -1,19 +1,27 @@
-# The project's verbs. Each target is one command you could also type yourself.
-#   make install   build and install the package (what the README documents)
-#   make develop   build the extension in place, for working on the sources
-#   make test      run the test suite (needs a Hopper GPU for the kernel tests)
-#   make bench     run the decode benchmark
-#   make sass      registers / smem / HGMMA / spill summary of the built extension
-#   make h100      build + sass + test + bench on an H100 (see scripts/h100.sh)
-#   make clean     remove build outputs
-PYTHON ?= python3
-OUT    ?= bench_out/h100
+# The project's verbs. Each target is one command you could also type yourself; a bare
+# `make` only lists them (it must not start a five-minute build by accident).
+PYTHON    ?= python3
+OUT       ?= bench_out/h100
+BENCH_OUT ?= bench_out
 
-.PHONY: install develop test bench sass h100 clean
+.DEFAULT_GOAL := help
+.PHONY: help install develop test quickstart bench sass h100 clean
+
+help:
+	@echo "flash_gla: make VERB, where VERB is one of"
+	@echo "  make install     install torch (if absent), the build and test tools, and build flash_gla"
+	@echo "                   (the README's install command, with -v to show the compile)"
+	@echo "  make develop     build the extension in place, for working on the sources"
+	@echo "  make test        run the test suite (the kernel tests need an sm_90 GPU)"
+	@echo "  make quickstart  run examples/quickstart.py (kernels vs. reference; reference only without a GPU)"
+	@echo "  make bench       run the decode benchmark on an H100; table on stdout, $(BENCH_OUT)/bench.json and .png"
+	@echo "  make sass        registers / smem / HGMMA / spill summary of the built extension"
+	@echo "  make h100        build + sass + test + bench on an H100, logs in $(OUT) (scripts/h100.sh)"
+	@echo "  make clean       remove build outputs"
 
 install:
-	$(PYTHON) -m pip install nvidia-cutlass ninja
-	$(PYTHON) -m pip install --no-build-isolation -v .
+	$(PYTHON) -m pip install torch setuptools wheel ninja nvidia-cutlass
+	$(PYTHON) -m pip install --no-build-isolation -v ".[test]"
 
 develop:
 	$(PYTHON) setup.py build_ext --inplace
@@ -21,9 +29,12 @@ develop:
 test:
 	$(PYTHON) -m pytest tests -q
 
-# PYTHONPATH: the benchmark is a script in benchmarks/, so the checkout is not on sys.path.
+# PYTHONPATH: these are scripts outside the package, so the checkout is not on sys.path.
+quickstart:
+	PYTHONPATH=$(CURDIR)$${PYTHONPATH:+:$$PYTHONPATH} $(PYTHON) examples/quickstart.py
+
 bench:
-	PYTHONPATH=$(CURDIR)$${PYTHONPATH:+:$$PYTHONPATH} $(PYTHON) benchmarks/bench_decode.py
+	PYTHONPATH=$(CURDIR)$${PYTHONPATH:+:$$PYTHONPATH} $(PYTHON) benchmarks/bench_decode.py --out $(BENCH_OUT)
 
 sass:
 	bash scripts/sass_report.sh
@@ -32,5 +43,5 @@ h100:
 	bash scripts/h100.sh $(OUT)
 
 clean:
-	rm -rf build dist *.egg-info flash_gla/_C*.so .pytest_cache
-	find . -name __pycache__ -type d -not -path './.git/*' -prune -exec rm -rf {} +
+	rm -rf build dist *.egg-info flash_gla/_C*.so flash_gla/_build_info.py .pytest_cache
+	find . -name __pycache__ -type d -not -path './.git/*' -not -path './.venv/*' -prune -exec rm -rf {} +

@@ -1,18 +1,21 @@
 """Build script for flash_gla: one CUDA extension, ``flash_gla._C``, for Hopper (sm_90a).
 
-Install (uses the torch already in the environment):
+Install (the README's command; uses the torch already in the environment, installs it if absent):
 
-    pip install nvidia-cutlass ninja
-    pip install --no-build-isolation .
+    pip install torch setuptools wheel ninja nvidia-cutlass && pip install --no-build-isolation ".[test]"
 
 Environment knobs:
-    CUDA_HOME / CUDA_PATH      CUDA toolkit root (must hold bin/nvcc, release >= 12.8)
+    CUDA_HOME / CUDA_PATH      CUDA toolkit root (must hold a real bin/nvcc, release >= 12.8);
+                               if set but wrong, the build stops. Unset: /usr/local/cuda,
+                               else the toolkit of the nvcc on PATH.
     CUTLASS_DIR                CUTLASS checkout root (must hold include/cute/tensor.hpp)
-    MAX_JOBS                   parallel compile jobs (default: all CPUs)
+    MAX_JOBS                   parallel compile jobs (default: all CPUs; ~2.3 GB of RAM each)
     FLASH_GLA_PTXAS_VERBOSE=1  print ptxas register / smem / spill reports per kernel
 
 Everything that can go wrong (no torch, no CUDA toolkit, old nvcc, no CUTLASS headers,
 no ninja) is checked before anything is compiled, with a message that says what to do.
+The build records the torch it compiled against in flash_gla/_build_info.py (git-ignored);
+``import flash_gla`` refuses to run under another torch.
 """
 
 import importlib.util
@@ -23,10 +26,22 @@ import subprocess
 import sys
 from pathlib import Path
 
+import setuptools
 from setuptools import find_packages, setup
 
 ROOT = Path(__file__).resolve().parent
-VERSION = "0.1.0"
+
+
+def read_version():
+    """flash_gla/version.py's __version__, read as text: importing the package needs torch."""
+    text = (ROOT / "flash_gla" / "version.py").read_text(encoding="utf-8")
+    match = re.search(r'^__version__ = "([^"]+)"$', text, re.M)
+    if not match:
+        sys.exit('flash_gla build error: flash_gla/version.py has no line __version__ = "X.Y.Z"')
+    return match.group(1)
+
+
+VERSION = read_version()
 MIN_NVCC = (12, 8)
 
 
@@ -64,13 +79,33 @@ def _wrapper_target(script):
     return match.group(1).decode() if match else None
 
 
+def _explicit_toolkit(var, value):
+    """The toolkit root named by CUDA_HOME / CUDA_PATH, or a build error saying what is there.
+
+    A variable the user set is obeyed or refused, never skipped: building with another
+    toolkit than the one asked for would surprise later (a different nvcc, a different CUDA).
+    """
+    nvcc = Path(value) / "bin" / "nvcc"
+    if _is_toolkit(value):
+        return str(Path(value).resolve())
+    if not Path(value).is_dir():
+        found = "that folder does not exist"
+    elif not nvcc.is_file():
+        found = f"there is no {nvcc}"
+    else:
+        found = f"{nvcc} is a wrapper script that runs {_wrapper_target(nvcc)}, not a toolkit's own nvcc"
+    fail(
+        f"{var}={value} is not a CUDA toolkit root: {found}. Set {var} to the folder whose "
+        "bin/nvcc is the compiler itself (e.g. /usr/local/cuda-13.0), or unset it to let the "
+        "build find one (/usr/local/cuda, else the toolkit of the nvcc on PATH)."
+    )
+
+
 def find_cuda_home():
     for var in ("CUDA_HOME", "CUDA_PATH"):
         value = os.environ.get(var)
         if value:
-            if _is_toolkit(value):
-                return str(Path(value).resolve())
-            note(f"ignoring {var}={value}: no real bin/nvcc there (missing, or a wrapper script)")
+            return _explicit_toolkit(var, value)
     if _is_toolkit("/usr/local/cuda"):
         return str(Path("/usr/local/cuda").resolve())
     nvcc = shutil.which("nvcc")
@@ -221,8 +256,26 @@ note(
 )
 
 
+BUILD_INFO = """\
+# Written by setup.py when it built flash_gla._C; git-ignored. `import flash_gla` compares
+# TORCH_VERSION with the running torch: the extension works only with the torch it was
+# compiled against.
+TORCH_VERSION = {torch!r}
+NVCC_RELEASE = {nvcc!r}
+"""
+
+
+def write_build_info(package_dir):
+    (Path(package_dir) / "_build_info.py").write_text(
+        BUILD_INFO.format(torch=torch.__version__, nvcc="%d.%d" % NVCC_RELEASE), encoding="utf-8"
+    )
+
+
 class build_ext(BuildExtension):
-    """torch's BuildExtension (ninja), plus a copy of _C into the source tree.
+    """torch's BuildExtension (ninja), plus the build info and a copy of _C in the source tree.
+
+    The build info goes wherever _C goes (the build folder that becomes the installed
+    package, or the sources for an in-place build), so the two always come from one build.
 
     `python -m pytest tests` run from the checkout imports ./flash_gla (the current
     directory comes first on sys.path), not the installed copy; with _C placed beside
@@ -231,12 +284,23 @@ class build_ext(BuildExtension):
 
     def run(self):
         super().run()
+        write_build_info(Path(self.get_ext_fullpath("flash_gla._C")).parent)
         if not self.inplace:
             try:
                 self.copy_extensions_to_source()
+                write_build_info(ROOT / "flash_gla")
             except OSError as e:  # read-only source tree: the installed copy still works
                 note(f"could not copy the extension into the source tree ({e})")
 
+
+# PEP 639: setuptools >= 77 takes an SPDX expression and deprecates the license classifier;
+# older ones (>= 64 builds this) know only the free-text field and the classifier.
+if tuple(int(x) for x in re.findall(r"\d+", setuptools.__version__)[:1]) >= (77,):
+    LICENSE = dict(license_expression="MIT")
+    LICENSE_CLASSIFIERS = []
+else:
+    LICENSE = dict(license="MIT")
+    LICENSE_CLASSIFIERS = ["License :: OSI Approved :: MIT License"]
 
 setup(
     name="flash_gla",
@@ -244,8 +308,25 @@ setup(
     description="GLA / GTA decode attention kernels for Hopper GPUs with a FlashMLA-style API",
     long_description=(ROOT / "README.md").read_text(encoding="utf-8") if (ROOT / "README.md").is_file() else "",
     long_description_content_type="text/markdown",
+    author="the flash_gla authors",
+    **LICENSE,
+    license_files=["LICENSE"],
+    classifiers=[
+        "Development Status :: 3 - Alpha",
+        "Environment :: GPU :: NVIDIA CUDA :: 12",
+        "Environment :: GPU :: NVIDIA CUDA :: 13",
+        "Intended Audience :: Developers",
+        "Intended Audience :: Science/Research",
+        *LICENSE_CLASSIFIERS,
+        "Operating System :: POSIX :: Linux",
+        "Programming Language :: C++",
+        "Programming Language :: Python :: 3 :: Only",
+        "Topic :: Scientific/Engineering :: Artificial Intelligence",
+    ],
     python_requires=">=3.10",
     install_requires=["torch"],
+    # `pip install ".[test]"`: what `python -m pytest tests` needs besides the package.
+    extras_require={"test": ["pytest"]},
     packages=find_packages(include=["flash_gla", "flash_gla.*"]),
     ext_modules=[
         CUDAExtension(

@@ -254,6 +254,20 @@ def plot(rows, path):
     fig.savefig(path, dpi=120)
 
 
+def unavailable_reason():
+    """Why the benchmark cannot run on this machine, in one line, or None if it can."""
+    if not torch.cuda.is_available():
+        return "no CUDA GPU (torch.cuda.is_available() is False); it needs an sm_90 GPU (H100 / H200)"
+    major, minor = torch.cuda.get_device_capability()
+    if (major, minor) != (9, 0):
+        return f"{torch.cuda.get_device_name()} is sm_{major}{minor}; the kernels need sm_90 (H100 / H200)"
+    try:
+        import flash_gla._C  # noqa: F401
+    except ImportError as err:
+        return f"flash_gla's extension does not load ({err}); build it with the README's install command"
+    return None
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--configs", default="gla2,gla1,mla,mla64,varlen,gla2-rope1,gta8,gqa8")
@@ -264,6 +278,11 @@ def main():
     ap.add_argument("--no-flashmla", action="store_true")
     ap.add_argument("--out", default=None, help="folder for bench.json and bench.png")
     args = ap.parse_args()
+    # A machine that cannot run the kernels gets one line saying why, not a traceback.
+    reason = unavailable_reason()
+    if reason is not None:
+        print(f"bench_decode.py: cannot benchmark here: {reason}", file=sys.stderr)
+        return 1
 
     flashmla = load_flashmla()
     if flashmla is None:

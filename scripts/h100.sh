@@ -1,29 +1,35 @@
 #!/usr/bin/env bash
-# Build, inspect, test and benchmark flash_gla on the lent H100 in one command.
+# Build, inspect, test and benchmark flash_gla on an H100 machine in one command.
 #
 # usage: scripts/h100.sh OUT_DIR          (from anywhere; it works in the checkout's root)
 #
-# The machine has torch (2.11, CUDA 13), nvcc 13.0, 16 cores and no network, so the
-# CUTLASS headers come along as a wheel in the carried, git-ignored folder .carry/:
-#   .carry/whl/nvidia_cutlass-*.whl   unpacked offline; CUTLASS_DIR points into it
-#   .carry/flashmla/                  FlashMLA (from vLLM), put on PYTHONPATH for the benchmark
+# The machine needs a CUDA build of torch, nvcc >= 12.8 and, for the build, the CUTLASS
+# headers. It may have no network: bring what it cannot download in the git-ignored folder
+# offline/ of the checkout, fetched on a machine that has network (third_party/README.md):
+#   offline/whl/nvidia_cutlass-*.whl   `pip download nvidia-cutlass --no-deps -d offline/whl/`;
+#                                      unpacked without network, CUTLASS_DIR points into it
+#   offline/flashmla/                  FlashMLA, as shipped inside vLLM's wheel, put on
+#                                      PYTHONPATH for the benchmark (optional: without it the
+#                                      benchmark skips the comparison)
+# With network, or with nvidia-cutlass already installed, offline/ is not needed.
 #
 # Environment:
 #   STAGES="build sass test bench"  stages to run, in this order (default: all four); a
 #                                   stage left out reuses what an earlier call left behind
 #   BUDGET_S=570                    the whole script's time budget: test and bench get what
-#                                   is left (minus a margin for the summary), so one device
-#                                   call (600 s at most) still ends with its summary
-#   MAX_JOBS=16                     parallel compile jobs
+#                                   is left (minus a margin for the summary), so a run under
+#                                   an outside time limit (e.g. a 10-minute job) still ends
+#                                   with its summary
+#   MAX_JOBS=16                     parallel compile jobs (about 2.3 GB of memory each)
 #   PYTEST_ARGS="..."               extra pytest arguments (e.g. -k gla2)
 #   BENCH_ARGS="..."                extra benchmark arguments (e.g. --configs gta8 --sq 1)
 #   TEST_TIMEOUT_S=300              per-test limit, where pytest-timeout is installed
 #
-# Files in OUT_DIR (the device tool returns at most 8; the benchmark may add up to 3):
+# Files in OUT_DIR:
 #   h100.log    everything printed here: device, stage results, sass report, summary
 #   build.log   the compiler's output, with ptxas register / spill reports
 #   test.log    pytest's output;  junit.xml  per-test results
-#   bench.log   the benchmark's output (plus whatever it writes under --out OUT_DIR)
+#   bench.log   the benchmark's output, plus bench.json and bench.png (its --out OUT_DIR)
 set -uo pipefail
 
 OUT_DIR=${1:?usage: scripts/h100.sh OUT_DIR}
@@ -48,18 +54,19 @@ left() {  # seconds a stage may still use (at least 1: `timeout 0` would mean no
 banner() { printf '\n==== %s (%s) ====\n' "$1" "$(date +%H:%M:%S)"; }
 
 # Make CUTLASS findable by setup.py: an explicit CUTLASS_DIR or third_party/cutlass wins,
-# else unpack the carried wheel (once per machine) and point CUTLASS_DIR into it.
+# else unpack the wheel in offline/whl/ (once per machine) and point CUTLASS_DIR into it.
 setup_cutlass() {
     [[ -n ${CUTLASS_DIR:-} || -f third_party/cutlass/include/cute/tensor.hpp ]] && return 0
     local whl site=/tmp/flash_gla_cutlass
-    whl=$(ls .carry/whl/nvidia_cutlass-*.whl 2>/dev/null | head -n 1)
+    whl=$(ls offline/whl/nvidia_cutlass-*.whl 2>/dev/null | head -n 1)
     if [[ -n $whl ]]; then
         if [[ ! -f $site/cutlass_library/source/include/cute/tensor.hpp ]]; then
             "$PY" -m pip install -q --no-index --no-deps --no-compile --target "$site" "$whl" || return 1
         fi
         export CUTLASS_DIR=$site/cutlass_library/source
     elif ! "$PY" -c 'import importlib.util, sys; sys.exit(importlib.util.find_spec("cutlass_library") is None)'; then
-        echo "no CUTLASS headers: carry .carry/whl/nvidia_cutlass-*.whl (the machine has no network)"
+        echo "no CUTLASS headers: install nvidia-cutlass, set CUTLASS_DIR, or put the wheel in offline/whl/"
+        echo "  (on a machine with network: pip download nvidia-cutlass --no-deps -d offline/whl/)"
         return 1
     fi
 }
@@ -148,7 +155,7 @@ EOF
         local gpu_state="clocks.sm,clocks.max.sm,temperature.gpu,power.draw,clocks_throttle_reasons.active"
         echo "gpu before: $(nvidia-smi --query-gpu=$gpu_state --format=csv,noheader 2>&1 | head -n 1)"
         if [[ -f benchmarks/bench_decode.py ]]; then
-            PYTHONPATH=$PWD:$PWD/.carry/flashmla${PYTHONPATH:+:$PYTHONPATH} \
+            PYTHONPATH=$PWD:$PWD/offline/flashmla${PYTHONPATH:+:$PYTHONPATH} \
                 timeout --signal=INT --kill-after=15 "$(left)" \
                 "$PY" benchmarks/bench_decode.py --out "$OUT_DIR" ${BENCH_ARGS:-} >"$OUT_DIR/bench.log" 2>&1
             local xrc=$?
