@@ -4,7 +4,7 @@
 #include "decode_api.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "flash_gla: Hopper decode kernels for GLA / MLA (see flash_gla/ops.py)";
+  m.doc() = "flash_gla: Hopper decode kernels for MLA, GLA and GTA (see flash_gla/ops.py)";
   m.def("get_metadata", &flash_gla::get_metadata, "Scheduler metadata for one decode step",
         py::arg("cache_seqlens"), py::arg("num_q_tokens_per_head_k"), py::arg("num_heads_k"));
   m.def("num_sm_parts", &flash_gla::get_num_sm_parts, "Scheduler parts on the current device",

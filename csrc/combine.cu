@@ -1,10 +1,9 @@
 // The split-KV combine kernel: a warp merges packed query rows of one request.
 //
 // Grid (row blocks, batch). Most requests are usually not split (their rows were written by the
-// decode kernel), and a block of such a request returns at once; one block per 4 rows cost
-// 3.5-6 us per call in block launches alone (gla2 at 1K, no request split). So each request
-// gets only as many blocks as keep every SM busy when all requests are split, and a warp
-// walks rows blockIdx.x * kWarps + warp, + gridDim.x * kWarps, ...
+// decode kernel), and a block of such a request returns at once, but even empty blocks cost
+// launch time. So each request gets only as many blocks as keep every SM busy when all
+// requests are split, and a warp walks rows blockIdx.x * kWarps + warp, + gridDim.x * kWarps, ...
 //
 // Each piece s of a split request holds O_s (normalised over its own keys) and lse_s; the
 // merge is O = sum_s exp(lse_s - lse) O_s with lse = log sum_s exp(lse_s). Pieces that saw
@@ -14,10 +13,10 @@
 
 #include <algorithm>
 #include <cmath>
-#include <stdexcept>
-#include <string>
 
 #include "combine.h"
+#include "common/cuda_check.h"
+#include "common/packed_rows.h"
 
 namespace flash_gla {
 
@@ -55,10 +54,8 @@ __device__ __forceinline__ void combine_row(const DecodeParams& p, int batch, in
                                             int row, float* weights, int lane) {
   const int kv_head = row / p.rows_per_kv_head;
   const int m = row % p.rows_per_kv_head;
-  // Slot s of this request, row (kv_head, m): index into lse_accum / rows of o_accum.
-  auto slot_row = [&](int s) {
-    return (int64_t(first + s) * p.num_heads_kv + kv_head) * p.rows_per_kv_head + m;
-  };
+  // Piece s of this request, row (kv_head, m): index into lse_accum / rows of o_accum.
+  auto slot_row = [&](int s) { return accum_row(p, first + s, kv_head, m); };
 
   float max_lse = -INFINITY;
   // Not unrolled: n is rarely above 32, and unrolled copies of these loops had their lane
@@ -78,10 +75,11 @@ __device__ __forceinline__ void combine_row(const DecodeParams& p, int batch, in
   }
   __syncwarp();
 
-  const int token = m / p.group_size;
-  const int head = kv_head * p.group_size + m % p.group_size;
-  T* out = static_cast<T*>(p.out) + batch * p.o_batch_stride + token * p.o_seq_stride +
-           head * p.o_head_stride;
+  const PackedRows rows(p.group_size, kv_head);
+  int token, head;
+  rows.query(m, token, head);
+  T* out = static_cast<T*>(p.out) + batch * p.o_batch_stride +
+           rows.offset(m, p.o_seq_stride, p.o_head_stride);
   for (int col = lane * 4; col < p.head_dim_v; col += 32 * 4) {
     float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
     for (int s = 0; s < n; ++s) {
@@ -94,7 +92,7 @@ __device__ __forceinline__ void combine_row(const DecodeParams& p, int batch, in
     }
     store4(out + col, acc);
   }
-  if (lane == 0) { p.lse[(int64_t(batch) * p.num_heads_q + head) * p.seqlen_q + token] = lse; }
+  if (lane == 0) { p.lse[lse_index(p, batch, head, token)] = lse; }
   __syncwarp();  // the weights are rewritten for the warp's next row
 }
 
@@ -115,23 +113,19 @@ __global__ void __launch_bounds__(kWarps * 32) combine_kernel(const DecodeParams
 
 }  // namespace
 
-void run_combine(const DecodeParams& params, OutputType type, cudaStream_t stream) {
+void run_combine(const DecodeParams& params, DType dtype, cudaStream_t stream) {
   const int rows = params.num_heads_kv * params.rows_per_kv_head;
   // Enough blocks to fill every SM (16 blocks of 4 warps each) if every request were split,
   // and no more than one per kWarps rows.
   const int row_blocks = (rows + kWarps - 1) / kWarps;
   const int wanted = (16 * params.num_sms + params.batch - 1) / params.batch;
   dim3 grid(std::max(1, std::min(row_blocks, wanted)), params.batch);
-  if (type == OutputType::kBF16) {
+  if (dtype == DType::kBF16) {
     combine_kernel<__nv_bfloat16><<<grid, kWarps * 32, 0, stream>>>(params);
   } else {
     combine_kernel<__half><<<grid, kWarps * 32, 0, stream>>>(params);
   }
-  const cudaError_t status = cudaGetLastError();
-  if (status != cudaSuccess) {
-    throw std::runtime_error(std::string("flash_gla: launching the combine kernel: ") +
-                             cudaGetErrorString(status));
-  }
+  check_launch("combine");
 }
 
 }  // namespace flash_gla

@@ -3,18 +3,13 @@
 
 #include <cuda_runtime.h>
 
-#include "params.h"
+#include "common/params.h"
 
 namespace flash_gla {
-
-enum class OutputType { kBF16, kFP16 };
-
-// Most pieces one request can be split into (one per scheduler part).
-constexpr int kMaxSplitsPerRequest = 256;
 
 // For every request with more than one piece, writes params.out and params.lse from
 // params.o_accum / params.lse_accum. Requests with one piece were written by the decode
 // kernel and are left alone. Throws on launch failure.
-void run_combine(const DecodeParams& params, OutputType type, cudaStream_t stream);
+void run_combine(const DecodeParams& params, DType dtype, cudaStream_t stream);
 
 }  // namespace flash_gla

@@ -4,11 +4,13 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
+#include <algorithm>
 #include <cmath>
 
 #include "combine.h"
-#include "decode/run_decode.h"
-#include "params.h"
+#include "common/params.h"
+#include "common/tile_policy.h"
+#include "decode_instances.h"
 #include "scheduler.h"
 
 namespace flash_gla {
@@ -25,42 +27,28 @@ int device_num_sms() {
   return sms;
 }
 
-using hopper::DType;
-using hopper::RopeCache;
-
-// Calls run_decode for the given dtype.
-template <int kDV, int kDNope, int kDRope, RopeCache kRope, int kRowWGs>
-void run_for_dtype(const DecodeParams& params, DType dtype, cudaStream_t stream) {
-  dtype == DType::kBF16
-      ? hopper::run_decode<DType::kBF16, kDV, kDNope, kDRope, kRope, kRowWGs>(params, stream)
-      : hopper::run_decode<DType::kFP16, kDV, kDNope, kDRope, kRope, kRowWGs>(params, stream);
-}
-
-// One entry per compiled instance (hopper/decode/instances/generate.py). GLA with more than
-// 64 packed rows per KV head stacks two warpgroups on 128 rows, so each page serves both.
-void dispatch_decode(const DecodeParams& params, DType dtype, cudaStream_t stream) {
-  const int dv = params.head_dim_v, d_rope = params.head_dim_rope;
-  const int d_nope = params.head_dim_qk - d_rope;
-  const bool shared = params.rope != nullptr;
-  const bool two_row_wgs = params.rows_per_kv_head > 64;
-  constexpr auto kInline = RopeCache::kInline, kShared = RopeCache::kShared;
-  if (!shared && dv == 512 && d_nope == 512 && d_rope == 64) {
-    run_for_dtype<512, 512, 64, kInline, 1>(params, dtype, stream);
-  } else if (!shared && dv == 256 && d_nope == 256 && d_rope == 64) {
-    two_row_wgs ? run_for_dtype<256, 256, 64, kInline, 2>(params, dtype, stream)
-                : run_for_dtype<256, 256, 64, kInline, 1>(params, dtype, stream);
-  } else if (shared && dv == 256 && d_nope == 256 && d_rope == 64) {
-    two_row_wgs ? run_for_dtype<256, 256, 64, kShared, 2>(params, dtype, stream)
-                : run_for_dtype<256, 256, 64, kShared, 1>(params, dtype, stream);
-  } else if (shared && dv == 128 && d_nope == 64 && d_rope == 64) {
-    run_for_dtype<128, 64, 64, kShared, 1>(params, dtype, stream);
-  } else if (shared && dv == 64 && d_nope == 32 && d_rope == 32) {
-    run_for_dtype<64, 32, 32, kShared, 1>(params, dtype, stream);
-  } else {
-    TORCH_CHECK_VALUE(false, "flash_gla: no compiled decode kernel for head_dim_v=", dv,
-                      ", d_nope=", d_nope, ", d_rope=", d_rope,
-                      shared ? " (shared rope cache)" : " (inline RoPE)");
+// The compiled instance for these shapes (csrc/decode_instances.h, generated from the one list
+// in hopper/decode/instances/generate.py), with the rows per CTA that the tile policy picks.
+const DecodeInstance& find_instance(const DecodeParams& params, DType dtype) {
+  const int d_nope = params.head_dim_qk - params.head_dim_rope;
+  const bool shared_rope = params.rope != nullptr;
+  auto same_variant = [&](const DecodeInstance& inst) {
+    return inst.dtype == dtype && inst.head_dim_v == params.head_dim_v && inst.head_dim_nope == d_nope &&
+           inst.head_dim_rope == params.head_dim_rope && inst.shared_rope == shared_rope;
+  };
+  int max_row_warpgroups = 0;
+  for (const DecodeInstance& inst : kDecodeInstances) {
+    if (same_variant(inst)) { max_row_warpgroups = std::max(max_row_warpgroups, inst.row_warpgroups); }
   }
+  const int row_warpgroups = row_warpgroups_for(params.rows_per_kv_head, max_row_warpgroups);
+  const DecodeInstance* found = nullptr;
+  for (const DecodeInstance& inst : kDecodeInstances) {
+    if (same_variant(inst) && inst.row_warpgroups == row_warpgroups) { found = &inst; }
+  }
+  TORCH_CHECK_VALUE(found != nullptr, "flash_gla: no compiled decode kernel for head_dim_v=",
+                    params.head_dim_v, ", d_nope=", d_nope, ", d_rope=", params.head_dim_rope,
+                    shared_rope ? " (shared rope cache)" : " (inline RoPE)");
+  return *found;
 }
 
 }  // namespace
@@ -162,9 +150,10 @@ std::vector<at::Tensor> decode(const at::Tensor& q, const at::Tensor& kv_cache,
 
   const bool bf16 = q.scalar_type() == at::kBFloat16;
   TORCH_CHECK_TYPE(bf16 || q.scalar_type() == at::kHalf, "flash_gla: q must be bf16 or fp16");
+  const DType dtype = bf16 ? DType::kBF16 : DType::kFP16;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  dispatch_decode(p, bf16 ? DType::kBF16 : DType::kFP16, stream);
-  run_combine(p, bf16 ? OutputType::kBF16 : OutputType::kFP16, stream);
+  find_instance(p, dtype).run(p, stream);
+  run_combine(p, dtype, stream);
   return {out, lse};
 }
 

@@ -7,10 +7,10 @@
 // every request, zero-length ones included, to at least one part.
 // flash_gla/scheduler_model.py is the host model of this exact algorithm (tested on CPU).
 #include <algorithm>
-#include <stdexcept>
-#include <string>
 
-#include "params.h"
+#include "common/cuda_check.h"
+#include "common/params.h"
+#include "common/tile_policy.h"
 #include "scheduler.h"
 
 namespace flash_gla {
@@ -86,15 +86,17 @@ __global__ void scheduler_kernel(const int* __restrict__ cache_seqlens, int batc
 }  // namespace
 
 int num_sm_parts(int num_sms, int num_q_tokens_per_head_k, int num_heads_k) {
-  // The metadata does not know head_dim_v, so it must suit both CTA sizes: 128-row CTAs
-  // (GLA with more than 64 rows) want one part each, 64-row CTAs (MLA, small groups) walk
-  // several parts each (hopper/decode/launch.cuh). A multiple of the 64-row grid that fits
-  // the 128-row grid gives every CTA of either kind the same number of parts.
-  auto grid_parts = [&](int rows_per_cta) {
-    const int m_blocks = (num_q_tokens_per_head_k + rows_per_cta - 1) / rows_per_cta;
+  // The metadata does not know the variant, so it must suit every CTA size the tile policy
+  // may pick for these rows: with 128-row CTAs (GLA with more than 64 rows) each CTA takes
+  // one part, 64-row CTAs (MLA, GTA, small groups) walk several parts each
+  // (hopper/decode/launch.cuh). A multiple of the 64-row grid that fits the 128-row grid gives
+  // every CTA of either kind the same number of parts.
+  auto grid_parts = [&](int row_warpgroups) {
+    const int m_blocks = ceil_div(num_q_tokens_per_head_k, row_warpgroups * kRowsPerWarpgroup);
     return std::max(1, num_sms / (num_heads_k * m_blocks));
   };
-  const int parts_64 = grid_parts(64), parts_128 = grid_parts(128);
+  const int parts_64 = grid_parts(1);
+  const int parts_128 = grid_parts(row_warpgroups_for(num_q_tokens_per_head_k, kMaxRowWarpgroups));
   return parts_64 * std::max(1, parts_128 / parts_64);
 }
 
@@ -102,11 +104,7 @@ void run_scheduler(const int* cache_seqlens, int batch, int num_parts, int* sche
                    int* num_splits, cudaStream_t stream) {
   scheduler_kernel<<<1, kThreads, 0, stream>>>(cache_seqlens, batch, num_parts, sched_meta,
                                                 num_splits);
-  const cudaError_t status = cudaGetLastError();
-  if (status != cudaSuccess) {
-    throw std::runtime_error(std::string("flash_gla: launching the scheduler kernel: ") +
-                             cudaGetErrorString(status));
-  }
+  check_launch("scheduler");
 }
 
 }  // namespace flash_gla

@@ -1,4 +1,6 @@
-// One plain-old-data parameter block shared by the host launchers and the device kernels.
+// The contract between the host (csrc/) and the kernels (hopper/, csrc/*.cu): one
+// plain-old-data parameter block and the constants both sides size things by. Plain C++ (no
+// CuTe, no torch), so that either side can include it.
 //
 // Strides are in elements of the tensor they describe. Every field is filled by name in
 // csrc/decode_api.cpp (never by position), so two strides can't be swapped silently.
@@ -7,6 +9,9 @@
 #include <cstdint>
 
 namespace flash_gla {
+
+// Element type of q, the caches and out (fp32 accumulation inside).
+enum class DType { kBF16, kFP16 };
 
 // Tokens per KV-cache page. FlashMLA's layout; the kernels load one whole page per stage.
 constexpr int kPageSize = 64;
@@ -25,7 +30,12 @@ enum MetaField : int {
 };
 
 // Fixed cost of one (request, part) piece, in pages: the per-request Q load and epilogue.
+// flash_gla/scheduler_model.py's FIXED_OVERHEAD_PAGES.
 constexpr int kFixedOverheadPages = 5;
+
+// Most pieces one request can be split into (one per scheduler part): the combine kernel
+// keeps one weight per piece in shared memory.
+constexpr int kMaxSplitsPerRequest = 256;
 
 // Query rows are packed per KV head: row m of KV head j is query token m / group_size
 // of query head j * group_size + m % group_size ("s_q-major" packing, as FlashMLA reshapes).

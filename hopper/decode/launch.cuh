@@ -3,22 +3,16 @@
 #pragma once
 
 #include <algorithm>
-#include <stdexcept>
-#include <string>
 
 #include <cute/tensor.hpp>
 
+#include "common/cuda_check.h"
+#include "common/tile_policy.h"
 #include "decode/kernel.cuh"
 #include "decode/run_decode.h"
 #include "decode/traits.h"
 
 namespace flash_gla::hopper {
-
-inline void check_cuda(cudaError_t status, const char* what) {
-  if (status != cudaSuccess) {
-    throw std::runtime_error(std::string("flash_gla: ") + what + ": " + cudaGetErrorString(status));
-  }
-}
 
 template <DType kDType, int kHeadDimV, int kHeadDimNope, int kHeadDimRope, RopeCache kRope,
           int kRowWGs>
@@ -50,14 +44,14 @@ void run_decode(const DecodeParams& p, cudaStream_t stream) {
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
   check_cuda(attr_status, "raising the decode kernel's shared-memory limit");
 
-  const int num_m_blocks = (p.rows_per_kv_head + Traits::kBlockM - 1) / Traits::kBlockM;
+  const int num_m_blocks = ceil_div(p.rows_per_kv_head, Traits::kBlockM);
   // About one CTA per SM; a CTA walks scheduler parts blockIdx.z, + gridDim.z, ... so that
   // the metadata's part count need not match this instance's rows per CTA.
   const int ctas_per_part = num_m_blocks * p.num_heads_kv;
   const int grid_parts = std::max(1, std::min(p.num_parts, p.num_sms / ctas_per_part));
   dim3 grid(num_m_blocks, p.num_heads_kv, grid_parts);
   kernel<<<grid, Traits::kNumThreads, kSmemBytes, stream>>>(p, tma_kv, tma_rope);
-  check_cuda(cudaGetLastError(), "launching the decode kernel");
+  check_launch("decode");
 }
 
 }  // namespace flash_gla::hopper

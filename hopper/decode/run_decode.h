@@ -4,11 +4,9 @@
 
 #include <cuda_runtime.h>
 
-#include "params.h"
+#include "common/params.h"
 
 namespace flash_gla::hopper {
-
-enum class DType { kBF16, kFP16 };
 
 // Where the key's RoPE dims are cached: after V in every KV head's row (MLA, GLA), or once
 // per token in a separate rope cache shared by all KV heads (GLA with shared RoPE, GTA).

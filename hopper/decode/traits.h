@@ -1,6 +1,6 @@
 // What one instance of the decode kernel family is.
 //
-// MLA, GLA and GTA differ only in these numbers (../DESIGN table, reference.py):
+// MLA, GLA and GTA differ only in these numbers (flash_gla/reference.py defines each):
 //   * dv: the value width; V is the first dv dims of a KV head's cached row.
 //   * d_nope, d_rope: the key is [row[:d_nope], R] with R the d_rope RoPE dims, so
 //     d_qk = d_nope + d_rope is q's last dim.
@@ -15,7 +15,8 @@
 #include <cutlass/numeric_types.h>
 #include <cutlass/pipeline/sm90_pipeline.hpp>
 
-#include "params.h"
+#include "common/params.h"
+#include "common/tile_policy.h"
 #include "decode/run_decode.h"
 
 namespace flash_gla::hopper {
@@ -63,7 +64,7 @@ struct DecodeTraits {
   static constexpr int kRopeBlocks = kHeadDimRope / 16;
   static constexpr int kRopeFirstBlockB = kSharedRope ? 0 : kNopeBlocks;
 
-  static constexpr int kWGRows = 64;          // packed query rows per warpgroup: one wgmma M
+  static constexpr int kWGRows = kRowsPerWarpgroup;  // packed query rows per warpgroup: one wgmma M
   // Warpgroups stacked along the rows: with two, each page loaded serves 128 rows and one
   // warpgroup's softmax runs while the other's wgmma uses the tensor cores.
   static constexpr int kNumRowWGs = kRowWGs_;
@@ -84,6 +85,7 @@ struct DecodeTraits {
   static constexpr bool kSplitScores = kNumColWGs > 1;
   static constexpr int kScoreCols = kBlockN / kNumColWGs;  // tokens scored per warpgroup
   static_assert(kNumRowWGs == 1 || kNumColWGs == 1, "warpgroups split either rows or columns");
+  static_assert(kNumRowWGs <= kMaxRowWarpgroups, "the tile policy (and the scheduler) plan for this many");
   // With two row warpgroups the 128-row Q tile leaves room for only three KV stages, and the
   // overlapped consumer holds two of them, so a single page load would be in flight. Keeping
   // Q's RoPE columns in registers instead (the A operand of register-sourced wgmma: 16 per

@@ -1,0 +1,39 @@
+// Who does what in the decode kernel: the named barriers between its roles, and the share of
+// the CTA's tile that one consumer warpgroup owns.
+#pragma once
+
+#include <cutlass/arch/barrier.h>
+
+namespace flash_gla::hopper {
+
+// Among the consumer threads; kQIssued also holds the producer's first warp.
+enum class ConsumerBarrier : int {
+  kQFree = 1,         // every consumer is done reading the previous piece's Q tile
+  kQReady = 2,        // the new Q tile is in shared memory
+  kPageMasked = 3,    // rows past the sequence end of a page are zeroed
+  kScoresMax = 4,     // split scores: each warpgroup's page row maxima are in shared memory
+  kPReady = 5,        // split scores: the page's probabilities are in shared memory
+  kRowSums = 6,       // split scores: each warpgroup's final row sums are in shared memory
+  kOutputStage = 7,   // every consumer is done with the piece's Q tile: O may be staged there
+  kOutputStaged = 8,  // the piece's O tiles are in shared memory
+  kQIssued = 9        // the first Q tile's loads are issued (consumers arrive, producer waits)
+};
+
+__device__ __forceinline__ void consumer_sync(int num_threads, ConsumerBarrier id) {
+  cutlass::arch::NamedBarrier::sync(num_threads, static_cast<int>(id));
+}
+
+__device__ __forceinline__ void barrier_arrive(int num_threads, ConsumerBarrier id) {
+  cutlass::arch::NamedBarrier::arrive(num_threads, static_cast<int>(id));
+}
+
+// One consumer warpgroup's share: 64 of the CTA's packed query rows (row_wg) and up to 256
+// of the output columns and the matching share of each page's tokens (col_wg); each index is
+// a compile-time 0 where the traits have only one warpgroup along it.
+struct WarpgroupRole {
+  int row_wg, col_wg;
+  int row_base;  // the warpgroup's first packed query row of the KV head
+  int wg_tid;    // thread index within the warpgroup
+};
+
+}  // namespace flash_gla::hopper

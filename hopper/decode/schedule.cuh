@@ -1,0 +1,60 @@
+// The persistent schedule: which request pieces (request, page range) a CTA walks.
+//
+// A CTA takes scheduler parts blockIdx.z, + gridDim.z, ... (csrc/scheduler.cu assigned each
+// part a run of requests, the first and last possibly cut); for each request of a part it
+// handles one piece.
+#pragma once
+
+#include "common/params.h"
+
+namespace flash_gla::hopper {
+
+// One request's share of one scheduler part.
+struct WorkPiece {
+  int batch;
+  int seqlen;      // cache_seqlens[batch], clamped to what the block table can address
+  int num_pages;   // pages holding the request's keys
+  int page_begin;  // this piece's pages: [page_begin, page_end)
+  int page_end;
+  int slot;        // accumulator slot for a split request
+  bool is_split;   // the request is spread over several pieces (needs the combine kernel)
+};
+
+struct PartSchedule {
+  int begin_batch, begin_page, end_batch, end_page, begin_split;
+
+  // kReload: read every field from global memory (an L1 hit) each time, instead of letting
+  // the compiler keep five values live across a consumer's page loop, where registers are
+  // at the setmaxnreg limit (they were spilled otherwise).
+  template <bool kReload = false>
+  __device__ static PartSchedule load(const DecodeParams& p, int part) {
+    const int* m = p.sched_meta + part * kMetaFields;
+    auto field = [&](int f) {
+      if constexpr (kReload) {
+        int v;
+        asm volatile("ld.global.nc.b32 %0, [%1];" : "=r"(v) : "l"(m + f));
+        return v;
+      } else {
+        return m[f];
+      }
+    };
+    return {field(kMetaBeginBatch), field(kMetaBeginPage), field(kMetaEndBatch),
+            field(kMetaEndPage), field(kMetaBeginSplit)};
+  }
+
+  __device__ WorkPiece piece(const DecodeParams& p, int batch) const {
+    WorkPiece w;
+    w.batch = batch;
+    const int capacity = p.max_pages_per_seq * kPageSize;
+    w.seqlen = max(0, min(p.cache_seqlens[batch], capacity));
+    w.num_pages = (w.seqlen + kPageSize - 1) / kPageSize;
+    w.page_end = min(batch == end_batch ? end_page : w.num_pages, w.num_pages);
+    w.page_begin = min(batch == begin_batch ? begin_page : 0, w.page_end);
+    const int first_slot = p.num_splits[batch];
+    w.is_split = p.num_splits[batch + 1] - first_slot > 1;
+    w.slot = first_slot + (batch == begin_batch ? begin_split : 0);
+    return w;
+  }
+};
+
+}  // namespace flash_gla::hopper

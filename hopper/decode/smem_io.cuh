@@ -1,0 +1,96 @@
+// Thread-level copies between global and shared memory that the consumers do themselves
+// (the KV pages come by TMA): the Q tile of a piece, and zeroing a page's rows past the end.
+#pragma once
+
+#include <cute/tensor.hpp>
+
+#include "common/packed_rows.h"
+#include "common/params.h"
+
+namespace flash_gla::hopper {
+
+using namespace cute;
+
+template <class Traits>
+struct SmemIO {
+  using Element = typename Traits::Element;
+  using SharedStorage = typename Traits::SharedStorage;
+  static constexpr int kBlockM = Traits::kBlockM;
+  static constexpr int kBlockN = Traits::kBlockN;
+  static constexpr int kConsumerThreads = Traits::kNumConsumerThreads;
+  static constexpr int kChunk = 16 / sizeof(Element);  // elements per 16-byte vector
+
+  // Starts copying the piece's packed query rows into shared memory (zeros for padding rows)
+  // with cp.async: every 16-byte load of the tile is in flight at once, instead of one
+  // load-to-store round trip per vector. The caller waits with cp.async.wait_group 0.
+  static __device__ void load_q(const DecodeParams& p, SharedStorage& smem, int batch,
+                                PackedRows const& rows, int m_block, int consumer_tid) {
+    Tensor sQ = make_tensor(make_smem_ptr(smem.q.data()), typename Traits::SmemLayoutQ{});
+    const Element* q = static_cast<const Element*>(p.q) + batch * p.q_batch_stride;
+    constexpr int kChunksPerRow = Traits::kQSmemCols / kChunk;
+    for (int idx = consumer_tid; idx < kBlockM * kChunksPerRow; idx += kConsumerThreads) {
+      const int row = idx / kChunksPerRow;
+      const int col = (idx % kChunksPerRow) * kChunk;
+      const int m = m_block * kBlockM + row;
+      const bool valid = m < p.rows_per_kv_head;
+      const Element* src = q;  // any valid address: a padding row reads 0 bytes
+      if (valid) { src = q + rows.offset(m, p.q_seq_stride, p.q_head_stride) + col; }
+      const uint32_t dst = cute::cast_smem_ptr_to_uint(&sQ(row, col));
+      // src-size 0 zero-fills the 16 bytes.
+      asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
+                   "r"(valid ? 16 : 0));
+    }
+    asm volatile("cp.async.commit_group;\n" ::: "memory");
+  }
+
+  // Loads this thread's elements of its warpgroup's Q RoPE columns (64 rows x d_rope) into the
+  // A-operand registers of the RoPE wgmma (Traits::kQRopeInRegisters); padding rows are 0.
+  // The fragment's first mode is a pair of adjacent columns: one 32-bit load per pair.
+  template <class TensorQ, class TensorC>
+  static __device__ void load_q_rope(const DecodeParams& p, int batch, PackedRows const& rows,
+                                     int row_base, TensorQ& tQr, TensorC const& coord) {
+    const Element* q = static_cast<const Element*>(p.q) + batch * p.q_batch_stride +
+                       Traits::kHeadDimNope;
+    CUTLASS_PRAGMA_UNROLL
+    for (int i = 0; i < size(tQr); i += 2) {
+      const int m = row_base + get<0>(coord(i));
+      cutlass::Array<Element, 2> pair;
+      pair.clear();
+      if (m < p.rows_per_kv_head) {
+        pair = *reinterpret_cast<const cutlass::Array<Element, 2>*>(
+            q + rows.offset(m, p.q_seq_stride, p.q_head_stride) + get<1>(coord(i)));
+      }
+      tQr(i) = pair[0];
+      tQr(i + 1) = pair[1];
+    }
+  }
+
+  // Rows past the sequence end may hold anything (NaN included); 0 * NaN would poison P V, so
+  // they are zeroed in shared memory (the page, and its shared RoPE rows) before either GEMM
+  // reads the page.
+  static __device__ void zero_rows_past_end(SharedStorage& smem, int stage, int first_row,
+                                            int consumer_tid) {
+    zero_rows<Traits::kKVWidth>(
+        make_tensor(make_smem_ptr(smem.kv.data()), typename Traits::SmemLayoutK{}), stage,
+        first_row, consumer_tid);
+    if constexpr (Traits::kSharedRope) {
+      zero_rows<Traits::kHeadDimRope>(
+          make_tensor(make_smem_ptr(smem.rope.data()), typename Traits::SmemLayoutRope{}), stage,
+          first_row, consumer_tid);
+    }
+  }
+
+  // Zeroes rows [first_row, 64) of one stage of a (tokens, kCols, stage) tile, 16 bytes a store.
+  template <int kCols, class TensorS>
+  static __device__ void zero_rows(TensorS&& tile, int stage, int first_row, int consumer_tid) {
+    constexpr int kChunksPerRow = kCols / kChunk;
+    const int count = (kBlockN - first_row) * kChunksPerRow;
+    for (int idx = consumer_tid; idx < count; idx += kConsumerThreads) {
+      const int row = first_row + idx / kChunksPerRow;
+      const int col = (idx % kChunksPerRow) * kChunk;
+      *reinterpret_cast<uint4*>(&tile(row, col, stage)) = make_uint4(0, 0, 0, 0);
+    }
+  }
+};
+
+}  // namespace flash_gla::hopper

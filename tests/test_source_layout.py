@@ -1,0 +1,39 @@
+"""The source tree's layering, checked on text (no build needed).
+
+hopper/ (the kernels and the neutral headers in hopper/common/) must not depend on csrc/ (the
+host layer that includes them), so that the two folders do not depend on each other.
+"""
+
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"', re.MULTILINE)
+
+
+def project_includes(folder: Path):
+    """(file, included path) for every quoted include of the sources under `folder`."""
+    for path in sorted(folder.rglob("*")):
+        if path.suffix in {".h", ".cuh", ".cu", ".cpp"}:
+            for name in INCLUDE.findall(path.read_text()):
+                yield path, name
+
+
+def test_scan_sees_the_kernel_sources():
+    files = {path.name for path, _ in project_includes(ROOT / "hopper")}
+    assert {"kernel.cuh", "consumer.cuh", "launch.cuh"} <= files
+
+
+@pytest.mark.parametrize("folder", ["hopper", "hopper/common"])
+def test_quoted_includes_stay_inside(folder):
+    """Every quoted include of hopper/ resolves under hopper/ (hopper/common/: under itself)."""
+    base = ROOT / folder
+    outside = [
+        f"{path.relative_to(ROOT)} includes \"{name}\""
+        for path, name in project_includes(base)
+        if not (ROOT / "hopper" / name).is_file()
+        or not (ROOT / "hopper" / name).resolve().is_relative_to(base.resolve())
+    ]
+    assert not outside, "\n".join(outside)
