@@ -1,7 +1,10 @@
-"""Test helpers shared by the CPU and GPU tests: poisoned paged inputs and a loud comparison."""
+"""Test helpers shared by the CPU and GPU tests: poisoned paged inputs, a loud comparison, and
+the GPU harness (a Variant per decode entry, the per-case check, graph replay, metadata reuse)
+that test_decode_gpu.py and test_shared_rope_gpu.py drive over their grids."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 import zlib
@@ -10,7 +13,11 @@ from typing import Callable
 
 import torch
 
+import flash_gla
+from flash_gla.reference import gla_with_kvcache_ref, gta_with_kvcache_ref
+
 PAGE = 64
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 GARBAGE_PAGE = 2**30  # block-table entries that must never be read
 
 # Named varlen batches for the GPU grids: a seeded mix of empty, page-edge and long requests.
@@ -34,7 +41,10 @@ def grid_lengths(length: int | str, b: int, seed: int) -> list[int]:
 
 class SeededGridCase:
     """Mixin for a frozen dataclass of one grid case with ``id``, ``length`` (an int or a
-    VARLEN key) and ``b``: a seed derived from the id, and the requests' lengths."""
+    VARLEN key) and ``b``: a seed derived from the id, and the requests' lengths.
+
+    The GPU harness below also reads ``variant`` (a :class:`Variant`), ``dv``, ``d_rope``,
+    ``h_q``, ``h_kv``, ``dtype`` (a DTYPES key), ``s_q`` and ``causal``."""
 
     @property
     def seed(self) -> int:
@@ -71,6 +81,14 @@ class DecodeInputs:
     cache_seqlens: torch.Tensor  # (b,) int32
     lengths: list[int]
     rope_cache: torch.Tensor | None = None  # (num_blocks, 64, 1, d_rope), shared_rope only
+
+    def copy_(self, src: DecodeInputs) -> None:
+        """Copy ``src``'s tensors into these (same shapes), e.g. into a CUDA graph's static inputs."""
+        for name in ("q", "kv_cache", "rope_cache", "block_table", "cache_seqlens"):
+            dst = getattr(self, name)
+            if dst is not None:
+                dst.copy_(getattr(src, name))
+        self.lengths = list(src.lengths)
 
 
 def make_inputs(
@@ -222,3 +240,127 @@ def assert_close(out: torch.Tensor, ref: torch.Tensor, lse: torch.Tensor, lse_re
     assert rel <= tol["rel"], f"{where} relative error {rel:.3g} > {tol['rel']}; {detail}"
     bound = f"atol {tol['atol']}, rtol {tol['rtol']}"
     assert excess.flatten()[worst] <= 0, f"{where} elementwise tolerance ({bound}) exceeded; {detail}"
+
+
+# ------------------------------------------------------------------------------------------
+# GPU harness: one decode entry per Variant, driven the same way by every GPU grid.
+# ------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A decode entry point and its cache layout, as the GPU tests call it."""
+
+    name: str  # gla (inline RoPE; MLA at h_kv 1) | gla_rope1 | gta
+    shared_rope: bool  # RoPE key in a rope_cache shared by the KV heads, else inline after V
+    q_is_v: bool  # q has V's width (GTA's tied state); else dv + d_rope
+
+    def make_inputs(self, case, lengths: list[int] | None = None, seed: int | None = None, **shape) -> DecodeInputs:
+        """The case's poisoned CUDA inputs (its lengths and seed unless given)."""
+        return make_inputs(
+            case.b, case.s_q, case.h_q, case.h_kv, case.dv, case.d_rope,
+            case.lengths() if lengths is None else lengths, DTYPES[case.dtype], "cuda",
+            case.seed if seed is None else seed, shared_rope=self.shared_rope,
+            q_dim=case.dv if self.q_is_v else case.dv + case.d_rope, **shape,
+        )
+
+    def decode(self, inp: DecodeInputs, dv: int, meta, num_splits, **kwargs):
+        """flash_gla's entry for this variant on ``inp``."""
+        if self.name == "gta":
+            return flash_gla.gta_with_kvcache(
+                inp.q, inp.kv_cache, inp.rope_cache, inp.block_table, inp.cache_seqlens, meta, num_splits, **kwargs
+            )
+        return flash_gla.gla_with_kvcache(
+            inp.q, inp.kv_cache, inp.block_table, inp.cache_seqlens, dv, meta, num_splits,
+            rope_cache=inp.rope_cache, **kwargs,
+        )
+
+    def reference(self, inp: DecodeInputs, dv: int, **kwargs):
+        """flash_gla.reference's result for the same call."""
+        if self.name == "gta":
+            return gta_with_kvcache_ref(inp.q, inp.kv_cache, inp.rope_cache, inp.block_table, inp.cache_seqlens, **kwargs)
+        return gla_with_kvcache_ref(
+            inp.q, inp.kv_cache, inp.block_table, inp.cache_seqlens, dv, rope_cache=inp.rope_cache, **kwargs
+        )
+
+
+GLA = Variant("gla", shared_rope=False, q_is_v=False)
+GLA_ROPE1 = Variant("gla_rope1", shared_rope=True, q_is_v=False)
+GTA = Variant("gta", shared_rope=True, q_is_v=True)
+VARIANTS = {v.name: v for v in (GLA, GLA_ROPE1, GTA)}
+
+
+def case_metadata(case, inp: DecodeInputs):
+    """``get_metadata`` (classic form) for the case's shape and ``inp``'s lengths."""
+    return flash_gla.get_metadata(inp.cache_seqlens, case.s_q * case.h_q // case.h_kv, case.h_kv)
+
+
+def empty_out(case, fill: float = math.nan) -> torch.Tensor:
+    return torch.full((case.b, case.s_q, case.h_q, case.dv), fill, dtype=DTYPES[case.dtype], device="cuda")
+
+
+def check_case(case, *, softmax_scale: float | None = None, given_out: bool = True, tag: str = "") -> None:
+    """Make the case's poisoned inputs, run flash_gla, compare with the reference.
+
+    ``given_out``: the op writes into a NaN-filled ``out`` (checked), else allocates it."""
+    inp = case.variant.make_inputs(case)
+    out = empty_out(case) if given_out else None
+    got, lse = case.variant.decode(
+        inp, case.dv, *case_metadata(case, inp), softmax_scale=softmax_scale, causal=case.causal, out=out
+    )
+    if given_out:
+        assert got.data_ptr() == out.data_ptr(), f"[{case.id}] {case.variant.name} must write into the given out"
+    ref, lse_ref = case.variant.reference(inp, case.dv, softmax_scale=softmax_scale, causal=case.causal)
+    assert_close(got, ref, lse, lse_ref, case.id + tag)
+
+
+GRAPH_LENGTHS = ([100, 0, 3000, 65], [2000, 3200, 0, 1])  # replayed in turn; case.b must be 4
+GRAPH_SHAPE = dict(max_pages=50, num_blocks=140)  # the static buffers fit both sets of lengths
+
+
+def check_graph_replay(case) -> None:
+    """get_metadata + decode captured in one CUDA graph; each of GRAPH_LENGTHS' problems is
+    copied into the static inputs, replayed into a NaN-filled out and compared."""
+    make = lambda lengths, seed: case.variant.make_inputs(case, lengths, seed, **GRAPH_SHAPE)  # noqa: E731
+    static = make(GRAPH_LENGTHS[0], 1)
+    out = empty_out(case)
+
+    def step():
+        return case.variant.decode(static, case.dv, *case_metadata(case, static), causal=case.causal, out=out)
+
+    graph, (_, lse) = capture_graph(step)
+    for seed, lengths in enumerate(GRAPH_LENGTHS, start=1):
+        new = make(lengths, seed)
+        static.copy_(new)
+        out.fill_(math.nan)
+        graph.replay()
+        torch.cuda.synchronize()
+        ref, lse_ref = case.variant.reference(new, case.dv, causal=case.causal)
+        assert_close(out, ref, lse, lse_ref, f"{case.id}-replay-L{'_'.join(map(str, lengths))}")
+
+
+def check_metadata_reuse(case, lazy: bool):
+    """One metadata for several calls, as for the layers of one decode step: the classic
+    tensors, or (``lazy``) a get_metadata() object that the first call fills. The same call
+    twice gives the same bits; a second "layer" (new queries) is right too.
+
+    Returns ``(meta, num_splits, inp)`` for further calls."""
+    inp = case.variant.make_inputs(case)
+    if lazy:
+        meta, num_splits = flash_gla.get_metadata()
+        assert num_splits is None and not meta.have_initialized
+    else:
+        meta, num_splits = case_metadata(case, inp)
+    out1, lse1 = case.variant.decode(inp, case.dv, meta, num_splits, causal=case.causal)
+    if lazy:
+        assert meta.have_initialized and meta.tile_scheduler_metadata.dtype == torch.int32
+        assert meta.num_splits.shape == (case.b + 1,)
+    out2, lse2 = case.variant.decode(inp, case.dv, meta, num_splits, causal=case.causal)
+    assert torch.equal(out1, out2) and torch.equal(lse1, lse2), "same inputs and metadata must give identical bits"
+    ref, lse_ref = case.variant.reference(inp, case.dv, causal=case.causal)
+    assert_close(out1, ref, lse1, lse_ref, f"{case.id}-layer1")
+    layer2 = dataclasses.replace(inp, q=torch.randn_like(inp.q))
+    out3, lse3 = case.variant.decode(layer2, case.dv, meta, num_splits, causal=case.causal)
+    ref3, lse_ref3 = case.variant.reference(layer2, case.dv, causal=case.causal)
+    assert_close(out3, ref3, lse3, lse_ref3, f"{case.id}-layer2")
+    return meta, num_splits, inp
