@@ -1,4 +1,4 @@
-"""The semantic definition of flash_gla's decode ops, in plain PyTorch (DESIGN.md section 2).
+"""The semantic definition of flash_gla's decode ops, in plain PyTorch.
 
 Slow, float32 math, runs on CPU or GPU, no extension needed. The kernels are tested
 against these functions; where a docstring in ``ops.py`` and this file disagree, this file

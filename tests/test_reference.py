@@ -10,7 +10,7 @@ from flash_gla.reference import gla_with_kvcache_ref, gta_with_kvcache_ref
 
 
 def naive_decode(q, key_of, value_of, dv, lengths, h_kv, causal, scale):
-    """float64, one query row at a time, straight from DESIGN.md section 2.
+    """float64, one query row at a time, straight from the conventions in flash_gla/reference.py's docstring.
 
     key_of(i, t, j) / value_of(i, t, j): key / value vector of token t, KV head j, request i.
     Returns out (b, s_q, h_q, dv) float64 and lse (b, h_q, s_q) float64.
