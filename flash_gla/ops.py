@@ -206,31 +206,17 @@ def gta_with_kvcache(
 
 
 def flash_mla_with_kvcache(
-    q: torch.Tensor,
-    k_cache: torch.Tensor,
-    block_table: torch.Tensor,
-    cache_seqlens: torch.Tensor,
-    head_dim_v: int,
-    tile_scheduler_metadata: torch.Tensor | SchedulerMetadata,
-    num_splits: torch.Tensor | None = None,
-    softmax_scale: float | None = None,
-    causal: bool = False,
-    is_fp8_kvcache: bool = False,
-    indices: torch.Tensor | None = None,
-    attn_sink: torch.Tensor | None = None,
-    extra_k_cache: torch.Tensor | None = None,
-    extra_indices_in_kvcache: torch.Tensor | None = None,
-    topk_length: torch.Tensor | None = None,
-    extra_topk_length: torch.Tensor | None = None,
-    out: torch.Tensor | None = None,
-    enable_batch_invariant: bool = False,
+    q, k_cache, block_table, cache_seqlens, head_dim_v, tile_scheduler_metadata, num_splits=None,
+    softmax_scale=None, causal=False, is_fp8_kvcache=False, indices=None, attn_sink=None,
+    extra_k_cache=None, extra_indices_in_kvcache=None, topk_length=None, extra_topk_length=None,
+    out=None, enable_batch_invariant=False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """FlashMLA's ``flash_mla_with_kvcache``, same parameter names and order.
 
     Call sites written for FlashMLA (positional or keyword, e.g. ``k_cache=``) work by
-    changing only the import. Arguments as in :func:`gla_with_kvcache` (``k_cache`` is its
-    ``kv_cache``); FlashMLA's sparse / FP8 / attention-sink arguments must keep their
-    defaults.
+    changing only the import. Arguments (and their types) as in :func:`gla_with_kvcache`
+    (``k_cache`` is its ``kv_cache``); FlashMLA's sparse / FP8 / attention-sink arguments
+    (tensors or None) must keep their defaults.
     """
     _reject_unsupported(
         attn_sink=attn_sink, extra_k_cache=extra_k_cache,

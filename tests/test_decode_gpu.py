@@ -14,16 +14,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from helpers import (
-    GLA,
-    SeededGridCase,
-    assert_close,
-    case_metadata,
-    check_case,
-    check_graph_replay,
-    check_metadata_reuse,
-    make_inputs,
-)
+from helpers import GLA, SeededGridCase, assert_close, check_case, check_graph_replay, check_metadata_reuse, make_inputs
 
 import flash_gla
 
@@ -165,33 +156,39 @@ def test_flash_mla_call_convention():
     assert_close(out, ref, lse, lse_ref, case.id + "-flashmla")
 
 
-@pytest.mark.sm90
-def test_metadata_for_other_shape_is_rejected():
+@pytest.fixture
+def small_call():
+    """Arguments of a valid small GLA call (b 3, L 100, classic metadata)."""
     case = Case(128, 2, 256, "bf16", 1, False, 100, 3)
     inp = GLA.make_inputs(case)
-    meta, num_splits = case_metadata(case, inp)
-    with pytest.raises(ValueError, match=r"tile_scheduler_metadata.shape\[0\] must be"):
-        flash_gla.gla_with_kvcache(inp.q, inp.kv_cache, inp.block_table, inp.cache_seqlens, case.dv, meta[1:], num_splits)
-    with pytest.raises(ValueError, match=r"num_splits.shape\[0\] must be batch \+ 1 = 4"):
-        flash_gla.gla_with_kvcache(inp.q, inp.kv_cache, inp.block_table, inp.cache_seqlens, case.dv, meta, num_splits[1:])
+    meta, num_splits = flash_gla.get_metadata(inp.cache_seqlens, case.s_q * case.h_q // case.h_kv, case.h_kv)
+    return dict(q=inp.q, kv_cache=inp.kv_cache, block_table=inp.block_table, cache_seqlens=inp.cache_seqlens,
+                head_dim_v=case.dv, tile_scheduler_metadata=meta, num_splits=num_splits)
 
 
-@pytest.mark.sm90
-def test_mixed_devices_are_rejected():
-    case = Case(128, 2, 256, "bf16", 1, False, 100, 3)
-    inp = GLA.make_inputs(case)
-    meta, num_splits = case_metadata(case, inp)
-    with pytest.raises(ValueError, match=r"cache_seqlens must be on q's device"):
-        flash_gla.gla_with_kvcache(inp.q, inp.kv_cache, inp.block_table, inp.cache_seqlens.cpu(), case.dv, meta, num_splits)
-    with pytest.raises(ValueError, match=r"tile_scheduler_metadata must be on q's device"):
-        flash_gla.gla_with_kvcache(inp.q, inp.kv_cache, inp.block_table, inp.cache_seqlens, case.dv, meta.cpu(), num_splits)
+def expect_rejected(args: dict, match: str, **overrides) -> None:
+    with pytest.raises(ValueError, match=match):
+        flash_gla.gla_with_kvcache(**{**args, **overrides})
 
 
 @pytest.mark.sm90
-def test_length_beyond_capacity_is_rejected_on_gpu():
-    case = Case(128, 2, 256, "bf16", 1, False, 100, 3)
-    inp = GLA.make_inputs(case)
-    too_long = torch.tensor([100, 100, inp.block_table.shape[1] * 64 + 1], dtype=torch.int32, device="cuda")
+def test_metadata_for_other_shape_is_rejected(small_call):
+    meta, num_splits = small_call["tile_scheduler_metadata"], small_call["num_splits"]
+    expect_rejected(small_call, r"tile_scheduler_metadata.shape\[0\] must be", tile_scheduler_metadata=meta[1:])
+    expect_rejected(small_call, r"num_splits.shape\[0\] must be batch \+ 1 = 4", num_splits=num_splits[1:])
+
+
+@pytest.mark.sm90
+def test_mixed_devices_are_rejected(small_call):
+    expect_rejected(small_call, r"cache_seqlens must be on q's device", cache_seqlens=small_call["cache_seqlens"].cpu())
+    expect_rejected(small_call, r"tile_scheduler_metadata must be on q's device",
+                    tile_scheduler_metadata=small_call["tile_scheduler_metadata"].cpu())
+
+
+@pytest.mark.sm90
+def test_length_beyond_capacity_is_rejected_on_gpu(small_call):
+    capacity = small_call["block_table"].shape[1] * 64
+    too_long = torch.tensor([100, 100, capacity + 1], dtype=torch.int32, device="cuda")
     meta, num_splits = flash_gla.get_metadata(too_long, 64, 2)
-    with pytest.raises(ValueError, match=r"cache_seqlens values must lie in"):
-        flash_gla.gla_with_kvcache(inp.q, inp.kv_cache, inp.block_table, too_long, case.dv, meta, num_splits)
+    expect_rejected(small_call, r"cache_seqlens values must lie in", cache_seqlens=too_long,
+                    tile_scheduler_metadata=meta, num_splits=num_splits)

@@ -19,16 +19,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import (
-    GLA,
-    VARIANTS,
-    SeededGridCase,
-    assert_close,
-    case_metadata,
-    check_case,
-    check_graph_replay,
-    check_metadata_reuse,
-)
+from helpers import GLA, VARIANTS, SeededGridCase, assert_close, case_metadata, check_case, check_graph_replay, check_metadata_reuse
 
 from flash_gla.reference import gather_rows
 
