@@ -69,15 +69,19 @@ __device__ __forceinline__ void combine_row(const DecodeParams& p, int batch, in
   for (int s = lane; s < n; s += 32) { sum += expf(p.lse_accum[slot_row(s)] - ref); }
   sum = warp_sum(sum);
   const float lse = sum == 0.f ? INFINITY : ref + logf(sum);
-#pragma unroll 1
-  for (int s = lane; s < n; s += 32) {
-    weights[s] = sum == 0.f ? 0.f : expf(p.lse_accum[slot_row(s)] - lse);
-  }
-  __syncwarp();
-
   const PackedRows rows(p.group_size, kv_head);
   int token, head;
   rows.query(m, token, head);
+  // The row's share after its attention sink; 0 for a row that saw no key (O is 0 there).
+  const float keep = sum == 0.f              ? 0.f
+                     : p.attn_sink == nullptr ? 1.f
+                                              : sink_factor(lse, p.attn_sink[head]);
+#pragma unroll 1
+  for (int s = lane; s < n; s += 32) {
+    weights[s] = keep * expf(p.lse_accum[slot_row(s)] - lse);
+  }
+  __syncwarp();
+
   T* out = static_cast<T*>(p.out) + batch * p.o_batch_stride +
            rows.offset(m, p.o_seq_stride, p.o_head_stride);
   for (int col = lane * 4; col < p.head_dim_v; col += 32 * 4) {

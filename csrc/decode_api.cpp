@@ -79,9 +79,13 @@ std::vector<at::Tensor> decode(const at::Tensor& q, const at::Tensor& kv_cache,
                                const at::Tensor& block_table, const at::Tensor& cache_seqlens,
                                int64_t head_dim_v, const at::Tensor& tile_scheduler_metadata,
                                const at::Tensor& num_splits, double softmax_scale, bool causal,
-                               const std::optional<at::Tensor>& out_opt) {
+                               const std::optional<at::Tensor>& out_opt,
+                               const std::optional<at::Tensor>& attn_sink) {
   TORCH_CHECK(q.is_cuda() && q.stride(-1) == 1 && kv_cache.stride(-1) == 1,
               "flash_gla: q and kv_cache must be CUDA tensors with a contiguous last dim");
+  TORCH_CHECK(!attn_sink.has_value() || (attn_sink->is_cuda() && attn_sink->scalar_type() == at::kFloat &&
+                                         attn_sink->is_contiguous() && attn_sink->numel() == q.size(2)),
+              "flash_gla: attn_sink must be a contiguous float32 CUDA tensor (h_q,)");
   TORCH_CHECK(!rope_cache.has_value() || (rope_cache->is_cuda() && rope_cache->stride(-1) == 1 &&
                                           rope_cache->size(2) == 1),
               "flash_gla: rope_cache must be a CUDA tensor (num_blocks, 64, 1, d_rope), last dim contiguous");
@@ -134,6 +138,7 @@ std::vector<at::Tensor> decode(const at::Tensor& q, const at::Tensor& kv_cache,
   p.block_table = block_table.data_ptr<int>();
   p.block_table_batch_stride = block_table.stride(0);
   p.cache_seqlens = cache_seqlens.data_ptr<int>();
+  p.attn_sink = attn_sink.has_value() ? attn_sink->data_ptr<float>() : nullptr;
 
   p.out = out.data_ptr();
   p.o_batch_stride = out.stride(0);

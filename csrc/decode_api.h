@@ -22,6 +22,7 @@ std::vector<at::Tensor> decode(const at::Tensor& q, const at::Tensor& kv_cache,
                                const at::Tensor& block_table, const at::Tensor& cache_seqlens,
                                int64_t head_dim_v, const at::Tensor& tile_scheduler_metadata,
                                const at::Tensor& num_splits, double softmax_scale, bool causal,
-                               const std::optional<at::Tensor>& out);
+                               const std::optional<at::Tensor>& out,
+                               const std::optional<at::Tensor>& attn_sink);
 
 }  // namespace flash_gla

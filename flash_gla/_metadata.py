@@ -38,8 +38,9 @@ class SchedulerMetadata:
     ``tile_scheduler_metadata`` with ``num_splits=None``. The first decode call computes the
     metadata from its ``cache_seqlens`` and shapes and stores it here; later calls (e.g. the
     other layers of the same decode step) reuse it and must have the same batch, s_q, h_q,
-    h_kv, page size, causal, head_dim_v and device, and the same ``cache_seqlens`` values
-    (not checked: create a new object for each decode step).
+    h_kv, page size, causal, head_dim_v and device, and the same ``cache_seqlens`` values (not checked: create a new object for each decode step). The
+    object is eager-only: it is filled in Python on the first call, which ``torch.compile``
+    does not trace; compiled code uses the classic form.
 
     Attributes:
         config: the DecodeConfig of the first call, None before it.

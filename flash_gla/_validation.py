@@ -107,7 +107,7 @@ GTA = Variant("gta", True, True, _check_gta_dims)
 
 def check_decode_inputs(
     variant: Variant, q, kv_cache, rope_cache, block_table, cache_seqlens, head_dim_v,
-    tile_scheduler_metadata, num_splits, softmax_scale, causal, out, *, check_lengths: bool,
+    tile_scheduler_metadata, num_splits, softmax_scale, causal, out, attn_sink, *, check_lengths: bool,
 ) -> DecodeConfig:
     """Every check of a decode call, in the order of the module docstring; the call's DecodeConfig.
 
@@ -117,12 +117,15 @@ def check_decode_inputs(
     lazy = isinstance(tile_scheduler_metadata, SchedulerMetadata)
     metadata = () if lazy else (("tile_scheduler_metadata", tile_scheduler_metadata), ("num_splits", num_splits))
     tensors = (("q", q), ("kv_cache", kv_cache), ("rope_cache", rope_cache), ("block_table", block_table),
-               ("cache_seqlens", cache_seqlens), *metadata, ("out", out))
+               ("cache_seqlens", cache_seqlens), *metadata, ("out", out), ("attn_sink", attn_sink))
     _check_types(variant, q, kv_cache, rope_cache, block_table, cache_seqlens, head_dim_v, tile_scheduler_metadata,
                  num_splits, softmax_scale, causal, out, lazy)
+    _check_sink_type(attn_sink)
     _check_dtypes(q, kv_cache, rope_cache, block_table, cache_seqlens, metadata, out)
     config = _check_shapes(variant, q, kv_cache, rope_cache, block_table, cache_seqlens, head_dim_v, metadata, out,
                            causal)
+    if attn_sink is not None and tuple(attn_sink.shape) != (config.h_q,):
+        raise ValueError(f"attn_sink.shape must be (h_q,) = ({config.h_q},), got {tuple(attn_sink.shape)}")
     if softmax_scale is not None and not math.isfinite(softmax_scale):
         raise ValueError(f"softmax_scale must be finite, got {softmax_scale}")
     if lazy:
@@ -176,6 +179,15 @@ def _check_types(variant, q, kv_cache, rope_cache, block_table, cache_seqlens, h
         )
     expect_tensor("tile_scheduler_metadata", tile_scheduler_metadata, hint="or a SchedulerMetadata")
     expect_tensor("num_splits", num_splits, hint="(or pass a SchedulerMetadata as tile_scheduler_metadata)")
+
+
+def _check_sink_type(attn_sink):
+    if attn_sink is None:
+        return
+    expect_tensor("attn_sink", attn_sink, hint="(h_q,) float32 or None")
+    expect_dtype("attn_sink", attn_sink, torch.float32)
+    expect_rank("attn_sink", attn_sink, 1)
+    expect_contiguous("attn_sink", attn_sink)
 
 
 def _check_dtypes(q, kv_cache, rope_cache, block_table, cache_seqlens, metadata, out):

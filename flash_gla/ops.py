@@ -30,14 +30,13 @@ __all__ = [
     "flash_mla_with_kvcache",
 ]
 
-#: Check, on every call, that ``cache_seqlens`` fits the block table (``0 <= L_i <=
-#: block_table.shape[1] * 64``). This reads the lengths on the host, which synchronises
-#: with the GPU: engines that build their inputs correctly should set it to False to avoid
-#: the per-call sync. The check is skipped while a CUDA graph is being captured (the sync
-#: is illegal there); the kernel clamps lengths to the table's capacity in any case, so an
-#: unchecked bad length gives wrong numbers for that request but no out-of-bounds read.
-#: Read at every call: ``flash_gla.ops.CHECK_LENGTHS = False`` takes effect at once.
-CHECK_LENGTHS = True
+#: Debug switch, off by default: check, on every call, that ``cache_seqlens`` fits the block
+#: table (``0 <= L_i <= block_table.shape[1] * 64``). The check reads the lengths on the host,
+#: a GPU synchronisation per call, so no engine path should run with it. Without it the
+#: kernels clamp each length to the table's capacity: a bad length gives wrong numbers for
+#: that request but no out-of-bounds read. Skipped while a CUDA graph is being captured.
+#: Read at every call: ``flash_gla.ops.CHECK_LENGTHS = True`` takes effect at once.
+CHECK_LENGTHS = False
 
 
 # ----------------------------------------------------------------------------------------
@@ -108,6 +107,7 @@ def gla_with_kvcache(
     rope_cache: torch.Tensor | None = None,
     is_fp8_kvcache: bool = False,
     indices: torch.Tensor | None = None,
+    attn_sink: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Decode attention for GLA (``h_kv`` latent heads) and MLA (``h_kv == 1``).
 
@@ -148,6 +148,10 @@ def gla_with_kvcache(
             (same block table), strides as for ``kv_cache``.
         is_fp8_kvcache: must be False.
         indices: must be None (sparse attention is not supported).
+        attn_sink: None, or (h_q,) float32 on q's device, contiguous: one sink logit per query
+            head (FlashMLA's ``attn_sink``). It joins the softmax's denominator only:
+            ``out *= exp(lse) / (exp(lse) + exp(attn_sink[h]))``; ``lse`` is unchanged, and a row
+            that sees no key keeps ``out = 0``. Fused into the kernels' epilogues.
 
     Returns:
         out: (b, s_q, h_q, head_dim_v), q's dtype (``out`` itself when given).
@@ -158,7 +162,7 @@ def gla_with_kvcache(
     variant = _validation.GLA_INLINE if rope_cache is None else _validation.GLA_ROPE1
     return _decode(
         variant, q, kv_cache, rope_cache, block_table, cache_seqlens, head_dim_v,
-        tile_scheduler_metadata, num_splits, softmax_scale, causal, out,
+        tile_scheduler_metadata, num_splits, softmax_scale, causal, out, attn_sink,
     )
 
 
@@ -173,6 +177,7 @@ def gta_with_kvcache(
     softmax_scale: float | None = None,
     causal: bool = False,
     out: torch.Tensor | None = None,
+    attn_sink: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Decode attention for Grouped-Tied Attention (GTA).
 
@@ -194,6 +199,7 @@ def gta_with_kvcache(
             s_q * h_q // h_kv, h_kv)`` or the lazy form).
         softmax_scale: scale of ``q . K``; default ``1 / sqrt(d)``.
         out: optional (b, s_q, h_q, d) contiguous tensor of q's dtype to write into.
+        attn_sink: as in :func:`gla_with_kvcache`.
 
     Returns:
         out: (b, s_q, h_q, d), q's dtype. lse: (b, h_q, s_q) float32. Rows that see no key
@@ -201,7 +207,7 @@ def gta_with_kvcache(
     """
     return _decode(
         _validation.GTA, q, kv_cache, rope_cache, block_table, cache_seqlens, None,
-        tile_scheduler_metadata, num_splits, softmax_scale, causal, out,
+        tile_scheduler_metadata, num_splits, softmax_scale, causal, out, attn_sink,
     )
 
 
@@ -215,22 +221,22 @@ def flash_mla_with_kvcache(
 
     Call sites written for FlashMLA (positional or keyword, e.g. ``k_cache=``) work by
     changing only the import. Arguments (and their types) as in :func:`gla_with_kvcache`
-    (``k_cache`` is its ``kv_cache``); FlashMLA's sparse / FP8 / attention-sink arguments
-    (tensors or None) must keep their defaults.
+    (``k_cache`` is its ``kv_cache``; ``attn_sink`` too); FlashMLA's sparse / FP8 arguments
+    (tensors or None) must keep their defaults, and ``enable_batch_invariant`` False.
     """
     _reject_unsupported(
-        attn_sink=attn_sink, extra_k_cache=extra_k_cache,
-        extra_indices_in_kvcache=extra_indices_in_kvcache, topk_length=topk_length,
-        extra_topk_length=extra_topk_length,
+        extra_k_cache=extra_k_cache, extra_indices_in_kvcache=extra_indices_in_kvcache,
+        topk_length=topk_length, extra_topk_length=extra_topk_length,
     )
     if enable_batch_invariant is not False:
         raise ValueError(
-            f"enable_batch_invariant must be False (split-KV cannot be disabled), got {enable_batch_invariant!r}"
+            "enable_batch_invariant must be False (batch-invariant split plans are not supported yet), "
+            f"got {enable_batch_invariant!r}"
         )
     return gla_with_kvcache(
         q, k_cache, block_table, cache_seqlens, head_dim_v, tile_scheduler_metadata, num_splits,
         softmax_scale=softmax_scale, causal=causal, out=out, is_fp8_kvcache=is_fp8_kvcache,
-        indices=indices,
+        indices=indices, attn_sink=attn_sink,
     )
 
 
@@ -251,11 +257,12 @@ def _decode(
     softmax_scale: float | None,
     causal: bool,
     out: torch.Tensor | None,
+    attn_sink: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The one path of every decode entry: validate, resolve lazy metadata, launch."""
     config = _validation.check_decode_inputs(
         variant, q, kv_cache, rope_cache, block_table, cache_seqlens, head_dim_v,
-        tile_scheduler_metadata, num_splits, softmax_scale, causal, out, check_lengths=CHECK_LENGTHS,
+        tile_scheduler_metadata, num_splits, softmax_scale, causal, out, attn_sink, check_lengths=CHECK_LENGTHS,
     )
     if isinstance(tile_scheduler_metadata, SchedulerMetadata):
         tile_scheduler_metadata, num_splits = tile_scheduler_metadata._resolve(config, cache_seqlens)
@@ -263,5 +270,5 @@ def _decode(
         softmax_scale = q.shape[-1] ** -0.5
     return _load_extension().decode(
         q, kv_cache, rope_cache, block_table, cache_seqlens, config.head_dim_v,
-        tile_scheduler_metadata, num_splits, float(softmax_scale), causal, out,
+        tile_scheduler_metadata, num_splits, float(softmax_scale), causal, out, attn_sink,
     )

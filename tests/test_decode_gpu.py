@@ -186,7 +186,8 @@ def test_mixed_devices_are_rejected(small_call):
 
 
 @pytest.mark.sm90
-def test_length_beyond_capacity_is_rejected_on_gpu(small_call):
+def test_length_beyond_capacity_is_rejected_on_gpu(small_call, monkeypatch):
+    monkeypatch.setattr(flash_gla.ops, "CHECK_LENGTHS", True)
     capacity = small_call["block_table"].shape[1] * 64
     too_long = torch.tensor([100, 100, capacity + 1], dtype=torch.int32, device="cuda")
     meta, num_splits = flash_gla.get_metadata(too_long, 64, 2)

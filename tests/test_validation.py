@@ -298,9 +298,20 @@ def test_shape_checked_before_stride(inputs):
     check_raises(inputs, ValueError, r"h_q = 3", q=bad)
 
 
-# --- lengths vs. block-table capacity ------------------------------------------------------
+# --- lengths vs. block-table capacity (the opt-in debug check) --------------------------------
 
 
+@pytest.fixture
+def length_check(monkeypatch):
+    """flash_gla.ops.CHECK_LENGTHS on: off by default, since it syncs with the GPU."""
+    monkeypatch.setattr(ops, "CHECK_LENGTHS", True)
+
+
+def test_length_check_is_off_by_default():
+    assert ops.CHECK_LENGTHS is False
+
+
+@pytest.mark.usefixtures("length_check")
 def test_length_exceeds_table_capacity(inputs):
     capacity = inputs.block_table.shape[1] * 64
     lengths = torch.tensor([70, capacity + 1], dtype=torch.int32)
@@ -310,6 +321,7 @@ def test_length_exceeds_table_capacity(inputs):
     )
 
 
+@pytest.mark.usefixtures("length_check")
 def test_negative_length(inputs):
     check_raises(
         inputs, ValueError, r"cache_seqlens values .* got min -1",
@@ -317,6 +329,7 @@ def test_negative_length(inputs):
     )
 
 
+@pytest.mark.usefixtures("length_check")
 def test_length_at_capacity_is_fine(inputs):
     capacity = inputs.block_table.shape[1] * 64
     lengths = torch.tensor([capacity, 0], dtype=torch.int32)
@@ -420,9 +433,42 @@ def test_flash_mla_positional_call_reaches_device_check(inputs):
 def test_flash_mla_unsupported_arguments(inputs):
     args = call_args(inputs)
     args["k_cache"] = args.pop("kv_cache")
-    with pytest.raises(ValueError, match=r"attn_sink must be None"):
-        flash_gla.flash_mla_with_kvcache(**args, attn_sink=torch.zeros(H_Q))
-    with pytest.raises(ValueError, match=r"enable_batch_invariant must be False"):
+    for name in ("extra_k_cache", "extra_indices_in_kvcache", "topk_length", "extra_topk_length"):
+        with pytest.raises(ValueError, match=rf"{name} must be None .*got a Tensor"):
+            flash_gla.flash_mla_with_kvcache(**args, **{name: torch.zeros(H_Q)})
+
+
+# --- attention sinks; batch invariance (refused) -------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "sink, error, match",
+    [
+        ([0.0] * H_Q, TypeError, r"attn_sink must be a torch.Tensor \(h_q,\) float32 or None, got list"),
+        (torch.zeros(H_Q, dtype=torch.bfloat16), TypeError, r"attn_sink.dtype must be torch.float32, got torch.bfloat16"),
+        (torch.zeros(1, H_Q), ValueError, r"attn_sink must be 1-D, got 2-D"),
+        (torch.zeros(2 * H_Q)[::2], ValueError, r"attn_sink must be contiguous"),
+        (torch.zeros(H_Q + 1), ValueError, rf"attn_sink.shape must be \(h_q,\) = \({H_Q},\), got \({H_Q + 1},\)"),
+    ],
+    ids=["list", "bf16", "2d", "strided", "wrong-length"],
+)
+def test_attn_sink_is_checked(inputs, sink, error, match):
+    for entry in (flash_gla.gla_with_kvcache, flash_gla.flash_mla_with_kvcache):
+        args = call_args(inputs)
+        if entry is flash_gla.flash_mla_with_kvcache:
+            args["k_cache"] = args.pop("kv_cache")
+        with pytest.raises(error, match=match):
+            entry(**args, attn_sink=sink)
+
+
+def test_good_attn_sink_reaches_device_check(inputs):
+    check_raises(inputs, ValueError, r"q must be a CUDA tensor", attn_sink=torch.zeros(H_Q))
+
+
+def test_batch_invariance_is_refused_with_a_reason(inputs):
+    args = call_args(inputs)
+    args["k_cache"] = args.pop("kv_cache")
+    with pytest.raises(ValueError, match=r"enable_batch_invariant must be False \(batch-invariant .* not supported yet\)"):
         flash_gla.flash_mla_with_kvcache(**args, enable_batch_invariant=True)
 
 

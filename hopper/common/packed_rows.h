@@ -40,6 +40,12 @@ CUTLASS_HOST_DEVICE int64_t accum_row(const DecodeParams& p, int slot, int kv_he
   return (int64_t(slot) * p.num_heads_kv + kv_head) * p.rows_per_kv_head + m;
 }
 
+// exp(lse) / (exp(lse) + exp(sink)): what an attention sink leaves of a row's output, given
+// the row's natural-log LSE over its keys. A row that saw no key (lse -inf) has O = 0 anyway.
+CUTLASS_HOST_DEVICE float sink_factor(float lse, float sink) {
+  return lse == -INFINITY ? 0.f : 1.f / (1.f + expf(sink - lse));
+}
+
 // Index of (request, query head, query token) in lse (b, h_q, s_q).
 CUTLASS_HOST_DEVICE int64_t lse_index(const DecodeParams& p, int batch, int head, int token) {
   return (int64_t(batch) * p.num_heads_q + head) * p.seqlen_q + token;

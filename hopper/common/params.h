@@ -67,6 +67,10 @@ struct DecodeParams {
   const int* block_table; // (b, max_pages_per_seq)
   int64_t block_table_batch_stride;
   const int* cache_seqlens;  // (b,)
+  // (h_q,) attention-sink logits (natural log), or null: a sink adds exp(sink[h]) to the
+  // softmax's denominator only, so O is scaled by exp(lse) / (exp(lse) + exp(sink[h])); the
+  // reported lse stays that of the keys (FlashMLA's attn_sink).
+  const float* attn_sink;
 
   // ---- outputs ----
   void* out;              // (b, s_q, h_q, dv), last dim contiguous

@@ -33,12 +33,16 @@ struct Epilogue {
     const bool lse_lane = wg.col_wg == 0 && wg.wg_tid % 4 == 0;  // one lane of the row's quad
     CUTLASS_PRAGMA_UNROLL
     for (int i = 0; i < kRows; ++i) {
-      CUTLASS_PRAGMA_UNROLL
-      for (int j = 0; j < size<1>(o); ++j) { o(i, j) *= inv_sum[i]; }
       const int m = wg.row_base + get<0>(coord(i, 0));
-      if (m >= p.rows_per_kv_head || !lse_lane) { continue; }
       int token, head;
       rows.query(m, token, head);
+      // A final row takes its sink here; a split request's partials take it in the combine.
+      const float scale = p.attn_sink != nullptr && !w.is_split && m < p.rows_per_kv_head
+                              ? inv_sum[i] * sink_factor(lse[i], p.attn_sink[head])
+                              : inv_sum[i];
+      CUTLASS_PRAGMA_UNROLL
+      for (int j = 0; j < size<1>(o); ++j) { o(i, j) *= scale; }
+      if (m >= p.rows_per_kv_head || !lse_lane) { continue; }
       if (w.is_split) {
         p.lse_accum[accum_row(p, w.slot, rows.kv_head, m)] = lse[i];
       } else {
