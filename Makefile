@@ -5,7 +5,7 @@ OUT       ?= bench_out/h100
 BENCH_OUT ?= bench_out
 
 .DEFAULT_GOAL := help
-.PHONY: help install develop test quickstart bench sass h100 clean
+.PHONY: help install develop test quickstart layer bench serving sass h100 clean
 
 help:
 	@echo "flash_gla: make VERB, where VERB is one of"
@@ -14,7 +14,9 @@ help:
 	@echo "  make develop     build the extension in place, for working on the sources"
 	@echo "  make test        run the test suite (the kernel tests need an sm_90 GPU)"
 	@echo "  make quickstart  run examples/quickstart.py (kernels vs. reference; reference only without a GPU)"
+	@echo "  make layer       run examples/gla_decode_layer.py (an engine's GLA-2 decode step vs. a float32 model)"
 	@echo "  make bench       run the decode benchmark on an H100; table on stdout, $(BENCH_OUT)/bench.json and .png"
+	@echo "  make serving     60-layer decode steps of 64 requests (GLA-2 vs. MLA); $(BENCH_OUT)/serving.json and .png"
 	@echo "  make sass        registers / smem / HGMMA / spill summary of the built extension"
 	@echo "  make h100        build + sass + test + bench on an H100, logs in $(OUT) (scripts/h100.sh)"
 	@echo "  make clean       remove build outputs"
@@ -33,8 +35,14 @@ test:
 quickstart:
 	PYTHONPATH=$(CURDIR)$${PYTHONPATH:+:$$PYTHONPATH} $(PYTHON) examples/quickstart.py
 
+layer:
+	PYTHONPATH=$(CURDIR)$${PYTHONPATH:+:$$PYTHONPATH} $(PYTHON) examples/gla_decode_layer.py
+
 bench:
 	PYTHONPATH=$(CURDIR)$${PYTHONPATH:+:$$PYTHONPATH} $(PYTHON) benchmarks/bench_decode.py --out $(BENCH_OUT)
+
+serving:
+	PYTHONPATH=$(CURDIR)$${PYTHONPATH:+:$$PYTHONPATH} $(PYTHON) benchmarks/bench_serving.py --out $(BENCH_OUT)
 
 sass:
 	bash scripts/sass_report.sh
