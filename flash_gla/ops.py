@@ -177,6 +177,7 @@ def gta_with_kvcache(
     softmax_scale: float | None = None,
     causal: bool = False,
     out: torch.Tensor | None = None,
+    *,
     attn_sink: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Decode attention for Grouped-Tied Attention (GTA).

@@ -26,7 +26,13 @@ class Instance(NamedTuple):
     head_dim_rope: int  # the key's RoPE part
     shared_rope: bool  # RoPE in the rope cache shared by all KV heads, else inline after V
     row_warpgroups: int  # 64-row consumer warpgroups stacked on the packed query rows
-    description: str
+    description: str  # for the instance file's header only
+
+
+# The fields of flash_gla/_instances.py's Instance: all but the description, with these notes.
+PYTHON_FIELD_NOTES = {"variant": "mla | gla | gla_rope1 | gta",
+                      "shared_rope": "RoPE in the shared rope cache, else inline after V",
+                      "row_warpgroups": "64-row consumer warpgroups per CTA"}
 
 
 INSTANCES = [
@@ -127,6 +133,11 @@ def python_table() -> str:
         f"{inst.head_dim_rope}, {inst.shared_rope}, {inst.row_warpgroups}),"
         for inst in INSTANCES
     )
+    fields = "\n".join(
+        f"    {name}: {type(getattr(INSTANCES[0], name)).__name__}"
+        + (f"  # {PYTHON_FIELD_NOTES[name]}" if name in PYTHON_FIELD_NOTES else "")
+        for name in Instance._fields if name != "description"
+    )
     constants = "\n".join(
         f"{name} = {value}  # {SHARED_CONSTANTS[name][1]} in hopper/common/{SHARED_CONSTANTS[name][0]}"
         for name, value in shared_constants().items()
@@ -144,13 +155,7 @@ from typing import NamedTuple
 
 
 class Instance(NamedTuple):
-    name: str
-    variant: str  # mla | gla | gla_rope1 | gta
-    head_dim_v: int
-    head_dim_nope: int
-    head_dim_rope: int
-    shared_rope: bool  # RoPE in the shared rope cache, else inline after V
-    row_warpgroups: int  # 64-row consumer warpgroups per CTA
+{fields}
 
 
 DTYPES = {tuple(DTYPES)!r}
