@@ -1,6 +1,7 @@
 // The Python module flash_gla._C; nothing else lives here.
 #include <torch/extension.h>
 
+#include "cache_writer_api.h"
 #include "decode_api.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -13,4 +14,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("q"), py::arg("kv_cache"), py::arg("rope_cache"), py::arg("block_table"),
         py::arg("cache_seqlens"), py::arg("head_dim_v"), py::arg("tile_scheduler_metadata"),
         py::arg("num_splits"), py::arg("softmax_scale"), py::arg("causal"), py::arg("out"));
+  m.def("write_kvcache", &flash_gla::write_kvcache,
+        "Write new tokens into a paged KV cache (inputs validated by flash_gla.cache_writer)",
+        py::arg("kv_cache"), py::arg("slot_mapping"), py::arg("kv"), py::arg("rope"), py::arg("rope_cache"));
 }

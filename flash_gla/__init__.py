@@ -47,6 +47,7 @@ def _check_torch_matches_build():
 _check_torch_matches_build()
 
 from flash_gla import reference  # noqa: E402  (after the check: reference imports torch)
+from flash_gla.cache_writer import write_kvcache  # noqa: E402
 from flash_gla.ops import (  # noqa: E402
     SchedulerMetadata,
     flash_mla_with_kvcache,
@@ -65,4 +66,5 @@ __all__ = [
     "gla_with_kvcache",
     "gta_with_kvcache",
     "reference",
+    "write_kvcache",
 ]

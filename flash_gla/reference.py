@@ -186,3 +186,36 @@ def _paged_decode_ref(
             raise ValueError(f"keys have {keys.shape[-1]} dims but q.shape[3] (d_qk) is {d_qk}")
         out[i], lse[i] = attention_ref(q[i], keys, values, causal, scale)
     return out.to(q.dtype), lse
+
+
+def write_kvcache_ref(
+    kv_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    kv: torch.Tensor,
+    rope: torch.Tensor | None = None,
+    rope_cache: torch.Tensor | None = None,
+) -> None:
+    """The paged-cache writer (``flash_gla.write_kvcache``), in place: token ``t`` goes to slot
+    ``s = slot_mapping[t]``, row ``s % page_size`` of page ``s // page_size``.
+
+    Slots outside ``[0, num_blocks * page_size)`` (negative: padding) are skipped. Inline RoPE
+    (``rope_cache`` None): ``kv_cache[s, j] = concat(kv[t, j], rope[t])`` for every KV head ``j``,
+    or ``kv[t, j]`` alone when ``rope`` is None (whole rows). RoPE stored once:
+    ``kv_cache[s, j] = kv[t, j]`` and ``rope_cache[s, 0] = rope[t]``.
+
+    Args:
+        kv_cache: (num_blocks, page_size, h_kv, d). slot_mapping: (T,) integer.
+        kv: (T, h_kv, d_kv). rope: (T, d_rope) or None.
+        rope_cache: (num_blocks, page_size, 1, d_rope) or None.
+    """
+    num_blocks, page_size = kv_cache.shape[:2]
+    slots = slot_mapping.to(device=kv_cache.device, dtype=torch.long)
+    tokens = ((slots >= 0) & (slots < num_blocks * page_size)).nonzero().squeeze(1)
+    pages, rows = slots[tokens] // page_size, slots[tokens] % page_size
+    new_kv = kv[tokens].to(kv_cache.device)
+    new_rope = None if rope is None else rope[tokens].to(kv_cache.device)
+    if rope_cache is None and new_rope is not None:
+        new_kv = torch.cat([new_kv, new_rope[:, None, :].expand(-1, new_kv.shape[1], -1)], dim=-1)
+    kv_cache[pages, rows] = new_kv.to(kv_cache.dtype)
+    if rope_cache is not None:
+        rope_cache[pages, rows, 0] = new_rope.to(rope_cache.dtype)

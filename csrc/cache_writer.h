@@ -1,0 +1,57 @@
+// The paged-cache writer (flash_gla.write_kvcache): the new tokens' KV rows (and RoPE keys)
+// go to the cache slots that slot_mapping names. Plain C++ (no torch): csrc/cache_writer_api.cpp
+// fills the parameter block from the tensors, csrc/cache_writer.cu holds the kernel.
+//
+// Slot s is row s % 64 of page s / 64. A slot outside [0, num_slots) is skipped (negative:
+// a padding token; too large: a bad input, which must not write out of bounds). Strides are in
+// elements of the tensor they describe; every tensor's last dim is contiguous.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "common/params.h"
+
+namespace flash_gla {
+
+struct CacheWriteParams {
+  // ---- shape ----
+  int64_t num_tokens;  // T = slot_mapping.shape[0]
+  int64_t num_slots;   // kv_cache.shape[0] * 64: slots at or past it are skipped
+  int num_heads;       // h_kv
+  int kv_dim;          // d_kv: dims of kv per head (the whole cache row when rope is null)
+  int rope_dim;        // d_rope: dims of rope per token; 0 when rope is null
+
+  // ---- the new tokens (read) ----
+  const void* kv;               // (T, h_kv, d_kv)
+  int64_t kv_token_stride;
+  int64_t kv_head_stride;
+  const void* rope;             // (T, d_rope), or null: kv holds whole cache rows
+  int64_t rope_token_stride;
+  const int64_t* slot_mapping;  // (T,)
+  int64_t slot_stride;
+
+  // ---- the caches (written) ----
+  // kv_cache (num_blocks, 64, h_kv, d) with d = d_kv + d_rope when the RoPE keys are inline
+  // (rope_cache null: row j of a slot is concat(kv[t, j], rope[t])), d = d_kv otherwise.
+  void* kv_cache;
+  int64_t cache_block_stride;
+  int64_t cache_row_stride;   // one token (row of a page)
+  int64_t cache_head_stride;
+  // rope_cache (num_blocks, 64, 1, d_rope): the RoPE key stored once per token (shared-RoPE
+  // GLA, GTA), or null for inline RoPE.
+  void* rope_cache;
+  int64_t rope_cache_block_stride;
+  int64_t rope_cache_row_stride;
+
+  // Element type of kv and rope; the caches hold the same type (an FP8 cache, quantised with a
+  // scale on the way, would be another element op of the same kernel: see cache_writer.cu).
+  DType dtype;
+};
+
+// Writes every token whose slot is in range; no host synchronisation (CUDA-graph safe).
+// Throws on a launch failure.
+void run_write_kvcache(const CacheWriteParams& params, cudaStream_t stream);
+
+}  // namespace flash_gla

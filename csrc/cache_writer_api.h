@@ -1,0 +1,18 @@
+// The extension's paged-cache writer (flash_gla.write_kvcache). Inputs are validated by
+// flash_gla/cache_writer.py before they get here; this only asserts what the kernel relies on.
+#pragma once
+
+#include <optional>
+
+#include <torch/extension.h>
+
+namespace flash_gla {
+
+// kv_cache[slot_mapping[t], j] = concat(kv[t, j], rope[t]) (inline RoPE, rope_cache absent; with
+// rope absent too, kv holds whole rows), or kv_cache[slot, j] = kv[t, j] and
+// rope_cache[slot, 0] = rope[t] (RoPE stored once). Slots outside [0, num_blocks * 64) are
+// skipped. In place, no host synchronisation.
+void write_kvcache(const at::Tensor& kv_cache, const at::Tensor& slot_mapping, const at::Tensor& kv,
+                   const std::optional<at::Tensor>& rope, const std::optional<at::Tensor>& rope_cache);
+
+}  // namespace flash_gla

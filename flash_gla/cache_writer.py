@@ -1,0 +1,175 @@
+"""The paged-cache writer: a step's new tokens into the KV cache that the decode ops read.
+
+:func:`write_kvcache` follows vLLM's convention (its ``concat_and_cache_mla(kv_c, k_pe,
+kv_cache, slot_mapping, kv_cache_dtype, scale)``): token ``t`` goes to slot
+``slot_mapping[t]``, which is row ``slot % 64`` of page ``slot // 64``. One kernel launch, no
+host synchronisation: CUDA-graph safe. ``flash_gla.reference.write_kvcache_ref`` defines the
+semantics.
+
+Every input is checked here, in the order of ``flash_gla._validation`` (types, dtypes, ranks
+and shapes, strides, device), before the extension is touched; slot values are not (that would
+read them on the host): the kernel skips a slot outside ``[0, num_blocks * 64)``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from flash_gla._extension import load_extension
+from flash_gla._validation import (
+    HALF_DTYPES,
+    PAGE_SIZE,
+    expect_at_least,
+    expect_dtype,
+    expect_rank,
+    expect_tensor,
+    expect_unit_last_stride,
+)
+
+__all__ = ["write_kvcache"]
+
+#: Cache dtypes that a later issue (FP8 caches, with ``kv_scale``) will serve.
+FP8_DTYPES = tuple(
+    getattr(torch, name) for name in ("float8_e4m3fn", "float8_e4m3fnuz", "float8_e5m2", "float8_e5m2fnuz")
+    if hasattr(torch, name)
+)
+
+
+def write_kvcache(
+    kv_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    kv: torch.Tensor,
+    rope: torch.Tensor | None = None,
+    rope_cache: torch.Tensor | None = None,
+    kv_scale: torch.Tensor | None = None,
+) -> None:
+    """Write ``T`` new tokens into a paged KV cache, in place (vLLM's ``concat_and_cache_mla``).
+
+    Token ``t`` goes to slot ``s = slot_mapping[t]``: row ``s % 64`` of page ``s // 64``. A
+    negative slot (a padding token) is skipped, and so is a slot ``>= num_blocks * 64`` (out of
+    range: nothing is written out of bounds; the slots are not checked on the host, which would
+    synchronise). Slots should be distinct: of two tokens with the same slot, either may land.
+
+    Layouts (the decode ops' caches):
+
+    * Inline RoPE (GLA, MLA; ``rope_cache`` None): ``kv_cache[s, j] = concat(kv[t, j], rope[t])``
+      for every KV head ``j``. With ``rope`` None too, ``kv`` holds whole cache rows.
+    * RoPE stored once (GLA with a rope cache, GTA): ``kv_cache[s, j] = kv[t, j]`` and
+      ``rope_cache[s, 0] = rope[t]``; ``rope`` is required.
+
+    Args:
+        kv_cache: (num_blocks, 64, h_kv, d) bfloat16 or float16, CUDA; last dim contiguous, any
+            other strides (e.g. a slice of a larger allocation). ``d = d_kv + d_rope`` inline,
+            ``d = d_kv`` with a ``rope_cache``.
+        slot_mapping: (T,) int64, same device: the slot of each token.
+        kv: (T, h_kv, d_kv) kv_cache's dtype, last dim contiguous: the new latents (GLA, MLA)
+            or tied states (GTA), one row per KV head.
+        rope: (T, d_rope) kv_cache's dtype, last dim contiguous, or None: the new RoPE keys,
+            one per token (shared by the KV heads).
+        rope_cache: (num_blocks, 64, 1, d_rope) kv_cache's dtype, last dim contiguous, or None
+            for inline RoPE.
+        kv_scale: must be None. Reserved for FP8 caches (a later issue); an FP8 ``kv_cache``
+            is rejected too.
+
+    Returns:
+        None; ``kv_cache`` (and ``rope_cache``) are written in place.
+
+    Raises:
+        TypeError / ValueError naming the argument, what was expected and what was given.
+    """
+    _check_inputs(kv_cache, slot_mapping, kv, rope, rope_cache, kv_scale)
+    load_extension().write_kvcache(kv_cache, slot_mapping, kv, rope, rope_cache)
+
+
+def _check_inputs(kv_cache, slot_mapping, kv, rope, rope_cache, kv_scale) -> None:
+    """Every check of :func:`write_kvcache`'s inputs; the device last, so that the rest runs on CPU."""
+    if kv_scale is not None:
+        shown = f"a {type(kv_scale).__name__}" if isinstance(kv_scale, torch.Tensor) else repr(kv_scale)
+        raise ValueError(
+            f"kv_scale must be None (it is reserved for FP8 KV caches, which write_kvcache does not "
+            f"support yet), got {shown}"
+        )
+    tensors = {"kv_cache": kv_cache, "slot_mapping": slot_mapping, "kv": kv, "rope": rope, "rope_cache": rope_cache}
+    # Types.
+    expect_tensor("kv_cache", kv_cache, hint="(num_blocks, 64, h_kv, d)")
+    expect_tensor("slot_mapping", slot_mapping, hint="(T,) int64")
+    expect_tensor("kv", kv, hint="(T, h_kv, d_kv)")
+    if rope_cache is not None:
+        expect_tensor("rope_cache", rope_cache, hint="(num_blocks, 64, 1, d_rope) or None")
+        expect_tensor("rope", rope, hint="(T, d_rope) (required with a rope_cache)")
+    elif rope is not None:
+        expect_tensor("rope", rope, hint="(T, d_rope) or None")
+    # Dtypes.
+    if kv_cache.dtype in FP8_DTYPES:
+        raise TypeError(
+            f"kv_cache.dtype must be torch.bfloat16 or torch.float16, got {kv_cache.dtype}: FP8 KV caches "
+            "are not supported by write_kvcache yet"
+        )
+    expect_dtype("kv_cache", kv_cache, HALF_DTYPES)
+    expect_dtype("slot_mapping", slot_mapping, torch.int64)
+    for name in ("kv", "rope", "rope_cache"):
+        if tensors[name] is not None:
+            expect_dtype(name, tensors[name], kv_cache.dtype, what="kv_cache's dtype")
+    # Ranks and shapes.
+    for name, rank in (("kv_cache", 4), ("slot_mapping", 1), ("kv", 3), ("rope", 2), ("rope_cache", 4)):
+        if tensors[name] is not None:
+            expect_rank(name, tensors[name], rank)
+    num_blocks, page_size, h_kv, cache_dim = kv_cache.shape
+    expect_at_least("kv_cache.shape[0] (num_blocks)", num_blocks, 1)
+    if page_size != PAGE_SIZE:
+        raise ValueError(f"kv_cache.shape[1] (page size) must be {PAGE_SIZE}, got {page_size}")
+    expect_at_least("kv_cache.shape[2] (h_kv)", h_kv, 1)
+    num_tokens = slot_mapping.shape[0]
+    if tuple(kv.shape[:2]) != (num_tokens, h_kv):
+        raise ValueError(
+            f"kv.shape[:2] must be (T, h_kv) = ({num_tokens}, {h_kv}) (slot_mapping.shape[0], "
+            f"kv_cache.shape[2]), got {tuple(kv.shape[:2])}"
+        )
+    d_kv = kv.shape[2]
+    expect_at_least("kv.shape[2] (d_kv)", d_kv, 1)
+    d_rope = 0
+    if rope is not None:
+        if rope.shape[0] != num_tokens:
+            raise ValueError(
+                f"rope.shape[0] must equal slot_mapping.shape[0] (T) = {num_tokens}, got {rope.shape[0]}"
+            )
+        d_rope = rope.shape[1]
+        expect_at_least("rope.shape[1] (d_rope)", d_rope, 1)
+    if rope_cache is not None:
+        expected = (num_blocks, PAGE_SIZE, 1, d_rope)
+        if tuple(rope_cache.shape) != expected:
+            raise ValueError(
+                f"rope_cache.shape must be (num_blocks, 64, 1, d_rope) = {expected} (num_blocks of kv_cache, "
+                f"d_rope of rope), got {tuple(rope_cache.shape)}"
+            )
+        if cache_dim != d_kv:
+            raise ValueError(
+                f"kv_cache.shape[3] must equal kv.shape[2] (d_kv) = {d_kv} with a rope_cache (the RoPE "
+                f"keys go to rope_cache), got {cache_dim}"
+            )
+    elif rope is not None:
+        if cache_dim != d_kv + d_rope:
+            raise ValueError(
+                f"kv_cache.shape[3] must equal kv.shape[2] + rope.shape[1] (d_kv + d_rope) = {d_kv} + "
+                f"{d_rope} = {d_kv + d_rope} (inline RoPE), got {cache_dim}"
+            )
+    elif cache_dim != d_kv:
+        raise ValueError(
+            f"kv_cache.shape[3] must equal kv.shape[2] = {d_kv} (rope is None: kv holds whole cache "
+            f"rows), got {cache_dim}"
+        )
+    # Strides.
+    for name in ("kv_cache", "kv", "rope", "rope_cache"):
+        if tensors[name] is not None:
+            expect_unit_last_stride(name, tensors[name])
+    # Device.
+    if not kv_cache.is_cuda:
+        raise ValueError(
+            f"kv_cache must be a CUDA tensor (all tensors on one CUDA device), got device {kv_cache.device}"
+        )
+    for name, x in tensors.items():
+        if x is not None and x.device != kv_cache.device:
+            raise ValueError(
+                f"{name} must be on kv_cache's device {kv_cache.device} (all tensors on one CUDA device), "
+                f"got {x.device}"
+            )
