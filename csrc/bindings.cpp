@@ -13,7 +13,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("decode", &flash_gla::decode, "Paged decode attention (inputs validated by flash_gla.ops)",
         py::arg("q"), py::arg("kv_cache"), py::arg("rope_cache"), py::arg("block_table"),
         py::arg("cache_seqlens"), py::arg("head_dim_v"), py::arg("tile_scheduler_metadata"),
-        py::arg("num_splits"), py::arg("softmax_scale"), py::arg("causal"), py::arg("out"));
+        py::arg("num_splits"), py::arg("softmax_scale"), py::arg("causal"), py::arg("out"),
+        py::arg("attn_sink"));
   m.def("write_kvcache", &flash_gla::write_kvcache,
         "Write new tokens into a paged KV cache (inputs validated by flash_gla.cache_writer)",
         py::arg("kv_cache"), py::arg("slot_mapping"), py::arg("kv"), py::arg("rope"), py::arg("rope_cache"));

@@ -36,6 +36,7 @@ def gla_with_kvcache_ref(
     softmax_scale: float | None = None,
     causal: bool = False,
     rope_cache: torch.Tensor | None = None,
+    attn_sink: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """GLA (and MLA, ``h_kv == 1``) decode attention over a paged latent cache.
 
@@ -51,6 +52,7 @@ def gla_with_kvcache_ref(
             follow V inside the row). Otherwise (num_blocks, page_size, 1, d_rope), one RoPE
             key shared by all KV heads: ``K[t] = concat(kv[t, j, :], rope[t, 0, :])``
             (d + d_rope == d_qk).
+        attn_sink: None, or (h_q,) sink logits: see :func:`apply_attn_sink`.
 
     Returns:
         out (b, s_q, h_q, head_dim_v) in q's dtype, lse (b, h_q, s_q) float32.
@@ -64,7 +66,8 @@ def gla_with_kvcache_ref(
         keys = rows if rope_cache is None else _concat_shared_rope(rows, rope_cache, table_row, length)
         return keys, rows[..., :head_dim_v]
 
-    return _paged_decode_ref(q, kv_cache, block_table, cache_seqlens, build, softmax_scale, causal, head_dim_v)
+    return _paged_decode_ref(q, kv_cache, block_table, cache_seqlens, build, softmax_scale, causal, head_dim_v,
+                             attn_sink)
 
 
 def gta_with_kvcache_ref(
@@ -75,6 +78,7 @@ def gta_with_kvcache_ref(
     cache_seqlens: torch.Tensor,
     softmax_scale: float | None = None,
     causal: bool = False,
+    attn_sink: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """GTA decode attention: one tied state per KV head serves as V and (partly) as K.
 
@@ -98,7 +102,7 @@ def gta_with_kvcache_ref(
         keys = _concat_shared_rope(rows[..., : d - d_rope], rope_cache, table_row, length)
         return keys, rows
 
-    return _paged_decode_ref(q, kv_cache, block_table, cache_seqlens, build, softmax_scale, causal, d)
+    return _paged_decode_ref(q, kv_cache, block_table, cache_seqlens, build, softmax_scale, causal, d, attn_sink)
 
 
 def gather_rows(cache: torch.Tensor, table_row: torch.Tensor, length: int) -> torch.Tensor:
@@ -162,6 +166,7 @@ def _paged_decode_ref(
     softmax_scale: float | None,
     causal: bool,
     dv: int,
+    attn_sink: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Run :func:`attention_ref` per request on the K/V that ``build_kv`` gathers."""
     if q.dim() != 4 or kv_cache.dim() != 4:
@@ -185,7 +190,22 @@ def _paged_decode_ref(
         if keys.shape[-1] != d_qk:
             raise ValueError(f"keys have {keys.shape[-1]} dims but q.shape[3] (d_qk) is {d_qk}")
         out[i], lse[i] = attention_ref(q[i], keys, values, causal, scale)
+    if attn_sink is not None:
+        out = apply_attn_sink(out, lse, attn_sink)
     return out.to(q.dtype), lse
+
+
+def apply_attn_sink(out: torch.Tensor, lse: torch.Tensor, attn_sink: torch.Tensor) -> torch.Tensor:
+    """Attention sinks (FlashMLA's ``attn_sink``): query head ``h`` has one more logit,
+    ``attn_sink[h]``, that joins the softmax's denominator but has no value, so
+    ``out *= exp(lse) / (exp(lse) + exp(attn_sink[h]))``; ``lse`` stays that of the keys, and a
+    row that saw no key (``lse = +inf``) keeps ``out = 0``.
+
+    out (b, s_q, h_q, dv), lse (b, h_q, s_q), attn_sink (h_q,): returns the new out (float32).
+    """
+    keep = torch.sigmoid(lse.float() - attn_sink.float().to(lse.device)[None, :, None])  # = 1 / (1 + e^(sink - lse))
+    keep = keep.masked_fill(torch.isinf(lse) & (lse > 0), 0.0)
+    return out.float() * keep.permute(0, 2, 1).unsqueeze(-1)
 
 
 def write_kvcache_ref(
