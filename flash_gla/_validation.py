@@ -21,6 +21,7 @@ from typing import Any, Callable, NamedTuple
 
 import torch
 
+from flash_gla import _library
 from flash_gla._extension import num_sm_parts
 from flash_gla._instances import DTYPES, INSTANCES
 from flash_gla._metadata import DecodeConfig, SchedulerMetadata
@@ -139,7 +140,7 @@ def check_decode_inputs(
     for name, x in tensors:
         if x is not None and x.device != q.device:
             raise ValueError(f"{name} must be on q's device {q.device} (all tensors on one CUDA device), got {x.device}")
-    if not lazy:
+    if not lazy and not _library.compiling():  # asks the extension: not traceable
         parts = num_sm_parts(q.device.index, config.num_q_tokens_per_head_k, config.h_kv)
         if tile_scheduler_metadata.shape[0] != parts:
             raise ValueError(
@@ -369,7 +370,7 @@ def expect_tma_compatible(name: str, x: torch.Tensor) -> None:
                 f"{name}.stride({dim}) must be a multiple of {align} elements ({TMA_ALIGN_BYTES} bytes, "
                 f"for TMA), got {x.stride(dim)}"
             )
-    if x.data_ptr() % TMA_ALIGN_BYTES != 0:
+    if not _library.compiling() and x.data_ptr() % TMA_ALIGN_BYTES != 0:  # no address when traced
         raise ValueError(
             f"{name}.data_ptr() must be {TMA_ALIGN_BYTES}-byte aligned (for TMA), got address "
             f"{x.data_ptr():#x} (offset {x.data_ptr() % TMA_ALIGN_BYTES})"

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 
+from flash_gla import _library
 from flash_gla._extension import load_extension
 from flash_gla._validation import (
     HALF_DTYPES,
@@ -78,7 +79,10 @@ def write_kvcache(
         TypeError / ValueError naming the argument, what was expected and what was given.
     """
     _check_inputs(kv_cache, slot_mapping, kv, rope, rope_cache, kv_scale)
-    load_extension().write_kvcache(kv_cache, slot_mapping, kv, rope, rope_cache)
+    if _library.compiling():  # the registered op, which declares what it writes
+        _library.write_kvcache(kv_cache, slot_mapping, kv, rope, rope_cache)
+    else:
+        load_extension().write_kvcache(kv_cache, slot_mapping, kv, rope, rope_cache)
 
 
 def _check_inputs(kv_cache, slot_mapping, kv, rope, rope_cache, kv_scale) -> None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from flash_gla import _validation
+from flash_gla import _library, _validation
 from flash_gla._extension import load_extension as _load_extension
 from flash_gla._extension import num_sm_parts as _num_sm_parts  # noqa: F401  (tests, tools)
 from flash_gla._metadata import DecodeConfig, SchedulerMetadata
@@ -85,6 +85,8 @@ def get_metadata(
             "num_q_tokens_per_head_k and num_heads_k (classic form)"
         )
     _validation.check_metadata_args(cache_seqlens, num_q_tokens_per_head_k, num_heads_k)
+    if _library.compiling():  # the registered op (torch.ops.flash_gla.get_metadata)
+        return _library.get_metadata(cache_seqlens, num_q_tokens_per_head_k, num_heads_k)
     return _load_extension().get_metadata(cache_seqlens, num_q_tokens_per_head_k, num_heads_k)
 
 
@@ -265,10 +267,22 @@ def _decode(
         variant, q, kv_cache, rope_cache, block_table, cache_seqlens, head_dim_v,
         tile_scheduler_metadata, num_splits, softmax_scale, causal, out, attn_sink, check_lengths=CHECK_LENGTHS,
     )
-    if isinstance(tile_scheduler_metadata, SchedulerMetadata):
-        tile_scheduler_metadata, num_splits = tile_scheduler_metadata._resolve(config, cache_seqlens)
     if softmax_scale is None:
         softmax_scale = q.shape[-1] ** -0.5
+    if _library.compiling():  # the registered op (torch.ops.flash_gla.decode), which writes out
+        if isinstance(tile_scheduler_metadata, SchedulerMetadata):
+            raise TypeError(
+                "the lazy metadata object (get_metadata() with no arguments) is filled in Python on the "
+                "first call and cannot be compiled: under torch.compile use the classic form, "
+                "get_metadata(cache_seqlens, s_q * h_q // h_kv, h_kv)"
+            )
+        if out is None:
+            out = q.new_empty((config.batch, config.s_q, config.h_q, config.head_dim_v))
+        lse = _library.decode(q, kv_cache, rope_cache, block_table, cache_seqlens, config.head_dim_v,
+                              tile_scheduler_metadata, num_splits, float(softmax_scale), causal, out, attn_sink)
+        return out, lse
+    if isinstance(tile_scheduler_metadata, SchedulerMetadata):
+        tile_scheduler_metadata, num_splits = tile_scheduler_metadata._resolve(config, cache_seqlens)
     return _load_extension().decode(
         q, kv_cache, rope_cache, block_table, cache_seqlens, config.head_dim_v,
         tile_scheduler_metadata, num_splits, float(softmax_scale), causal, out, attn_sink,
