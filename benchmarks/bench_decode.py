@@ -273,6 +273,8 @@ def main():
     ap.add_argument("--configs", default="gla2,gla1,mla,mla64,varlen,gla2-rope1,gta8,gqa8")
     ap.add_argument("--lengths", default="1024,4096,16384,32768")
     ap.add_argument("--sq", default="1,2,4")
+    ap.add_argument("--sq8-configs", default="gla2,gla2-rope1,gta8",
+                    help="configurations that also get s_q 8 rows (multi-token prediction); '' for none")
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--iters", type=int, default=100)
     ap.add_argument("--no-flashmla", action="store_true")
@@ -293,10 +295,12 @@ def main():
     print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}  roof {ROOF_GBPS} GB/s")
     print(HEADER)
     t0 = time.time()
+    sq8 = {name for name in args.sq8_configs.split(",") if name}
     for name in args.configs.split(","):
         cfg = CONFIGS[name]
         lengths = [0] if cfg.get("varlen") else [int(x) for x in args.lengths.split(",")]
-        for s_q in [int(x) for x in args.sq.split(",")]:
+        s_qs = [int(x) for x in args.sq.split(",")]
+        for s_q in s_qs + ([8] if name in sq8 and 8 not in s_qs else []):
             for length in lengths:
                 row = bench_row(name, cfg, length, s_q, args, flashmla, gen)
                 rows.append(row)
