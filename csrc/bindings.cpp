@@ -3,6 +3,7 @@
 
 #include "cache_writer_api.h"
 #include "decode_api.h"
+#include "merge_api.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "flash_gla: Hopper decode kernels for MLA, GLA and GTA (see flash_gla/ops.py)";
@@ -18,4 +19,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("write_kvcache", &flash_gla::write_kvcache,
         "Write new tokens into a paged KV cache (inputs validated by flash_gla.cache_writer)",
         py::arg("kv_cache"), py::arg("slot_mapping"), py::arg("kv"), py::arg("rope"), py::arg("rope_cache"));
+  m.def("merge_attention", &flash_gla::merge_attention,
+        "Attention over the union of two disjoint key sets (inputs validated by flash_gla.merge)",
+        py::arg("out_a"), py::arg("lse_a"), py::arg("out_b"), py::arg("lse_b"), py::arg("out"), py::arg("lse"));
 }

@@ -48,6 +48,7 @@ _check_torch_matches_build()
 
 from flash_gla import reference  # noqa: E402  (after the check: reference imports torch)
 from flash_gla.cache_writer import write_kvcache  # noqa: E402
+from flash_gla.merge import merge_attention  # noqa: E402
 from flash_gla.ops import (  # noqa: E402
     SchedulerMetadata,
     flash_mla_with_kvcache,
@@ -65,6 +66,7 @@ __all__ = [
     "get_mla_metadata",
     "gla_with_kvcache",
     "gta_with_kvcache",
+    "merge_attention",
     "reference",
     "write_kvcache",
 ]

@@ -81,6 +81,20 @@ def _(kv_cache, slot_mapping, kv, rope, rope_cache):
     return None
 
 
+@torch.library.custom_op("flash_gla::merge_attention", mutates_args=("out", "lse"))
+def merge_attention(
+    out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor, out: torch.Tensor,
+    lse: torch.Tensor,
+) -> None:
+    """Writes the attention over both key sets into ``out`` and ``lse``."""
+    load_extension().merge_attention(out_a, lse_a, out_b, lse_b, out, lse)
+
+
+@merge_attention.register_fake
+def _(out_a, lse_a, out_b, lse_b, out, lse):
+    return None
+
+
 def compiling() -> bool:
     """Whether the caller is being traced by torch.compile (then the ops above are used)."""
     return torch.compiler.is_compiling()

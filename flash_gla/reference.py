@@ -239,3 +239,23 @@ def write_kvcache_ref(
     kv_cache[pages, rows] = new_kv.to(kv_cache.dtype)
     if rope_cache is not None:
         rope_cache[pages, rows, 0] = new_rope.to(rope_cache.dtype)
+
+
+def merge_attention_ref(
+    out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The attention over two disjoint key sets from each set's ``(out, lse)`` (``flash_gla.merge_attention``).
+
+    out_* (b, s_q, h_q, dv), lse_* (b, h_q, s_q), natural log, ``+inf`` for a part without keys.
+    Returns ``out`` in out_a's dtype and ``lse`` float32; both parts empty: ``out = 0``, ``lse = +inf``.
+    """
+    empty_a, empty_b = torch.isposinf(lse_a), torch.isposinf(lse_b)
+    a = lse_a.double().masked_fill(empty_a, -math.inf)
+    b = lse_b.double().masked_fill(empty_b, -math.inf)
+    lse = torch.logaddexp(a, b)  # -inf where both are empty
+    both_empty = torch.isneginf(lse)
+    safe = lse.masked_fill(both_empty, 0.0)
+    wa = torch.exp(a - safe).masked_fill(empty_a, 0.0).permute(0, 2, 1).unsqueeze(-1)
+    wb = torch.exp(b - safe).masked_fill(empty_b, 0.0).permute(0, 2, 1).unsqueeze(-1)
+    out = torch.where(wa > 0, wa * out_a.double(), 0.0) + torch.where(wb > 0, wb * out_b.double(), 0.0)
+    return out.to(out_a.dtype), lse.masked_fill(both_empty, math.inf).float()
