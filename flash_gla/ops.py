@@ -176,11 +176,8 @@ def gta_with_kvcache(
     cache_seqlens: torch.Tensor,
     tile_scheduler_metadata: torch.Tensor | SchedulerMetadata,
     num_splits: torch.Tensor | None = None,
-    softmax_scale: float | None = None,
-    causal: bool = False,
-    out: torch.Tensor | None = None,
-    *,
-    attn_sink: torch.Tensor | None = None,
+    softmax_scale: float | None = None, causal: bool = False, out: torch.Tensor | None = None,
+    *, attn_sink: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Decode attention for Grouped-Tied Attention (GTA).
 

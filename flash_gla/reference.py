@@ -209,11 +209,8 @@ def apply_attn_sink(out: torch.Tensor, lse: torch.Tensor, attn_sink: torch.Tenso
 
 
 def write_kvcache_ref(
-    kv_cache: torch.Tensor,
-    slot_mapping: torch.Tensor,
-    kv: torch.Tensor,
-    rope: torch.Tensor | None = None,
-    rope_cache: torch.Tensor | None = None,
+    kv_cache: torch.Tensor, slot_mapping: torch.Tensor, kv: torch.Tensor,
+    rope: torch.Tensor | None = None, rope_cache: torch.Tensor | None = None,
 ) -> None:
     """The paged-cache writer (``flash_gla.write_kvcache``), in place: token ``t`` goes to slot
     ``s = slot_mapping[t]``, row ``s % page_size`` of page ``s // page_size``.
