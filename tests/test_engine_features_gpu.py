@@ -136,3 +136,39 @@ def test_padded_batch_rows(shape, form):
         assert_close(out[:4], ref, lse[:4], lse_ref, where + "-live")
         assert torch.equal(out[4:], torch.zeros_like(out[4:])), f"[{where}] padded rows must get out = 0"
         assert torch.isinf(lse[4:]).all() and (lse[4:] > 0).all(), f"[{where}] padded rows must get lse = +inf"
+
+
+# ----------------------------------------------------------------------------------------
+# The validated-layout cache: a repeated call skips the checks of its layout, never a check
+# that another argument would fail
+# ----------------------------------------------------------------------------------------
+
+
+def test_repeated_call_still_rejects_bad_arguments():
+    shape = SHAPES[3]  # RoPE stored once: every tensor argument is present
+    inp = shape.inputs([5, 700, 3000], seed=11)
+    meta, num_splits = flash_gla.get_metadata(inp.cache_seqlens, shape.rows(), shape.h_kv)
+    call = dict(q=inp.q, kv_cache=inp.kv_cache, block_table=inp.block_table, cache_seqlens=inp.cache_seqlens,
+                head_dim_v=shape.dv, tile_scheduler_metadata=meta, num_splits=num_splits, causal=True,
+                rope_cache=inp.rope_cache)
+    want = flash_gla.gla_with_kvcache(**call)
+    got = flash_gla.gla_with_kvcache(**call)  # the same layout again: from the cache
+    assert torch.equal(got[1], want[1])
+    # Equal as Python values, unequal in type: the cache must not let them through.
+    with pytest.raises(TypeError, match="head_dim_v must be an int"):
+        flash_gla.gla_with_kvcache(**{**call, "head_dim_v": float(shape.dv)})
+    with pytest.raises(TypeError, match="causal must be a bool"):
+        flash_gla.gla_with_kvcache(**{**call, "causal": 1})
+    # Same shape, strides and dtype at a misaligned address: checked on every call.
+    flat = torch.empty(inp.kv_cache.numel() + 8, dtype=inp.kv_cache.dtype, device="cuda")
+    shifted = flat[1:1 + inp.kv_cache.numel()].view(inp.kv_cache.shape)
+    assert shifted.stride() == inp.kv_cache.stride()
+    with pytest.raises(ValueError, match=r"kv_cache.data_ptr\(\) must be 16-byte aligned"):
+        flash_gla.gla_with_kvcache(**{**call, "kv_cache": shifted})
+    # Another layout (metadata for another row count) is checked in full.
+    other_meta, other_splits = flash_gla.get_metadata(inp.cache_seqlens, shape.rows() // 2, shape.h_kv)
+    if other_meta.shape[0] != meta.shape[0]:
+        with pytest.raises(ValueError, match="tile_scheduler_metadata.shape"):
+            flash_gla.gla_with_kvcache(**{**call, "tile_scheduler_metadata": other_meta, "num_splits": other_splits})
+    with pytest.raises(TypeError, match="out.dtype"):
+        flash_gla.gla_with_kvcache(**call, out=torch.empty_like(want[0], dtype=torch.float16))

@@ -45,6 +45,11 @@ def step_fn(variant, dims):
     return step
 
 
+def same_bits(a, b):
+    int_type = {2: torch.int16, 4: torch.int32}[a.element_size()]
+    return a.dtype == b.dtype and torch.equal(a.view(int_type), b.view(int_type))
+
+
 def step_args(inp, slots, new_kv, new_rope):
     rope_cache = None if inp.rope_cache is None else inp.rope_cache.clone()
     return (inp.q, inp.kv_cache.clone(), rope_cache, inp.block_table, inp.cache_seqlens, slots, new_kv, new_rope)
@@ -80,7 +85,8 @@ def test_compiled_step_matches_eager(variant, mode):
         compiled_args = step_args(inp, slots, new_kv, new_rope)
         got_out, got_lse = compiled(*compiled_args)
     torch.cuda.synchronize()
-    assert torch.equal(compiled_args[1], eager_args[1]), f"[{variant.name}-{mode}] the compiled cache write differs"
-    assert torch.equal(got_out, want_out) and torch.equal(got_lse, want_lse), (
+    # Bitwise: the caches hold NaN poison past each length, which torch.equal calls unequal.
+    assert same_bits(compiled_args[1], eager_args[1]), f"[{variant.name}-{mode}] the compiled cache write differs"
+    assert same_bits(got_out, want_out) and same_bits(got_lse, want_lse), (
         f"[{variant.name}-{mode}] compiled out/lse differ from eager: max |out diff| "
         f"{(got_out.float() - want_out.float()).abs().max().item():.3g}")
