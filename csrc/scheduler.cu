@@ -8,6 +8,8 @@
 // flash_gla/scheduler_model.py is the host model of this exact algorithm (tested on CPU).
 #include <algorithm>
 
+#include <cub/block/block_scan.cuh>
+
 #include "common/cuda_check.h"
 #include "common/params.h"
 #include "common/tile_policy.h"
@@ -83,6 +85,111 @@ __global__ void scheduler_kernel(const int* __restrict__ cache_seqlens, int batc
   }
 }
 
+// The batch-invariant plan (flash_gla/scheduler_model.py: plan_batch_invariant). Two passes
+// over the requests with the whole block: the totals, then a block-wide scan that gives each
+// chunk its slot and its cost's start, hence its part (the part in which the chunk's cost
+// midpoint falls); the first slot of each part is recorded in shared memory, and the rows
+// are written from those.
+__device__ __forceinline__ int chunk_cost(int pages, int chunk) {
+  const int step = invariant_chunk_pages(pages);
+  return min(step, pages - chunk * step) + kFixedOverheadPages;
+}
+
+__global__ void invariant_scheduler_kernel(const int* __restrict__ cache_seqlens, int batch,
+                                           int num_parts, int* __restrict__ sched_meta,
+                                           int* __restrict__ num_splits) {
+  using Scan = cub::BlockScan<long long, kThreads>;
+  __shared__ typename Scan::TempStorage scan_storage;
+  __shared__ long long totals[2];  // slots, cost
+  __shared__ int part_begin[kMaxSplitsPerRequest];
+
+  auto request_sums = [&](int i, long long& slots, long long& cost) {
+    slots = cost = 0;
+    if (i < batch) {
+      const int pages = pages_of(cache_seqlens[i]);
+      const int chunks = invariant_num_chunks(pages);
+      slots = chunks;
+      cost = pages + static_cast<long long>(chunks) * kFixedOverheadPages;
+    }
+  };
+  // Pass 1: the totals.
+  long long my_slots = 0, my_cost = 0;
+  for (int i = threadIdx.x; i < batch; i += kThreads) {
+    long long s, c;
+    request_sums(i, s, c);
+    my_slots += s;
+    my_cost += c;
+  }
+  long long ignored, all_slots, all_cost;  // block aggregates, in every thread
+  Scan(scan_storage).ExclusiveSum(my_slots, ignored, all_slots);
+  __syncthreads();
+  Scan(scan_storage).ExclusiveSum(my_cost, ignored, all_cost);
+  if (threadIdx.x == 0) {
+    totals[0] = all_slots;
+    totals[1] = max(all_cost, 1LL);
+    num_splits[0] = 0;
+  }
+  for (int q = threadIdx.x; q < num_parts; q += kThreads) { part_begin[q] = -1; }
+  __syncthreads();
+  const long long total_cost = totals[1];
+  auto part_of = [&](long long start, int cost) {
+    return static_cast<int>(min(static_cast<long long>(num_parts - 1),
+                                (2 * start + cost) * num_parts / (2 * total_cost)));
+  };
+
+  // Pass 2: tile by tile, each thread one request; carry the sums of earlier tiles.
+  long long slot_carry = 0, cost_carry = 0;
+  for (int tile = 0; tile < batch; tile += kThreads) {
+    const int i = tile + threadIdx.x;
+    long long slots, cost, slot0, cost0, tile_slots, tile_cost;
+    request_sums(i, slots, cost);
+    Scan(scan_storage).ExclusiveSum(slots, slot0, tile_slots);
+    __syncthreads();
+    Scan(scan_storage).ExclusiveSum(cost, cost0, tile_cost);
+    __syncthreads();
+    slot0 += slot_carry;
+    cost0 += cost_carry;
+    if (i < batch) {
+      num_splits[i + 1] = static_cast<int>(slot0 + slots);
+      const int pages = pages_of(cache_seqlens[i]);
+      // The part of the slot before this request's first: the previous request's last chunk.
+      int previous = -1;
+      if (i > 0) {
+        const int prev_pages = pages_of(cache_seqlens[i - 1]);
+        const int last = chunk_cost(prev_pages, invariant_num_chunks(prev_pages) - 1);
+        previous = part_of(cost0 - last, last);
+      }
+      long long start = cost0;
+      for (int c = 0; c < static_cast<int>(slots); ++c) {
+        const int cost_c = chunk_cost(pages, c);
+        const int part = part_of(start, cost_c);
+        // Parts previous+1 .. part begin at this slot: each is written by one slot only.
+        for (int q = previous + 1; q <= part; ++q) { part_begin[q] = static_cast<int>(slot0 + c); }
+        previous = part;
+        start += cost_c;
+      }
+    }
+    slot_carry += tile_slots;
+    cost_carry += tile_cost;
+  }
+  __syncthreads();
+  const int total_slots = static_cast<int>(totals[0]);
+  for (int q = threadIdx.x; q <= num_parts; q += kThreads) {
+    int* meta = sched_meta + q * kMetaFields;
+    for (int f = 0; f < kMetaFields; ++f) { meta[f] = 0; }
+    if (q == num_parts) {  // the header row that marks the plan
+      meta[0] = kInvariantMaxChunks;
+      meta[1] = kInvariantChunkPages;
+      continue;
+    }
+    const int begin = part_begin[q] < 0 ? total_slots : part_begin[q];
+    int next = total_slots;  // the first slot of a later part
+    if (q + 1 < num_parts && part_begin[q + 1] >= 0) { next = part_begin[q + 1]; }
+    meta[kMetaBeginBatch] = begin;
+    meta[kMetaEndBatch] = next - 1;
+  }
+}
+
 }  // namespace
 
 int num_sm_parts(int num_sms, int num_q_tokens_per_head_k, int num_heads_k) {
@@ -101,9 +208,14 @@ int num_sm_parts(int num_sms, int num_q_tokens_per_head_k, int num_heads_k) {
 }
 
 void run_scheduler(const int* cache_seqlens, int batch, int num_parts, int* sched_meta,
-                   int* num_splits, cudaStream_t stream) {
-  scheduler_kernel<<<1, kThreads, 0, stream>>>(cache_seqlens, batch, num_parts, sched_meta,
-                                                num_splits);
+                   int* num_splits, cudaStream_t stream, bool batch_invariant) {
+  if (batch_invariant) {
+    invariant_scheduler_kernel<<<1, kThreads, 0, stream>>>(cache_seqlens, batch, num_parts,
+                                                            sched_meta, num_splits);
+  } else {
+    scheduler_kernel<<<1, kThreads, 0, stream>>>(cache_seqlens, batch, num_parts, sched_meta,
+                                                  num_splits);
+  }
   check_launch("scheduler");
 }
 

@@ -46,6 +46,8 @@ from dataclasses import dataclass
 PAGE_SIZE = 64  # tokens per KV page; C++ kPageSize
 FIXED_OVERHEAD_PAGES = 5  # cost of a (request, part) piece beyond its pages; C++ kFixedOverheadPages
 META_FIELDS = 8  # C++ kMetaFields
+INVARIANT_CHUNK_PAGES = 64  # batch-invariant plan: smallest piece of a split request; C++ kInvariantChunkPages
+INVARIANT_MAX_CHUNKS = 8  # batch-invariant plan: most pieces per request; C++ kInvariantMaxChunks
 
 
 def num_pages(seqlen: int) -> int:
@@ -151,3 +153,77 @@ def part_costs(meta: list[list[int]], num_splits: list[int], seqlens: list[int])
     for piece in pieces(meta, num_splits, seqlens):
         costs[piece.part] += piece.cost
     return costs
+
+
+# ----------------------------------------------------------------------------------------
+# The batch-invariant plan (get_metadata(..., enable_batch_invariant=True))
+# ----------------------------------------------------------------------------------------
+#
+# The plan above cuts a request wherever a part's budget runs out, which depends on the
+# requests before it: the same request in another batch is cut elsewhere, and its output,
+# merged from other partial sums, differs in the last bits. The batch-invariant plan cuts
+# every request by its own length only: into chunks of ``chunk_pages(n)`` pages, at most
+# ``INVARIANT_MAX_CHUNKS`` of them, one accumulator slot each. The slots, in request order,
+# are then dealt to the parts in contiguous runs, never cut: a part may hold several chunks
+# of one request, but computes each as its own piece, so a request's pieces and their merge
+# order are the same in every batch.
+#
+# Metadata: ``num_parts`` rows ``[begin_slot, 0, end_slot, 0, 0, 0, 0, 0]`` (slots
+# ``begin_slot .. end_slot`` inclusive; an idle part has ``end_slot < begin_slot``), then one
+# header row ``[INVARIANT_MAX_CHUNKS, INVARIANT_CHUNK_PAGES, 0, ...]`` that marks the plan as
+# batch-invariant (``num_parts + 1`` rows: a decode call checks the row count against its
+# ``enable_batch_invariant``). ``num_splits[i]`` is request ``i``'s first slot, as above.
+
+
+def chunk_pages(num_pages_of_request: int) -> int:
+    """Pages per chunk of a request in the batch-invariant plan (the last chunk may be shorter)."""
+    return max(INVARIANT_CHUNK_PAGES, -(-num_pages_of_request // INVARIANT_MAX_CHUNKS))
+
+
+def num_chunks(num_pages_of_request: int) -> int:
+    """Chunks (pieces, slots) of a request in the batch-invariant plan; >= 1 (an empty request has one)."""
+    return max(1, -(-num_pages_of_request // chunk_pages(num_pages_of_request)))
+
+
+def plan_batch_invariant(seqlens: list[int], num_parts: int) -> tuple[list[list[int]], list[int]]:
+    """The batch-invariant plan: ``(meta with num_parts + 1 rows, num_splits)``.
+
+    Chunk ``c`` of a request goes to the part in which its cost's midpoint falls when the
+    chunks' costs (pages + FIXED_OVERHEAD_PAGES), in slot order, are laid end to end over
+    ``num_parts`` equal shares: every part costs at most its share plus one chunk.
+    """
+    if num_parts < 1:
+        raise ValueError(f"num_parts must be >= 1, got {num_parts}")
+    costs, num_splits = [], [0]
+    for n in seqlens:
+        pages = num_pages(n)
+        step = chunk_pages(pages)
+        chunks = num_chunks(pages)
+        costs += [min(step, pages - c * step) + FIXED_OVERHEAD_PAGES for c in range(chunks)]
+        num_splits.append(num_splits[-1] + chunks)
+    total = sum(costs)
+    begins = [len(costs)] * num_parts
+    start, previous = 0, -1
+    for slot, cost in enumerate(costs):
+        part = min(num_parts - 1, (2 * start + cost) * num_parts // (2 * total))
+        for q in range(previous + 1, part + 1):
+            begins[q] = slot
+        start, previous = start + cost, part
+    ends = [begin - 1 for begin in begins[1:]] + [len(costs) - 1]
+    meta = [[begin, 0, end, 0, 0, 0, 0, 0] for begin, end in zip(begins, ends)]
+    meta.append([INVARIANT_MAX_CHUNKS, INVARIANT_CHUNK_PAGES, 0, 0, 0, 0, 0, 0])
+    return meta, num_splits
+
+
+def invariant_pieces(meta: list[list[int]], num_splits: list[int], seqlens: list[int]) -> list[Piece]:
+    """Decode a batch-invariant plan the way the decode kernel reads it."""
+    out = []
+    for p, row in enumerate(meta[:-1]):
+        for slot in range(row[0], row[2] + 1):
+            i = max(r for r in range(len(seqlens)) if num_splits[r] <= slot)
+            pages = num_pages(seqlens[i])
+            step = chunk_pages(pages)
+            c = slot - num_splits[i]
+            lo = min(c * step, pages)
+            out.append(Piece(p, i, lo, min(lo + step, pages), slot, num_splits[i + 1] - num_splits[i] > 1))
+    return out

@@ -33,6 +33,23 @@ enum MetaField : int {
 // flash_gla/scheduler_model.py's FIXED_OVERHEAD_PAGES.
 constexpr int kFixedOverheadPages = 5;
 
+// The batch-invariant plan (csrc/scheduler.cu, flash_gla/scheduler_model.py): a request of n
+// pages is cut into chunks of max(kInvariantChunkPages, ceil(n / kInvariantMaxChunks)) pages,
+// by its own length only, one accumulator slot each; parts hold runs of whole slots. Its
+// metadata rows are [begin_slot, 0, end_slot, 0, 0, ...], plus one header row
+// [kInvariantMaxChunks, kInvariantChunkPages, 0, ...] after the parts' rows.
+constexpr int kInvariantChunkPages = 64;
+constexpr int kInvariantMaxChunks = 8;
+// (constexpr: the kernels call these too, built with --expt-relaxed-constexpr)
+constexpr int invariant_chunk_pages(int pages) {
+  const int even = (pages + kInvariantMaxChunks - 1) / kInvariantMaxChunks;
+  return even > kInvariantChunkPages ? even : kInvariantChunkPages;
+}
+constexpr int invariant_num_chunks(int pages) {  // >= 1: an empty request has one (empty) chunk
+  const int chunks = (pages + invariant_chunk_pages(pages) - 1) / invariant_chunk_pages(pages);
+  return chunks > 1 ? chunks : 1;
+}
+
 // Most pieces one request can be split into (one per scheduler part): the combine kernel
 // keeps one weight per piece in shared memory.
 constexpr int kMaxSplitsPerRequest = 256;
@@ -77,7 +94,8 @@ struct DecodeParams {
   int64_t o_batch_stride, o_seq_stride, o_head_stride;
   float* lse;             // (b, h_q, s_q), contiguous
 
-  // ---- split-KV partials: one slot per (request piece); slot count <= b + num_parts ----
+  // ---- split-KV partials: one slot per (request piece); slot count <= b + num_parts, or
+  //      b * kInvariantMaxChunks in the batch-invariant plan ----
   float* o_accum;         // (num_slots, h_kv, rows_per_kv_head, dv), contiguous, normalised O
   float* lse_accum;       // (num_slots, h_kv, rows_per_kv_head), contiguous, natural log
 
@@ -85,6 +103,7 @@ struct DecodeParams {
   const int* sched_meta;  // (num_parts, kMetaFields)
   const int* num_splits;  // (b + 1,), prefix sums of pieces per request
   int num_parts;
+  bool batch_invariant;   // sched_meta is the batch-invariant plan: parts walk slot ranges
   int num_sms;            // multiprocessors of the device, for sizing the grid
 };
 

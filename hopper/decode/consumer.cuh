@@ -152,8 +152,9 @@ struct Consumer {
     // behind them would arrive late while the ring sat full.
     bool producer_released = false;
     for (int part = blockIdx.z; part < p.num_parts; part += gridDim.z) {
-      for (int batch = PartSchedule::load<true>(p, part).begin_batch;
-           batch <= PartSchedule::load<true>(p, part).end_batch; ++batch) {
+      for (int idx = PartSchedule::load<true>(p, part).begin_batch;
+           idx <= PartSchedule::load<true>(p, part).end_batch; ++idx) {
+        const int batch = PartSchedule::request_of(p, idx);
         consumer_sync(kConsumerThreads, ConsumerBarrier::kQFree);
         SmemIO<Traits>::load_q(p, smem, batch, rows, m_block, consumer_tid);
         if (!producer_released) {  // the RoPE register loads need not wait
@@ -164,7 +165,7 @@ struct Consumer {
           SmemIO<Traits>::load_q_rope(p, batch, rows, wg.row_base, tSrQr, tScQr);
         }
         // The piece's bounds (a chain of dependent global loads) are read while Q is in flight.
-        const WorkPiece w = PartSchedule::load<true>(p, part).piece(p, batch);
+        const WorkPiece w = PartSchedule::load<true>(p, part).piece(p, idx, batch);
         asm volatile("cp.async.wait_group 0;\n" ::: "memory");
         if constexpr (Traits::kQRopeInRegisters) { warpgroup_fence_operand(tSrQr); }
         cutlass::arch::fence_view_async_shared();  // Q written by threads, read by wgmma

@@ -36,8 +36,9 @@ struct Producer {
     auto state = cutlass::make_producer_start_state<Pipeline>();
     for (int part = blockIdx.z; part < p.num_parts; part += gridDim.z) {
       const PartSchedule sched = PartSchedule::load(p, part);
-      for (int batch = sched.begin_batch; batch <= sched.end_batch; ++batch) {
-        const WorkPiece w = sched.piece(p, batch);
+      for (int idx = sched.begin_batch; idx <= sched.end_batch; ++idx) {
+        const int batch = PartSchedule::request_of(p, idx);
+        const WorkPiece w = sched.piece(p, idx, batch);
         const int* pages = p.block_table + batch * p.block_table_batch_stride;
         for (int page = w.page_begin; page < w.page_end; ++page) {
           const int physical_page = pages[page];

@@ -2,7 +2,8 @@
 //
 // A CTA takes scheduler parts blockIdx.z, + gridDim.z, ... (csrc/scheduler.cu assigned each
 // part a run of requests, the first and last possibly cut); for each request of a part it
-// handles one piece.
+// handles one piece. In the batch-invariant plan a part is a run of slots instead, each slot
+// one chunk of a request, and each slot is one piece.
 #pragma once
 
 #include "common/params.h"
@@ -42,16 +43,40 @@ struct PartSchedule {
             field(kMetaEndPage), field(kMetaBeginSplit)};
   }
 
-  __device__ WorkPiece piece(const DecodeParams& p, int batch) const {
+  // The request of the part's idx-th item, idx in [begin_batch, end_batch]: idx itself, or
+  // in the batch-invariant plan (whose parts walk slots) the request owning slot idx, found by
+  // binary search in num_splits (every request has at least one slot, so exactly one
+  // request r has num_splits[r] <= idx < num_splits[r + 1]).
+  __device__ static int request_of(const DecodeParams& p, int idx) {
+    if (!p.batch_invariant) { return idx; }
+    int lo = 0, hi = p.batch - 1;
+    while (lo < hi) {
+      const int mid = (lo + hi + 1) / 2;
+      if (__ldg(p.num_splits + mid) <= idx) { lo = mid; } else { hi = mid - 1; }
+    }
+    return lo;
+  }
+
+  // The piece of item idx, whose request is `batch` (request_of(p, idx)).
+  __device__ WorkPiece piece(const DecodeParams& p, int idx, int batch) const {
     WorkPiece w;
     w.batch = batch;
     const int capacity = p.max_pages_per_seq * kPageSize;
-    w.seqlen = max(0, min(p.cache_seqlens[batch], capacity));
+    const int length = p.cache_seqlens[batch];
+    w.seqlen = max(0, min(length, capacity));
     w.num_pages = (w.seqlen + kPageSize - 1) / kPageSize;
-    w.page_end = min(batch == end_batch ? end_page : w.num_pages, w.num_pages);
-    w.page_begin = min(batch == begin_batch ? begin_page : 0, w.page_end);
     const int first_slot = p.num_splits[batch];
     w.is_split = p.num_splits[batch + 1] - first_slot > 1;
+    if (p.batch_invariant) {  // chunk idx - first_slot, cut by the request's own length
+      const int step = invariant_chunk_pages((max(length, 0) + kPageSize - 1) / kPageSize);
+      const int chunk = idx - first_slot;
+      w.page_begin = min(chunk * step, w.num_pages);
+      w.page_end = min(w.page_begin + step, w.num_pages);
+      w.slot = idx;
+      return w;
+    }
+    w.page_end = min(batch == end_batch ? end_page : w.num_pages, w.num_pages);
+    w.page_begin = min(batch == begin_batch ? begin_page : 0, w.page_end);
     w.slot = first_slot + (batch == begin_batch ? begin_split : 0);
     return w;
   }
