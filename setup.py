@@ -4,6 +4,11 @@ Install (the README's command; uses the torch already in the environment, instal
 
     pip install torch setuptools wheel ninja nvidia-cutlass && pip install --no-build-isolation ".[test]"
 
+or build a wheel to install elsewhere: ``pip wheel --no-build-isolation --no-deps -w dist .``
+gives ``dist/flash_gla-<version>-cp310-abi3-linux_x86_64.whl``. The extension uses only torch's
+stable C ABI and Python's limited API: one build loads under every torch from MIN_TORCH
+(flash_gla/version.py) on, whatever torch built it, and under every CPython >= 3.10.
+
 Environment knobs:
     CUDA_HOME / CUDA_PATH      CUDA toolkit root (must hold a real bin/nvcc, release >= 12.8);
                                if set but wrong, the build stops. Unset: /usr/local/cuda,
@@ -14,8 +19,8 @@ Environment knobs:
 
 Everything that can go wrong (no torch, no CUDA toolkit, old nvcc, no CUTLASS headers,
 no ninja) is checked before anything is compiled, with a message that says what to do.
-The build records the torch it compiled against in flash_gla/_build_info.py (git-ignored);
-``import flash_gla`` refuses to run under another torch.
+The build records what it was built from (version, git commit, CUDA, CUTLASS, arch, torch) in
+flash_gla/_build_info.py (git-ignored); ``python -m flash_gla`` prints it.
 """
 
 import importlib.util
@@ -32,17 +37,20 @@ from setuptools import find_packages, setup
 ROOT = Path(__file__).resolve().parent
 
 
-def read_version():
-    """flash_gla/version.py's __version__, read as text: importing the package needs torch."""
+def read_version_py(name):
+    """A string constant of flash_gla/version.py, read as text: importing the package needs torch."""
     text = (ROOT / "flash_gla" / "version.py").read_text(encoding="utf-8")
-    match = re.search(r'^__version__ = "([^"]+)"$', text, re.M)
+    match = re.search(rf'^{name} = "([^"]+)"$', text, re.M)
     if not match:
-        sys.exit('flash_gla build error: flash_gla/version.py has no line __version__ = "X.Y.Z"')
+        sys.exit(f'flash_gla build error: flash_gla/version.py has no line {name} = "..."')
     return match.group(1)
 
 
-VERSION = read_version()
+VERSION = read_version_py("__version__")
+# The oldest torch the extension loads under: the stable-ABI release the headers are told to target.
+MIN_TORCH = tuple(int(x) for x in read_version_py("MIN_TORCH").split("."))
 MIN_NVCC = (12, 8)
+ARCH = "sm_90a"
 
 
 def fail(message):
@@ -162,6 +170,12 @@ if torch.version.cuda is None:
         f"torch {torch.__version__} is a CPU-only build (torch.version.cuda is None); "
         "flash_gla needs a CUDA build of PyTorch."
     )
+TORCH_RELEASE = tuple(int(x) for x in re.findall(r"\d+", torch.__version__)[:2])
+if TORCH_RELEASE < MIN_TORCH:
+    fail(
+        f"torch {torch.__version__} is too old to build flash_gla: its stable C ABI headers must cover "
+        f"torch {MIN_TORCH[0]}.{MIN_TORCH[1]} (TORCH_TARGET_VERSION). Install torch >= {MIN_TORCH[0]}.{MIN_TORCH[1]}."
+    )
 TORCH_CUDA = tuple(int(x) for x in torch.version.cuda.split(".")[:2])
 if TORCH_CUDA[0] != NVCC_RELEASE[0]:
     fail(
@@ -227,11 +241,15 @@ include_dirs = [ROOT, ROOT / "csrc", ROOT / "hopper", CUTLASS_ROOT / "include"]
 if (CUTLASS_ROOT / "tools" / "util" / "include").is_dir():
     include_dirs.append(CUTLASS_ROOT / "tools" / "util" / "include")
 
-# C++20: recent torch headers (2.14 here) refuse anything older ("C++20 or later compatible compiler
-# is required to use ATen"); CUTLASS 4 and nvcc >= 12.8 accept it, and one standard for
-# every torch keeps the CI build and the device build compiling the same code.
+# C++20: CUTLASS 4 and nvcc >= 12.8 accept it, and one standard for every torch keeps every
+# build compiling the same code.
 CXX_STD = "-std=c++20"
+# The host code (csrc/*.cpp) sees only torch's stable C ABI, restricted to what MIN_TORCH has
+# (torch/csrc/stable/version.h: 0xMMmm000000000000); USE_CUDA declares its CUDA stream calls.
+STABLE_ABI_FLAGS = ["-DTORCH_TARGET_VERSION=0x%02x%02x000000000000" % MIN_TORCH, "-DUSE_CUDA"]
+cxx_flags = ["-O3", CXX_STD, *STABLE_ABI_FLAGS]
 nvcc_flags = [
+    *STABLE_ABI_FLAGS,
     "-O3",
     CXX_STD,
     "-gencode=arch=compute_90a,code=sm_90a",  # wgmma / TMA / setmaxnreg need the "a" target
@@ -250,25 +268,58 @@ nvcc_flags = [
 if os.environ.get("FLASH_GLA_PTXAS_VERBOSE") == "1":
     nvcc_flags.append("-Xptxas=-v")
 
+
+
+def cutlass_version():
+    """CUTLASS's version from include/cutlass/version.h, e.g. '4.2.0' (None if unreadable)."""
+    try:
+        text = (CUTLASS_ROOT / "include" / "cutlass" / "version.h").read_text(encoding="utf-8")
+    except OSError:
+        return None
+    parts = [re.search(rf"#define CUTLASS_{p}\s+(\d+)", text) for p in ("MAJOR", "MINOR", "PATCH")]
+    return ".".join(m.group(1) for m in parts) if all(parts) else None
+
+
+def git_commit():
+    """The checkout's commit, with '+dirty' when tracked files differ from it (None outside git)."""
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=30)
+    try:
+        head = git("rev-parse", "HEAD")
+        if head.returncode != 0:
+            return None
+        dirty = git("status", "--porcelain", "--untracked-files=no").stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return head.stdout.strip() + ("+dirty" if dirty else "")
+
+
+BUILD = {
+    "version": VERSION,
+    "git_commit": git_commit(),
+    "cuda": "%d.%d" % NVCC_RELEASE,
+    "cutlass": cutlass_version(),
+    "arch": ARCH,
+    "torch_built_with": torch.__version__,
+    "min_torch": "%d.%d" % MIN_TORCH,
+}
+
 note(
-    f"CUDA {NVCC_RELEASE[0]}.{NVCC_RELEASE[1]} at {CUDA_HOME}; torch {torch.__version__}; "
-    f"CUTLASS from {CUTLASS_ORIGIN} ({CUTLASS_ROOT / 'include'}); MAX_JOBS={os.environ['MAX_JOBS']}"
+    f"CUDA {BUILD['cuda']} at {CUDA_HOME}; torch {torch.__version__} (stable ABI, loads under torch >= "
+    f"{BUILD['min_torch']}); CUTLASS {BUILD['cutlass']} from {CUTLASS_ORIGIN} ({CUTLASS_ROOT / 'include'}); "
+    f"commit {BUILD['git_commit']}; MAX_JOBS={os.environ['MAX_JOBS']}"
 )
 
 
 BUILD_INFO = """\
-# Written by setup.py when it built flash_gla._C; git-ignored. `import flash_gla` compares
-# TORCH_VERSION with the running torch: the extension works only with the torch it was
-# compiled against.
-TORCH_VERSION = {torch!r}
-NVCC_RELEASE = {nvcc!r}
+# Written by setup.py when it built flash_gla._C, beside it; git-ignored. What the build was made
+# from, for bug reports: `python -m flash_gla` prints it (flash_gla.build_info() returns it).
+BUILD = {build!r}
 """
 
 
 def write_build_info(package_dir):
-    (Path(package_dir) / "_build_info.py").write_text(
-        BUILD_INFO.format(torch=torch.__version__, nvcc="%d.%d" % NVCC_RELEASE), encoding="utf-8"
-    )
+    (Path(package_dir) / "_build_info.py").write_text(BUILD_INFO.format(build=BUILD), encoding="utf-8")
 
 
 class build_ext(BuildExtension):
@@ -284,13 +335,25 @@ class build_ext(BuildExtension):
 
     def run(self):
         super().run()
-        write_build_info(Path(self.get_ext_fullpath("flash_gla._C")).parent)
+        built = Path(self.get_ext_fullpath("flash_gla._C"))
+        write_build_info(built.parent)
+        remove_stale_extensions(built.parent, keep=built.name)
         if not self.inplace:
             try:
                 self.copy_extensions_to_source()
                 write_build_info(ROOT / "flash_gla")
+                remove_stale_extensions(ROOT / "flash_gla", keep=built.name)
             except OSError as e:  # read-only source tree: the installed copy still works
                 note(f"could not copy the extension into the source tree ({e})")
+
+
+def remove_stale_extensions(package_dir, keep):
+    """Delete any other flash_gla/_C*.so (e.g. a _C.cpython-311-*.so of a build before the stable ABI):
+    Python prefers the interpreter-tagged name to _C.abi3.so, so a stale one would be imported instead."""
+    for stale in Path(package_dir).glob("_C*.so"):
+        if stale.name != keep:
+            note(f"removing {stale} (an earlier build's extension)")
+            stale.unlink()
 
 
 # PEP 639: setuptools >= 77 takes an SPDX expression and deprecates the license classifier;
@@ -324,7 +387,7 @@ setup(
         "Topic :: Scientific/Engineering :: Artificial Intelligence",
     ],
     python_requires=">=3.10",
-    install_requires=["torch"],
+    install_requires=["torch>=%d.%d" % MIN_TORCH],
     # `pip install ".[test]"`: what `python -m pytest tests` needs besides the package.
     extras_require={"test": ["pytest"]},
     packages=find_packages(include=["flash_gla", "flash_gla.*"]),
@@ -333,9 +396,14 @@ setup(
             name="flash_gla._C",
             sources=sources(),
             include_dirs=[str(d) for d in include_dirs],
-            extra_compile_args={"cxx": ["-O3", CXX_STD], "nvcc": nvcc_flags},
+            extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
+            # _C.abi3.so: Python's limited API (torch adds -DPy_LIMITED_API=0x030A0000, i.e. 3.10)
+            # and no link to libtorch_python, whose C++ symbols change with every torch.
+            py_limited_api=True,
         )
     ],
     cmdclass={"build_ext": build_ext.with_options(use_ninja=True)},
+    # The wheel's tag says so: flash_gla-<version>-cp310-abi3-linux_x86_64.whl.
+    options={"bdist_wheel": {"py_limited_api": "cp310"}},
     zip_safe=False,
 )

@@ -4,7 +4,7 @@
 
 #include <optional>
 
-#include <torch/extension.h>
+#include "torch_stable.h"
 
 namespace flash_gla {
 
@@ -12,7 +12,7 @@ namespace flash_gla {
 // rope absent too, kv holds whole rows), or kv_cache[slot, j] = kv[t, j] and
 // rope_cache[slot, 0] = rope[t] (RoPE stored once). Slots outside [0, num_blocks * 64) are
 // skipped. In place, no host synchronisation.
-void write_kvcache(const at::Tensor& kv_cache, const at::Tensor& slot_mapping, const at::Tensor& kv,
-                   const std::optional<at::Tensor>& rope, const std::optional<at::Tensor>& rope_cache);
+void write_kvcache(const Tensor& kv_cache, const Tensor& slot_mapping, const Tensor& kv,
+                   const std::optional<Tensor>& rope, const std::optional<Tensor>& rope_cache);
 
 }  // namespace flash_gla

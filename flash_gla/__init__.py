@@ -13,38 +13,39 @@ GLA with its RoPE key stored once. ``flash_gla.reference`` defines the math.
 from flash_gla.version import __version__
 
 
-def _check_torch_matches_build():
-    """Raise ImportError if the running torch is not the one the extension was compiled against.
+def _check_torch_version():
+    """Raise ImportError if the running torch is older than the oldest one flash_gla supports.
 
-    The build writes ``flash_gla/_build_info.py`` (``TORCH_VERSION``) beside the extension.
-    An extension compiled against another torch fails later with an undefined-symbol error
-    or, worse, loads and misbehaves; this check turns that into one message with the fix.
-    Without the file (a source checkout that was never built) there is nothing to check:
-    the reference and the argument checks work without the extension.
+    The compiled extension uses only torch's stable C ABI and targets MIN_TORCH's
+    (flash_gla/version.py): it loads under that torch and every newer one, whichever torch
+    built it. An older torch lacks functions it calls, and the Python side relies on
+    ``torch.library`` features of the same releases.
     """
-    import importlib
+    import re
 
-    try:
-        build_info = importlib.import_module("flash_gla._build_info")
-    except ModuleNotFoundError as err:
-        if err.name != "flash_gla._build_info":
-            raise
-        return
     import torch
 
-    built_with, running = build_info.TORCH_VERSION, torch.__version__
-    if running != built_with:
+    from flash_gla.version import MIN_TORCH
+
+    running = tuple(int(x) for x in re.findall(r"\d+", torch.__version__)[:2])
+    if running < tuple(int(x) for x in MIN_TORCH.split(".")):
         raise ImportError(
-            f"flash_gla was built against torch {built_with}, but the running torch is {running}: "
-            "its compiled extension (flash_gla._C) works only with the torch it was compiled "
-            f"against. Either install torch=={built_with}, or rebuild flash_gla against this "
-            "torch from its source folder with `pip install --no-build-isolation .` (without "
-            "--no-build-isolation, pip compiles against a torch it downloads into a temporary "
-            "environment instead of yours)."
+            f"flash_gla needs torch >= {MIN_TORCH}, but the running torch is {torch.__version__}. "
+            f"Install a newer torch (`pip install 'torch>={MIN_TORCH}'`)."
         )
 
 
-_check_torch_matches_build()
+def build_info() -> dict:
+    """What the compiled extension was built from: version, git_commit, cuda, cutlass, arch,
+    torch_built_with, min_torch ({} for a source checkout that was never built)."""
+    try:
+        from flash_gla._build_info import BUILD
+    except ImportError:
+        return {}
+    return dict(BUILD)
+
+
+_check_torch_version()
 
 from flash_gla import reference  # noqa: E402  (after the check: reference imports torch)
 from flash_gla.cache_writer import write_kvcache  # noqa: E402
@@ -57,10 +58,17 @@ from flash_gla.ops import (  # noqa: E402
     gla_with_kvcache,
     gta_with_kvcache,
 )
+from flash_gla._extension import try_load_extension as _try_load_extension  # noqa: E402
+
+# Registers torch.ops.flash_gla.* where the extension is built (torch.compile needs the ops before
+# it traces a call); without it the reference and the validation still work, and the first call
+# that needs the extension says how to build it.
+_try_load_extension()
 
 __all__ = [
     "SchedulerMetadata",
     "__version__",
+    "build_info",
     "flash_mla_with_kvcache",
     "get_metadata",
     "get_mla_metadata",

@@ -1,7 +1,11 @@
-"""The compiled extension ``flash_gla._C``, imported on first use.
+"""The compiled extension ``flash_gla._C`` and the ops it registers, ``torch.ops.flash_gla.*``.
 
-Nothing else in flash_gla imports ``_C`` at module level, so ``import flash_gla``, the
-reference and the input validation work where the extension is not built.
+Importing ``flash_gla._C`` loads the library, whose static initialisers register the ops with
+torch's dispatcher through torch's stable C ABI (``csrc/bindings.cpp``); the Python module
+itself is empty. ``import flash_gla`` tries that once (:func:`try_load_extension`), so that the
+ops exist for ``torch.compile`` and for callers of ``torch.ops.flash_gla`` directly, but works
+without it: the reference and the input validation need no build. :func:`load_extension`
+raises an ImportError that says what is wrong.
 """
 
 from __future__ import annotations
@@ -10,27 +14,40 @@ import functools
 
 import torch
 
-_extension = None
+_loaded = False  # the extension is loaded and the fakes are registered (a plain bool: torch.compile reads it)
 
 
 def load_extension():
-    """``flash_gla._C``, imported on first use, or an ImportError that says what is wrong."""
-    global _extension
-    if _extension is None:
+    """The ops (``torch.ops.flash_gla``), loading the extension on first use, or an ImportError."""
+    global _loaded
+    if not _loaded:
         try:
-            from flash_gla import _C
+            from flash_gla import _C  # noqa: F401  (loading it registers the ops)
         except ImportError as err:
             raise ImportError(
                 "flash_gla's CUDA extension (flash_gla._C) is not built or failed to load "
                 f"({err}). Build it on a machine with the CUDA toolkit: "
-                "`pip install --no-build-isolation .` (or `python setup.py build_ext --inplace`)."
+                "`pip install --no-build-isolation .` (or `python setup.py build_ext --inplace`), "
+                "or install a flash_gla wheel built for this platform. `python -m flash_gla` "
+                "prints what was built and what is running."
             ) from err
-        _extension = _C
-    return _extension
+        from flash_gla import _library
+
+        _library.register_fakes()
+        _loaded = True
+    return torch.ops.flash_gla
+
+
+def try_load_extension() -> bool:
+    """Load the extension if it is there; False (and nothing raised) where it is not."""
+    try:
+        load_extension()
+    except ImportError:
+        return False
+    return True
 
 
 @functools.lru_cache(maxsize=None)
 def num_sm_parts(device_index: int, num_q_tokens_per_head_k: int, num_heads_k: int) -> int:
     """Scheduler parts (rows of tile_scheduler_metadata) that get_metadata plans on a device."""
-    with torch.cuda.device(device_index):
-        return load_extension().num_sm_parts(num_q_tokens_per_head_k, num_heads_k)
+    return load_extension().num_sm_parts.default(device_index, num_q_tokens_per_head_k, num_heads_k)

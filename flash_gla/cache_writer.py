@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import torch
 
-from flash_gla import _library
 from flash_gla._extension import load_extension
 from flash_gla._validation import (
     HALF_DTYPES,
@@ -79,10 +78,8 @@ def write_kvcache(
         TypeError / ValueError naming the argument, what was expected and what was given.
     """
     _check_inputs(kv_cache, slot_mapping, kv, rope, rope_cache, kv_scale)
-    if _library.compiling():  # the registered op, which declares what it writes
-        _library.write_kvcache(kv_cache, slot_mapping, kv, rope, rope_cache)
-    else:
-        load_extension().write_kvcache(kv_cache, slot_mapping, kv, rope, rope_cache)
+    # torch.ops.flash_gla.write_kvcache, whose schema declares that it writes the caches.
+    load_extension().write_kvcache.default(kv_cache, slot_mapping, kv, rope, rope_cache)
 
 
 def _check_inputs(kv_cache, slot_mapping, kv, rope, rope_cache, kv_scale) -> None:

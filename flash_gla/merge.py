@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import torch
 
-from flash_gla import _library
 from flash_gla._extension import load_extension
 from flash_gla._validation import expect_contiguous, expect_dtype, expect_rank, expect_tensor
 
@@ -49,10 +48,8 @@ def merge_attention(
     _check_inputs(out_a, lse_a, out_b, lse_b, out, lse)
     out = torch.empty_like(out_a) if out is None else out
     lse = torch.empty_like(lse_a) if lse is None else lse
-    if _library.compiling():  # the registered op, which declares what it writes
-        _library.merge_attention(out_a, lse_a, out_b, lse_b, out, lse)
-    else:
-        load_extension().merge_attention(out_a, lse_a, out_b, lse_b, out, lse)
+    # torch.ops.flash_gla.merge_attention, whose schema declares that it writes out and lse.
+    load_extension().merge_attention.default(out_a, lse_a, out_b, lse_b, out, lse)
     return out, lse
 
 

@@ -1,12 +1,12 @@
 """Public decode ops: validate the inputs, plan with the tile scheduler, call the kernel.
 
 Every input is checked in Python (``flash_gla._validation``, in a fixed order: types, dtypes,
-shapes, strides, lengths, device) before the extension is touched: the compiled
-``flash_gla._C`` trusts its inputs. GLA (inline RoPE or RoPE stored once), MLA and GTA go
-through one path, :func:`_decode`.
+shapes, strides, lengths, device) before an op of the extension is called: the compiled ops
+(``torch.ops.flash_gla.*``) trust their inputs. GLA (inline RoPE or RoPE stored once), MLA and
+GTA go through one path, :func:`_decode`.
 
-The extension is imported lazily, so ``import flash_gla``, the reference and the validation
-work where it is not built.
+``import flash_gla``, the reference and the validation work where the extension is not built;
+the first call that needs it raises an ImportError saying how to build it.
 """
 
 from __future__ import annotations
@@ -85,9 +85,7 @@ def get_metadata(
             "num_q_tokens_per_head_k and num_heads_k (classic form)"
         )
     _validation.check_metadata_args(cache_seqlens, num_q_tokens_per_head_k, num_heads_k)
-    if _library.compiling():  # the registered op (torch.ops.flash_gla.get_metadata)
-        return _library.get_metadata(cache_seqlens, num_q_tokens_per_head_k, num_heads_k)
-    return _load_extension().get_metadata(cache_seqlens, num_q_tokens_per_head_k, num_heads_k)
+    return _load_extension().get_metadata.default(cache_seqlens, num_q_tokens_per_head_k, num_heads_k)
 
 
 # ----------------------------------------------------------------------------------------
@@ -266,21 +264,19 @@ def _decode(
     )
     if softmax_scale is None:
         softmax_scale = q.shape[-1] ** -0.5
-    if _library.compiling():  # the registered op (torch.ops.flash_gla.decode), which writes out
-        if isinstance(tile_scheduler_metadata, SchedulerMetadata):
+    if isinstance(tile_scheduler_metadata, SchedulerMetadata):
+        if _library.compiling():
             raise TypeError(
                 "the lazy metadata object (get_metadata() with no arguments) is filled in Python on the "
                 "first call and cannot be compiled: under torch.compile use the classic form, "
                 "get_metadata(cache_seqlens, s_q * h_q // h_kv, h_kv)"
             )
-        if out is None:
-            out = q.new_empty((config.batch, config.s_q, config.h_q, config.head_dim_v))
-        lse = _library.decode(q, kv_cache, rope_cache, block_table, cache_seqlens, config.head_dim_v,
-                              tile_scheduler_metadata, num_splits, float(softmax_scale), causal, out, attn_sink)
-        return out, lse
-    if isinstance(tile_scheduler_metadata, SchedulerMetadata):
         tile_scheduler_metadata, num_splits = tile_scheduler_metadata._resolve(config, cache_seqlens)
-    return _load_extension().decode(
+    if out is None:
+        out = q.new_empty((config.batch, config.s_q, config.h_q, config.head_dim_v))
+    # torch.ops.flash_gla.decode, which writes out (its schema says so) and returns lse.
+    lse = _load_extension().decode.default(
         q, kv_cache, rope_cache, block_table, cache_seqlens, config.head_dim_v,
         tile_scheduler_metadata, num_splits, float(softmax_scale), causal, out, attn_sink,
     )
+    return out, lse

@@ -1,5 +1,7 @@
-"""The torch.library custom ops (torch.ops.flash_gla.*) on CPU: schemas, fake implementations,
-and the public functions' compile path, with fake CUDA tensors (no GPU, no extension needed).
+"""The ops torch.ops.flash_gla.* on CPU: the schemas the extension registers, the fake
+implementations, the stable-ABI calling convention (flash_gla::_abi_probe, a CPU op), and the
+public functions' calls of the ops, with fake CUDA tensors. No GPU needed; the extension must be
+built (the ops are defined in C++), else these tests skip.
 """
 
 import pytest
@@ -8,6 +10,9 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 import flash_gla
 from flash_gla import _library
+from flash_gla._extension import try_load_extension
+
+pytestmark = pytest.mark.skipif(not try_load_extension(), reason="flash_gla._C is not built: the ops are defined in C++")
 
 
 def mutated(op) -> set[str]:
@@ -18,7 +23,46 @@ def mutated(op) -> set[str]:
 def test_ops_are_registered_with_what_they_write():
     assert mutated(torch.ops.flash_gla.decode) == {"out"}
     assert mutated(torch.ops.flash_gla.write_kvcache) == {"kv_cache", "rope_cache"}
+    assert mutated(torch.ops.flash_gla.merge_attention) == {"out", "lse"}
     assert mutated(torch.ops.flash_gla.get_metadata) == set()
+
+
+def test_schemas_name_every_argument():
+    """The public functions pass the arguments in this order; the fakes take the same names."""
+    args = {name: [a.name for a in getattr(torch.ops.flash_gla, name).default._schema.arguments]
+            for name in ("get_metadata", "decode", "write_kvcache", "merge_attention")}
+    assert args == {
+        "get_metadata": ["cache_seqlens", "num_q_tokens_per_head_k", "num_heads_k"],
+        "decode": ["q", "kv_cache", "rope_cache", "block_table", "cache_seqlens", "head_dim_v",
+                   "tile_scheduler_metadata", "num_splits", "softmax_scale", "causal", "out", "attn_sink"],
+        "write_kvcache": ["kv_cache", "slot_mapping", "kv", "rope", "rope_cache"],
+        "merge_attention": ["out_a", "lse_a", "out_b", "lse_b", "out", "lse"],
+    }
+
+
+@pytest.mark.parametrize("maybe", [None, torch.zeros(5, 2)], ids=["none", "tensor"])
+def test_stable_abi_passes_every_argument_kind(maybe):
+    """A written tensor, an optional tensor, int, float and bool in; a new tensor and an int out:
+    what the real ops exchange with torch, through the same stable-ABI boxing, on CPU."""
+    out = torch.zeros(4, dtype=torch.float64)
+    filled, next_i = torch.ops.flash_gla._abi_probe.default(out, maybe, -7, 2.5, True)
+    assert out.tolist() == [-7.0, 2.5, 1.0, -1.0 if maybe is None else 10.0]
+    assert next_i == -6
+    assert filled.dtype == torch.int32 and tuple(filled.shape) == (2, 3) and filled.eq(-7).all()
+
+
+def test_errors_of_the_extension_reach_python():
+    with pytest.raises(RuntimeError, match=r"_abi_probe: out must be a contiguous \(4,\) float64 CPU tensor"):
+        torch.ops.flash_gla._abi_probe.default(torch.zeros(3, dtype=torch.float64), None, 0, 0.0, False)
+
+
+def test_num_sm_parts_runs_without_tensor_arguments():
+    """An op without tensors dispatches too (it asks the CUDA runtime, which fails without a GPU)."""
+    if torch.cuda.is_available():
+        assert torch.ops.flash_gla.num_sm_parts.default(0, 64, 2) >= 1
+    else:
+        with pytest.raises(RuntimeError, match="flash_gla: reading the SM count"):
+            torch.ops.flash_gla.num_sm_parts.default(0, 64, 2)
 
 
 def fake_decode_inputs(b=3, s_q=2, h_q=16, h_kv=2, dv=256, d_rope=64, num_blocks=8, max_pages=4):
@@ -97,34 +141,32 @@ def test_lazy_metadata_is_refused_while_compiling():
             flash_gla.gla_with_kvcache(**a)
 
 
-@pytest.mark.usefixtures("compiling")
-def test_public_writer_uses_the_op_while_compiling(monkeypatch):
-    calls = []
-    monkeypatch.setattr(_library, "write_kvcache", lambda *args: calls.append(len(args)))
+def test_public_writer_calls_the_op():
+    """Under FakeTensorMode the op runs its fake: validation passed and the op was reached."""
     with FakeTensorMode():
-        flash_gla.write_kvcache(torch.empty(4, 64, 2, 320, dtype=torch.bfloat16, device="cuda"),
-                                torch.empty(7, dtype=torch.int64, device="cuda"),
-                                torch.empty(7, 2, 256, dtype=torch.bfloat16, device="cuda"),
-                                rope=torch.empty(7, 64, dtype=torch.bfloat16, device="cuda"))
-    assert calls == [5]
+        result = flash_gla.write_kvcache(torch.empty(4, 64, 2, 320, dtype=torch.bfloat16, device="cuda"),
+                                         torch.empty(7, dtype=torch.int64, device="cuda"),
+                                         torch.empty(7, 2, 256, dtype=torch.bfloat16, device="cuda"),
+                                         rope=torch.empty(7, 64, dtype=torch.bfloat16, device="cuda"))
+    assert result is None
+
+
+def test_public_merge_calls_the_op():
+    with FakeTensorMode():
+        out_a, out_b = (torch.empty(2, 3, 4, 64, device="cuda") for _ in range(2))
+        lse_a, lse_b = (torch.empty(2, 4, 3, device="cuda") for _ in range(2))
+        out, lse = flash_gla.merge_attention(out_a, lse_a, out_b, lse_b)
+    assert tuple(out.shape) == (2, 3, 4, 64) and tuple(lse.shape) == (2, 4, 3)
 
 
 @pytest.mark.filterwarnings("ignore:Accessing the data pointer of FakeTensor")  # the eager alignment check
-def test_eager_calls_do_not_take_the_op(monkeypatch):
-    """Eagerly, the public functions launch through the extension (no dispatcher host time)."""
-    from flash_gla import _validation, ops
+def test_eager_decode_calls_the_op_with_its_out(monkeypatch):
+    """Eagerly too, the public functions call torch.ops.flash_gla.* (there is no other way in)."""
+    from flash_gla import _validation
 
-    launched = []
-
-    class Extension:
-        def decode(self, *args):
-            launched.append(len(args))
-            return args[10], None
-
-    monkeypatch.setattr(_library, "decode", lambda *args: pytest.fail("the op was called eagerly"))
     monkeypatch.setattr(_validation, "num_sm_parts", lambda device, rows, h_kv: 5)
-    monkeypatch.setattr(ops, "_load_extension", lambda: Extension())
     with FakeTensorMode():
         a = fake_decode_inputs()
-        flash_gla.gla_with_kvcache(**a, out=torch.empty(3, 2, 16, 256, dtype=torch.bfloat16, device="cuda"))
-    assert launched == [12]
+        given = torch.empty(3, 2, 16, 256, dtype=torch.bfloat16, device="cuda")
+        out, lse = flash_gla.gla_with_kvcache(**a, out=given)
+    assert out is given and tuple(lse.shape) == (3, 16, 2) and lse.dtype == torch.float32

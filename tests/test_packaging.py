@@ -1,8 +1,9 @@
-"""What the package promises around the kernels: its names, its version, its build checks.
+"""What the package promises around the kernels: its names, its version, its build checks, the
+build record, and that the built library depends on nothing of torch but its stable C ABI.
 
 CPU only and fast: nothing here compiles. setup.py is run in a subprocess only where it
 stops before torch is imported (a bad CUDA_HOME), and ``import flash_gla`` is run in a
-subprocess where a fake build record must be in place before the package is imported.
+subprocess where a fake torch version or build record must be in place before the import.
 """
 
 import importlib.metadata
@@ -59,6 +60,13 @@ def test_setup_py_has_no_version_of_its_own():
     assert 'flash_gla" / "version.py"' in text
 
 
+def test_readme_names_the_wheel_of_this_version():
+    readme = ROOT / "README.md"
+    if not readme.is_file():
+        pytest.skip("no README.md beside the tests (not a source checkout)")
+    assert f"dist/flash_gla-{flash_gla.__version__}-cp310-abi3-linux_x86_64.whl" in readme.read_text(encoding="utf-8")
+
+
 def test_installed_metadata_has_the_package_version():
     try:
         installed = importlib.metadata.version("flash_gla")
@@ -68,44 +76,42 @@ def test_installed_metadata_has_the_package_version():
 
 
 # ----------------------------------------------------------------------------------------
-# The torch the extension was built against
+# torch versions, the build record, the stable ABI
 # ----------------------------------------------------------------------------------------
 
-FAKE_BUILD_INFO = """
-import sys, types
-info = types.ModuleType("flash_gla._build_info")
-info.TORCH_VERSION = {version!r}
-sys.modules["flash_gla._build_info"] = info
-"""
 
+def test_import_refuses_a_torch_older_than_the_minimum():
+    from flash_gla.version import MIN_TORCH
 
-def test_import_refuses_a_torch_other_than_the_build_one():
-    fake = "0.0.1+built.elsewhere"
     rc, out, err = run_python(
-        FAKE_BUILD_INFO.format(version=fake)
-        + textwrap.dedent(
-            """
-            try:
-                import flash_gla
-            except ImportError as e:
-                print(e)
-                sys.exit(3)
-            """
-        )
+        """
+        import sys, torch
+        torch.__version__ = "2.1.2+cu121"
+        try:
+            import flash_gla
+        except ImportError as e:
+            print(e)
+            sys.exit(3)
+        """
     )
     assert rc == 3, f"import flash_gla did not raise ImportError (rc {rc}):\n{out}\n{err}"
-    assert f"built against torch {fake}" in out
-    assert f"the running torch is {torch.__version__}" in out
-    assert "pip install --no-build-isolation ." in out  # the fix
-    assert f"torch=={fake}" in out  # the other fix
+    assert f"flash_gla needs torch >= {MIN_TORCH}" in out and "running torch is 2.1.2+cu121" in out, out
 
 
-def test_import_accepts_the_build_torch():
+def test_import_accepts_a_torch_other_than_the_build_one():
+    """The extension is on torch's stable ABI: any torch >= MIN_TORCH runs it, whichever built it."""
     rc, out, err = run_python(
-        FAKE_BUILD_INFO.format(version=torch.__version__) + "import flash_gla; print(flash_gla.__version__)"
+        """
+        import sys, types
+        info = types.ModuleType("flash_gla._build_info")
+        info.BUILD = {"torch_built_with": "9.9.9+elsewhere", "min_torch": "2.10"}
+        sys.modules["flash_gla._build_info"] = info
+        import flash_gla
+        print(flash_gla.__version__, flash_gla.build_info()["torch_built_with"])
+        """
     )
     assert rc == 0, err
-    assert out.strip() == flash_gla.__version__
+    assert out.split() == [flash_gla.__version__, "9.9.9+elsewhere"]
 
 
 def test_import_works_without_build_info():
@@ -116,6 +122,7 @@ def test_import_works_without_build_info():
         sys.modules["flash_gla._build_info"] = None  # as if the file did not exist
         import torch, flash_gla
         from flash_gla.reference import attention_ref
+        assert flash_gla.build_info() == {}
         out, lse = attention_ref(torch.ones(1, 2, 4), torch.ones(3, 1, 4), torch.ones(3, 1, 4), False, 0.5)
         print(tuple(out.shape))
         """
@@ -124,13 +131,65 @@ def test_import_works_without_build_info():
     assert out.strip() == "(1, 2, 4)"
 
 
-def test_build_info_when_present_matches_the_running_torch():
-    path = Path(flash_gla.__file__).with_name("_build_info.py")
-    if not path.is_file():
-        pytest.skip("no _build_info.py: this flash_gla was not built")
-    from flash_gla import _build_info
+def built_extension():
+    """The flash_gla/_C*.so beside the imported package, or skip (a checkout that was never built)."""
+    found = sorted(Path(flash_gla.__file__).parent.glob("_C*.so"))
+    if not found:
+        pytest.skip("flash_gla._C is not built")
+    return found
 
-    assert _build_info.TORCH_VERSION == torch.__version__
+
+def test_build_record_says_what_was_built():
+    built_extension()
+    from flash_gla.version import MIN_TORCH
+
+    info = flash_gla.build_info()
+    assert info, "a built extension without its build record (flash_gla/_build_info.py)"
+    assert info["version"] == flash_gla.__version__
+    assert info["arch"] == "sm_90a" and info["min_torch"] == MIN_TORCH
+    assert re.fullmatch(r"\d+\.\d+", info["cuda"]) and re.fullmatch(r"\d+\.\d+\.\d+", info["cutlass"] or ""), info
+    assert re.fullmatch(r"\d+\.\d+.*", info["torch_built_with"]), info
+    assert info["git_commit"] is None or re.fullmatch(r"[0-9a-f]{40}(\+dirty)?", info["git_commit"]), info
+
+
+def test_extension_is_one_abi3_library():
+    """_C.abi3.so only: Python's limited API, and no interpreter-tagged copy that would win the import."""
+    assert [p.name for p in built_extension()] == ["_C.abi3.so"]
+    import flash_gla._C
+
+    assert Path(flash_gla._C.__file__).name == "_C.abi3.so"
+
+
+def undefined_symbols(library):
+    proc = subprocess.run(["nm", "-D", "--undefined-only", str(library)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    return [line.split()[-1] for line in proc.stdout.splitlines() if line.strip()]
+
+
+# Mangled C++ names of torch's unstable API (c10::, at::, torch:: outside the stable headers'
+# inline code, caffe2::) and of pybind11: a dependency on any of them ties the build to one torch.
+# (_ZN / _ZNK: functions, _ZTI / _ZTV / _ZTS: type info, vtables, type names).
+UNSTABLE = re.compile(r"_Z(T[IVS])?N?K?(3c10|2at|5torch|6caffe2|8pybind11)")
+
+
+@pytest.mark.skipif(shutil.which("nm") is None, reason="no nm (binutils)")
+def test_extension_needs_only_stable_torch_symbols():
+    """What the library takes from torch is the stable C ABI (aoti_torch_*, torch_*: plain C names)."""
+    symbols = undefined_symbols(built_extension()[0])
+    unstable = [s for s in symbols if UNSTABLE.match(s)]
+    assert not unstable, f"{len(unstable)} undefined C++ torch/pybind11 symbols, e.g. {unstable[:5]}"
+    assert any(s.startswith("aoti_torch_") for s in symbols), "no stable-ABI symbol at all: is this the right file?"
+    python = [s for s in symbols if s.startswith(("Py", "_Py"))]
+    assert set(python) <= {"PyModule_Create2", "PyModuleDef_Init"}, f"Python symbols beyond the module init: {python}"
+
+
+def test_python_m_flash_gla_prints_a_bug_report():
+    proc = subprocess.run([sys.executable, "-m", "flash_gla"], capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, PYTHONPATH=PACKAGE_PARENT))
+    assert proc.returncode == 0, proc.stderr
+    for label in ("flash_gla:", "python:", "torch:", "GPU"):
+        assert label in proc.stdout, proc.stdout
+    assert flash_gla.__version__ in proc.stdout and torch.__version__ in proc.stdout
 
 
 # ----------------------------------------------------------------------------------------

@@ -37,3 +37,22 @@ def test_quoted_includes_stay_inside(folder):
         or not (ROOT / "hopper" / name).resolve().is_relative_to(base.resolve())
     ]
     assert not outside, "\n".join(outside)
+
+
+ANGLE_INCLUDE = re.compile(r"^\s*#\s*include\s+<([^>]+)>", re.MULTILINE)
+UNSTABLE_TORCH_HEADERS = ("torch/extension.h", "torch/torch.h", "torch/library.h", "torch/all.h", "ATen/", "c10/",
+                          "pybind11/", "torch/csrc/api/", "torch/csrc/utils/")
+
+
+def test_host_code_includes_only_torchs_stable_abi():
+    """csrc/ and hopper/ see torch only through torch/csrc/stable, torch/headeronly and the C shim
+    (csrc/torch_stable.h), so that one build loads under every torch from MIN_TORCH on."""
+    found = [
+        f"{path.relative_to(ROOT)} includes <{name}>"
+        for folder in ("csrc", "hopper")
+        for path in sorted((ROOT / folder).rglob("*"))
+        if path.suffix in {".h", ".cuh", ".cu", ".cpp"}
+        for name in ANGLE_INCLUDE.findall(path.read_text())
+        if name.startswith(UNSTABLE_TORCH_HEADERS)
+    ]
+    assert not found, "\n".join(found)
