@@ -5,20 +5,22 @@ OUT       ?= bench_out/h100
 BENCH_OUT ?= bench_out
 
 .DEFAULT_GOAL := help
-.PHONY: help install develop test quickstart layer bench serving sass h100 clean
+.PHONY: help install develop wheel test quickstart layer bench serving sass h100 clean
 
 help:
 	@echo "flash_gla: make VERB, where VERB is one of"
 	@echo "  make install     install torch (if absent), the build and test tools, and build flash_gla"
 	@echo "                   (the README's install command, with -v to show the compile)"
 	@echo "  make develop     build the extension in place, for working on the sources"
+	@echo "  make wheel       build dist/flash_gla-<version>-cp310-abi3-linux_x86_64.whl (any torch >= 2.10)"
 	@echo "  make test        run the test suite (the kernel tests need an sm_90 GPU)"
 	@echo "  make quickstart  run examples/quickstart.py (kernels vs. reference; reference only without a GPU)"
 	@echo "  make layer       run examples/gla_decode_layer.py (an engine's GLA-2 decode step vs. a float32 model)"
 	@echo "  make bench       run the decode benchmark on an H100; table on stdout, $(BENCH_OUT)/bench.json and .png"
 	@echo "  make serving     60-layer decode steps of 64 requests (GLA-2 vs. MLA); $(BENCH_OUT)/serving.json and .png"
 	@echo "  make sass        registers / smem / HGMMA / spill summary of the built extension"
-	@echo "  make h100        build + sass + test + bench on an H100, logs in $(OUT) (scripts/h100.sh)"
+	@echo "  make h100        build + sass + test + bench on an H100, logs in $(OUT) (scripts/h100.sh;"
+	@echo "                   WHEEL=dist/flash_gla-...whl installs that wheel instead of building)"
 	@echo "  make clean       remove build outputs"
 
 install:
@@ -27,6 +29,9 @@ install:
 
 develop:
 	$(PYTHON) setup.py build_ext --inplace
+
+wheel:
+	$(PYTHON) -m pip wheel --no-build-isolation --no-deps -w dist .
 
 test:
 	$(PYTHON) -m pytest tests -q

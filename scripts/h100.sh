@@ -1,7 +1,13 @@
 #!/usr/bin/env bash
-# Build, inspect, test and benchmark flash_gla on an H100 machine in one command.
+# Build (or install a wheel), inspect, test and benchmark flash_gla on an H100 machine in one command.
 #
 # usage: scripts/h100.sh OUT_DIR          (from anywhere; it works in the checkout's root)
+#        WHEEL=path/to/flash_gla-...-cp310-abi3-linux_x86_64.whl scripts/h100.sh OUT_DIR
+#
+# With WHEEL, nothing is compiled here: the install stage installs that wheel (built elsewhere,
+# e.g. `make wheel` on a CPU machine with any torch >= 2.10; pip install --no-deps --no-index, so
+# no network is needed and the machine's torch stays), and the sass, test and bench stages run on
+# the installed package (PYTHONSAFEPATH=1 keeps the checkout's flash_gla/ off sys.path).
 #
 # The machine needs a CUDA build of torch, nvcc >= 12.8 and, for the build, the CUTLASS
 # headers. It may have no network: bring what it cannot download in the git-ignored folder
@@ -14,8 +20,9 @@
 # With network, or with nvidia-cutlass already installed, offline/ is not needed.
 #
 # Environment:
-#   STAGES="build sass test bench"  stages to run, in this order (default: all four); a
-#                                   stage left out reuses what an earlier call left behind
+#   STAGES="build sass test bench"  stages to run, in this order (default: all four; with WHEEL
+#                                   "install sass test bench"); a stage left out reuses what an
+#                                   earlier call left behind
 #   BUDGET_S=570                    the whole script's time budget: test and bench get what
 #                                   is left (minus a margin for the summary), so a run under
 #                                   an outside time limit (e.g. a 10-minute job) still ends
@@ -40,7 +47,18 @@ OUT_DIR=$(cd "$OUT_DIR" && pwd)
 cd "$(dirname "$0")/.."
 
 PY=${PYTHON:-python3}
-STAGES=${STAGES:-build sass test bench}
+WHEEL=${WHEEL:-}
+if [[ -n $WHEEL ]]; then
+    [[ -f $WHEEL ]] || { echo "WHEEL=$WHEEL: no such file"; exit 2; }
+    WHEEL=$(cd "$(dirname "$WHEEL")" && pwd)/$(basename "$WHEEL")
+    STAGES=${STAGES:-install sass test bench}
+    [[ " $STAGES " != *" build "* ]] || { echo "STAGES has build and WHEEL is set: choose one"; exit 2; }
+    export PYTHONSAFEPATH=1  # import the installed flash_gla, not ./flash_gla (Python >= 3.11)
+    PACKAGE_PATH=""          # for the benchmarks: the installed package, no checkout on PYTHONPATH
+else
+    STAGES=${STAGES:-build sass test bench}
+    PACKAGE_PATH=$PWD:
+fi
 BUDGET_S=${BUDGET_S:-570}
 DEADLINE=$(($(date +%s) + BUDGET_S))
 export PYTHONUNBUFFERED=1 PIP_ROOT_USER_ACTION=ignore PIP_DISABLE_PIP_VERSION_CHECK=1
@@ -83,7 +101,29 @@ main() {
 print(f"python {sys.version.split()[0]}, torch {torch.__version__} (CUDA {torch.version.cuda}),",
       f"GPU {torch.cuda.get_device_name() if torch.cuda.is_available() else None}")'
     nvcc --version | tail -n 2 | head -n 1
-    echo "stages: $STAGES; budget ${BUDGET_S}s; MAX_JOBS=$MAX_JOBS"
+    echo "stages: $STAGES; budget ${BUDGET_S}s; MAX_JOBS=$MAX_JOBS${WHEEL:+; wheel $WHEEL}"
+
+    if want install; then
+        banner install
+        if "$PY" -m pip install --no-deps --no-index --force-reinstall "$WHEEL" >"$OUT_DIR/build.log" 2>&1 \
+            && (cd / && "$PY" -m flash_gla) | tee -a "$OUT_DIR/build.log" \
+            && (cd / && "$PY" -c 'import flash_gla, sys; sys.exit(0 if flash_gla.build_info() else 1)'); then
+            build_msg="installed $(basename "$WHEEL") (no compile)"
+        else
+            build_msg="FAILED: installing $(basename "$WHEEL"), see build.log"
+            rc=1
+            tail -n 30 "$OUT_DIR/build.log"
+        fi
+        # Tests and benchmarks must see the installed copy, not a stale build in the checkout.
+        local where
+        where=$("$PY" -c 'import flash_gla; print(flash_gla.__file__)' 2>&1)
+        echo "flash_gla imported from $where"
+        if [[ $where == "$PWD"/* ]]; then
+            echo "that is the checkout, not the installed wheel (Python < 3.11 ignores PYTHONSAFEPATH)"
+            build_msg="$build_msg; WARNING: the checkout's flash_gla shadows the wheel"
+            rc=1
+        fi
+    fi
 
     if want build; then
         banner build
@@ -157,7 +197,7 @@ EOF
         local gpu_state="clocks.sm,clocks.max.sm,temperature.gpu,power.draw,clocks_throttle_reasons.active"
         echo "gpu before: $(nvidia-smi --query-gpu=$gpu_state --format=csv,noheader 2>&1 | head -n 1)"
         if [[ -f benchmarks/bench_decode.py ]]; then
-            PYTHONPATH=$PWD:$PWD/offline/flashmla${PYTHONPATH:+:$PYTHONPATH} \
+            PYTHONPATH=$PACKAGE_PATH$PWD/offline/flashmla${PYTHONPATH:+:$PYTHONPATH} \
                 timeout --signal=INT --kill-after=15 "$(left)" \
                 "$PY" benchmarks/bench_decode.py --out "$OUT_DIR" ${BENCH_ARGS:-} >"$OUT_DIR/bench.log" 2>&1
             local xrc=$?
@@ -169,7 +209,7 @@ EOF
                 [[ -f benchmarks/$script.py ]] || continue
                 local args_var="${script^^}_ARGS"
                 printf '\n==== %s ====\n' "$script" >>"$OUT_DIR/bench.log"
-                PYTHONPATH=$PWD:$PWD/offline/flashmla${PYTHONPATH:+:$PYTHONPATH} \
+                PYTHONPATH=$PACKAGE_PATH$PWD/offline/flashmla${PYTHONPATH:+:$PYTHONPATH} \
                     timeout --signal=INT --kill-after=15 "$(left)" \
                     "$PY" "benchmarks/$script.py" ${!args_var:-} >>"$OUT_DIR/bench.log" 2>&1 || xrc=$?
             done
