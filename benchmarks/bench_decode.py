@@ -69,15 +69,16 @@ def load_flashmla():
     return None
 
 
-def decode_call(cfg, q, kv, rope, block_table, seqlens, meta, splits, out):
+def decode_call(cfg, q, kv, rope, block_table, seqlens, meta, splits, out, invariant=False):
     """One flash_gla decode call for a configuration (causal when s_q > 1)."""
     import flash_gla
 
     causal = q.shape[1] > 1
     if cfg.get("layout") == "gta":
-        return flash_gla.gta_with_kvcache(q, kv, rope, block_table, seqlens, meta, splits, causal=causal, out=out)
+        return flash_gla.gta_with_kvcache(q, kv, rope, block_table, seqlens, meta, splits, causal=causal, out=out,
+                                          enable_batch_invariant=invariant)
     return flash_gla.gla_with_kvcache(q, kv, block_table, seqlens, cfg["dv"], meta, splits, causal=causal,
-                                      out=out, rope_cache=rope)
+                                      out=out, rope_cache=rope, enable_batch_invariant=invariant)
 
 
 def varlen_lengths(batch, mean, gen):
@@ -181,6 +182,14 @@ def bench_row(name, cfg, length, s_q, args, flashmla, gen):
             decode_call(cfg, q, kv, rope, block_table, seqlens, meta, splits, o)
 
     fns, twin_cases = [ours], None
+    if args.batch_invariant:  # the same calls on the batch-invariant plan
+        inv_meta, inv_splits = flash_gla.get_metadata(seqlens, s_q * h_q // h_kv, h_kv, enable_batch_invariant=True)
+
+        def ours_invariant():
+            for (q, kv, rope), o in zip(cases, outs):
+                decode_call(cfg, q, kv, rope, block_table, seqlens, inv_meta, inv_splits, o, invariant=True)
+
+        fns.append(ours_invariant)
     if flashmla is not None and not args.no_flashmla and name in FLASHMLA_TWIN:
         twin = dict(CONFIGS[FLASHMLA_TWIN[name]])
         twin_cases, twin_table, twin_seqlens = make_case(twin, batch, lengths, s_q, dtype, copies, gen, device)
@@ -198,6 +207,8 @@ def bench_row(name, cfg, length, s_q, args, flashmla, gen):
     us = times[0]
     row.update(us=us, gbps=(kv_bytes + io_bytes) / us / 1e3, tflops=flops / us / 1e6)
     row["pct_roof"] = 100.0 * row["roofline_us"] / us
+    if args.batch_invariant:
+        row["invariant_us"] = times.pop(1)
     if len(times) > 1:
         row["flashmla_us"] = times[1]
     del twin_cases
@@ -213,9 +224,12 @@ def fmt(row):
                 f"{'(roofline only: a perfect kernel)':>42s} {row['roofline_us']:9.1f}")
     fm = f"{row['flashmla_us']:9.1f}" if row["flashmla_us"] else "        -"
     sp = f"{row['speedup_vs_flashmla']:6.2f}x" if row["speedup_vs_flashmla"] else "      -"
+    invariant = ""
+    if row.get("invariant_us"):
+        invariant = f" {row['invariant_us']:10.1f} {row['invariant_us'] / row['us']:6.2f}x"
     return (f"{row['config']:10s} {str(row['length']):>7s} {row['s_q']:3d} {row['batch']:4d} "
             f"{row['us']:9.1f} {row['gbps']:8.0f} {row['tflops']:7.1f} {row['pct_roof']:6.1f}% "
-            f"{row['roofline_us']:9.1f} {fm} {sp}")
+            f"{row['roofline_us']:9.1f} {fm} {sp}{invariant}")
 
 
 HEADER = ("config      length s_q    b        us     GB/s  TFLOP/s  %roof   roof_us  flashmla   ratio")
@@ -278,6 +292,8 @@ def main():
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--iters", type=int, default=100)
     ap.add_argument("--no-flashmla", action="store_true")
+    ap.add_argument("--batch-invariant", action="store_true",
+                    help="also time each row on the batch-invariant plan (columns: its µs, its cost vs the default)")
     ap.add_argument("--out", default=None, help="folder for bench.json and bench.png")
     args = ap.parse_args()
     # A machine that cannot run the kernels gets one line saying why, not a traceback.
@@ -293,7 +309,7 @@ def main():
     torch.manual_seed(0)
     rows = []
     print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}  roof {ROOF_GBPS} GB/s")
-    print(HEADER)
+    print(HEADER + ("  invariant   cost" if args.batch_invariant else ""))
     t0 = time.time()
     sq8 = {name for name in args.sq8_configs.split(",") if name}
     for name in args.configs.split(","):

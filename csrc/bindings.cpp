@@ -42,12 +42,14 @@ std::tuple<Tensor, int64_t> abi_probe(const Tensor& out, const std::optional<Ten
 }  // namespace flash_gla
 
 STABLE_TORCH_LIBRARY(flash_gla, m) {
-  m.def("get_metadata(Tensor cache_seqlens, int num_q_tokens_per_head_k, int num_heads_k) -> (Tensor, Tensor)");
+  m.def(
+      "get_metadata(Tensor cache_seqlens, int num_q_tokens_per_head_k, int num_heads_k, bool batch_invariant) -> "
+      "(Tensor, Tensor)");
   m.def("num_sm_parts(int device, int num_q_tokens_per_head_k, int num_heads_k) -> int");
   m.def(
       "decode(Tensor q, Tensor kv_cache, Tensor? rope_cache, Tensor block_table, Tensor cache_seqlens, "
       "int head_dim_v, Tensor tile_scheduler_metadata, Tensor num_splits, float softmax_scale, bool causal, "
-      "Tensor(a!) out, Tensor? attn_sink) -> Tensor");
+      "Tensor(a!) out, Tensor? attn_sink, bool batch_invariant) -> Tensor");
   m.def(
       "write_kvcache(Tensor(a!) kv_cache, Tensor slot_mapping, Tensor kv, Tensor? rope, Tensor(b!)? rope_cache) "
       "-> ()");

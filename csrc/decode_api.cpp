@@ -58,7 +58,7 @@ int64_t get_num_sm_parts(int64_t device, int64_t num_q_tokens_per_head_k, int64_
 }
 
 std::tuple<Tensor, Tensor> get_metadata(const Tensor& cache_seqlens, int64_t num_q_tokens_per_head_k,
-                                        int64_t num_heads_k) {
+                                        int64_t num_heads_k, bool batch_invariant) {
   STD_TORCH_CHECK(cache_seqlens.is_cuda() && cache_seqlens.scalar_type() == ScalarType::Int &&
                       cache_seqlens.dim() == 1 && cache_seqlens.is_contiguous(),
                   "flash_gla: cache_seqlens must be a contiguous int32 CUDA vector");
@@ -66,17 +66,17 @@ std::tuple<Tensor, Tensor> get_metadata(const Tensor& cache_seqlens, int64_t num
   const DeviceGuard guard(device);
   const int batch = static_cast<int>(cache_seqlens.size(0));
   const int parts = static_cast<int>(get_num_sm_parts(device, num_q_tokens_per_head_k, num_heads_k));
-  Tensor meta = empty_on(cache_seqlens, {parts, kMetaFields}, ScalarType::Int);
+  Tensor meta = empty_on(cache_seqlens, {parts + (batch_invariant ? 1 : 0), kMetaFields}, ScalarType::Int);
   Tensor num_splits = empty_on(cache_seqlens, {batch + 1}, ScalarType::Int);
   run_scheduler(cache_seqlens.const_data_ptr<int>(), batch, parts, meta.mutable_data_ptr<int>(),
-                num_splits.mutable_data_ptr<int>(), current_stream(device));
+                num_splits.mutable_data_ptr<int>(), current_stream(device), batch_invariant);
   return {meta, num_splits};
 }
 
 Tensor decode(const Tensor& q, const Tensor& kv_cache, const std::optional<Tensor>& rope_cache,
               const Tensor& block_table, const Tensor& cache_seqlens, int64_t head_dim_v,
               const Tensor& tile_scheduler_metadata, const Tensor& num_splits, double softmax_scale,
-              bool causal, const Tensor& out, const std::optional<Tensor>& attn_sink) {
+              bool causal, const Tensor& out, const std::optional<Tensor>& attn_sink, bool batch_invariant) {
   STD_TORCH_CHECK(q.is_cuda() && q.dim() == 4 && q.stride(3) == 1 && kv_cache.dim() == 4 && kv_cache.stride(3) == 1,
                   "flash_gla: q and kv_cache must be 4-d CUDA tensors with a contiguous last dim");
   STD_TORCH_CHECK(!attn_sink.has_value() ||
@@ -95,13 +95,22 @@ Tensor decode(const Tensor& q, const Tensor& kv_cache, const std::optional<Tenso
   const auto heads_kv = kv_cache.size(2);
   const auto group = heads_q / heads_kv;
   const auto rows = seqlen_q * group;
-  const auto num_parts = tile_scheduler_metadata.size(0);
+  // The batch-invariant plan has one header row after the parts' rows. The row count is the
+  // one thing that tells the plans apart on the host: check it here too, so that a compiled
+  // call (which skips the Python check) cannot read one plan as the other.
+  const auto num_parts = tile_scheduler_metadata.size(0) - (batch_invariant ? 1 : 0);
+  STD_TORCH_CHECK(num_parts == get_num_sm_parts(device, rows, heads_kv),
+                  "flash_gla: tile_scheduler_metadata has ", tile_scheduler_metadata.size(0),
+                  " rows, not the scheduler parts of this call's shape", batch_invariant ? " plus one" : "",
+                  ": plan with get_metadata(cache_seqlens, s_q * h_q // h_kv, h_kv, enable_batch_invariant=",
+                  batch_invariant ? "True" : "False", ")");
   STD_TORCH_CHECK(num_parts <= kMaxSplitsPerRequest, "flash_gla: too many scheduler parts");
 
   Tensor lse = empty_on(q, {batch, heads_q, seqlen_q}, ScalarType::Float);
   // One slot per request piece: a part boundary splits at most one request, so there are
-  // at most batch + num_parts pieces.
-  const auto slots = batch + num_parts;
+  // at most batch + num_parts pieces; the batch-invariant plan cuts a request into at most
+  // kInvariantMaxChunks pieces, whatever its length.
+  const auto slots = batch_invariant ? batch * kInvariantMaxChunks : batch + num_parts;
   Tensor o_accum = empty_on(q, {slots, heads_kv, rows, head_dim_v}, ScalarType::Float);
   Tensor lse_accum = empty_on(q, {slots, heads_kv, rows}, ScalarType::Float);
 
@@ -150,6 +159,7 @@ Tensor decode(const Tensor& q, const Tensor& kv_cache, const std::optional<Tenso
   p.sched_meta = tile_scheduler_metadata.const_data_ptr<int>();
   p.num_splits = num_splits.const_data_ptr<int>();
   p.num_parts = static_cast<int>(num_parts);
+  p.batch_invariant = batch_invariant;
   p.num_sms = device_num_sms(device);
 
   const bool bf16 = q.scalar_type() == ScalarType::BFloat16;

@@ -9,9 +9,10 @@
 
 namespace flash_gla {
 
-// (tile_scheduler_metadata (num_parts, 8) int32, num_splits (b + 1,) int32).
+// (tile_scheduler_metadata (num_parts, 8) int32, num_splits (b + 1,) int32); batch_invariant:
+// the plan that cuts each request by its own length, with one more (header) row.
 std::tuple<Tensor, Tensor> get_metadata(const Tensor& cache_seqlens, int64_t num_q_tokens_per_head_k,
-                                        int64_t num_heads_k);
+                                        int64_t num_heads_k, bool batch_invariant);
 
 // Scheduler parts (rows of tile_scheduler_metadata) that get_metadata plans on CUDA device `device`.
 int64_t get_num_sm_parts(int64_t device, int64_t num_q_tokens_per_head_k, int64_t num_heads_k);
@@ -29,6 +30,7 @@ Tensor decode(
     double softmax_scale,                       // scale of q . K
     bool causal,                                // the s_q queries are the last s_q positions
     const Tensor& out,                          // (b, s_q, h_q, dv), q's dtype: written
-    const std::optional<Tensor>& attn_sink);    // (h_q,) float32 sink logits, or none
+    const std::optional<Tensor>& attn_sink,     // (h_q,) float32 sink logits, or none
+    bool batch_invariant);                      // the metadata is the batch-invariant plan
 
 }  // namespace flash_gla

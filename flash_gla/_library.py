@@ -36,15 +36,15 @@ def register_fakes() -> None:
     _registered = True
 
 
-def _get_metadata_fake(cache_seqlens, num_q_tokens_per_head_k, num_heads_k):
-    """(tile_scheduler_metadata (num_parts, 8) int32, num_splits (b + 1,) int32)."""
+def _get_metadata_fake(cache_seqlens, num_q_tokens_per_head_k, num_heads_k, batch_invariant):
+    """(tile_scheduler_metadata (num_parts (+ 1: batch-invariant), 8) int32, num_splits (b + 1,) int32)."""
     device = cache_seqlens.device.index if cache_seqlens.device.index is not None else torch.cuda.current_device()
-    parts = num_sm_parts(device, num_q_tokens_per_head_k, num_heads_k)
+    parts = num_sm_parts(device, num_q_tokens_per_head_k, num_heads_k) + int(batch_invariant)
     return (cache_seqlens.new_empty((parts, META_FIELDS)), cache_seqlens.new_empty((cache_seqlens.shape[0] + 1,)))
 
 
 def _decode_fake(q, kv_cache, rope_cache, block_table, cache_seqlens, head_dim_v, tile_scheduler_metadata,
-                 num_splits, softmax_scale, causal, out, attn_sink):
+                 num_splits, softmax_scale, causal, out, attn_sink, batch_invariant):
     """Writes ``out`` (b, s_q, h_q, head_dim_v); returns ``lse`` (b, h_q, s_q) float32."""
     batch, s_q, h_q, _ = q.shape
     return q.new_empty((batch, h_q, s_q), dtype=torch.float32)

@@ -24,6 +24,7 @@ class DecodeConfig:
     causal: bool
     head_dim_v: int
     device: torch.device
+    batch_invariant: bool = False  # the batch-invariant plan (enable_batch_invariant=True)
 
     @property
     def num_q_tokens_per_head_k(self) -> int:
@@ -38,13 +39,15 @@ class SchedulerMetadata:
     ``tile_scheduler_metadata`` with ``num_splits=None``. The first decode call computes the
     metadata from its ``cache_seqlens`` and shapes and stores it here; later calls (e.g. the
     other layers of the same decode step) reuse it and must have the same batch, s_q, h_q,
-    h_kv, page size, causal, head_dim_v and device, and the same ``cache_seqlens`` values (not checked: create a new object for each decode step). The
+    h_kv, page size, causal, head_dim_v, device and enable_batch_invariant, and the same
+    ``cache_seqlens`` values (not checked: create a new object for each decode step). The
     object is eager-only: it is filled in Python on the first call, which ``torch.compile``
     does not trace; compiled code uses the classic form.
 
     Attributes:
         config: the DecodeConfig of the first call, None before it.
-        tile_scheduler_metadata: (num_sm_parts, 8) int32 CUDA, None before the first call.
+        tile_scheduler_metadata: (num_sm_parts, 8) int32 CUDA (one more row for the
+            batch-invariant plan), None before the first call.
         num_splits: (batch + 1,) int32 CUDA, None before the first call.
     """
 
@@ -76,7 +79,7 @@ class SchedulerMetadata:
         self.check_config(config)
         if self.config is None:
             meta, num_splits = load_extension().get_metadata(
-                cache_seqlens, config.num_q_tokens_per_head_k, config.h_kv
+                cache_seqlens, config.num_q_tokens_per_head_k, config.h_kv, config.batch_invariant
             )
             self.tile_scheduler_metadata, self.num_splits, self.config = meta, num_splits, config
         return self.tile_scheduler_metadata, self.num_splits

@@ -120,19 +120,21 @@ def _layout(x):
 
 def check_decode_inputs(
     variant: Variant, q, kv_cache, rope_cache, block_table, cache_seqlens, head_dim_v,
-    tile_scheduler_metadata, num_splits, softmax_scale, causal, out, attn_sink, *, check_lengths: bool,
+    tile_scheduler_metadata, num_splits, softmax_scale, causal, out, attn_sink, batch_invariant=False, *,
+    check_lengths: bool,
 ) -> DecodeConfig:
     """Every check of a decode call, in the order of the module docstring; the call's DecodeConfig.
 
-    ``head_dim_v`` is ignored for a variant whose V is q's width. ``check_lengths`` is
-    flash_gla.ops.CHECK_LENGTHS, read by the caller at call time.
+    ``head_dim_v`` is ignored for a variant whose V is q's width. ``batch_invariant`` is the
+    call's ``enable_batch_invariant``. ``check_lengths`` is flash_gla.ops.CHECK_LENGTHS, read by
+    the caller at call time.
     """
     tensors = (q, kv_cache, rope_cache, block_table, cache_seqlens, tile_scheduler_metadata, num_splits, out, attn_sink)
     key = None
     # The fast path: eager calls with exact torch.Tensor arguments (not the lazy metadata).
     if not check_lengths and not _library.compiling() and all(x is None or type(x) is torch.Tensor for x in tensors) and num_splits is not None:
         # Types are part of the key: 256.0 == 256 and 1 == True, but only the ints and bools pass.
-        scalars = (head_dim_v, softmax_scale, causal)
+        scalars = (head_dim_v, softmax_scale, causal, batch_invariant)
         key = (variant, scalars, tuple(map(type, scalars)), *map(_layout, tensors))
         try:
             config = _VALIDATED.get(key)
@@ -145,7 +147,7 @@ def check_decode_inputs(
             return config
     config = _check_decode_inputs(variant, q, kv_cache, rope_cache, block_table, cache_seqlens, head_dim_v,
                                   tile_scheduler_metadata, num_splits, softmax_scale, causal, out, attn_sink,
-                                  check_lengths=check_lengths)
+                                  batch_invariant, check_lengths=check_lengths)
     if key is not None:
         if len(_VALIDATED) >= _VALIDATED_MAX:
             _VALIDATED.clear()
@@ -155,9 +157,12 @@ def check_decode_inputs(
 
 def _check_decode_inputs(
     variant: Variant, q, kv_cache, rope_cache, block_table, cache_seqlens, head_dim_v,
-    tile_scheduler_metadata, num_splits, softmax_scale, causal, out, attn_sink, *, check_lengths: bool,
+    tile_scheduler_metadata, num_splits, softmax_scale, causal, out, attn_sink, batch_invariant, *,
+    check_lengths: bool,
 ) -> DecodeConfig:
     lazy = isinstance(tile_scheduler_metadata, SchedulerMetadata)
+    if not isinstance(batch_invariant, bool):
+        raise TypeError(f"enable_batch_invariant must be a bool, got {type(batch_invariant).__name__}")
     metadata = () if lazy else (("tile_scheduler_metadata", tile_scheduler_metadata), ("num_splits", num_splits))
     tensors = (("q", q), ("kv_cache", kv_cache), ("rope_cache", rope_cache), ("block_table", block_table),
                ("cache_seqlens", cache_seqlens), *metadata, ("out", out), ("attn_sink", attn_sink))
@@ -166,7 +171,7 @@ def _check_decode_inputs(
     _check_sink_type(attn_sink)
     _check_dtypes(q, kv_cache, rope_cache, block_table, cache_seqlens, metadata, out)
     config = _check_shapes(variant, q, kv_cache, rope_cache, block_table, cache_seqlens, head_dim_v, metadata, out,
-                           causal)
+                           causal, batch_invariant)
     if attn_sink is not None and tuple(attn_sink.shape) != (config.h_q,):
         raise ValueError(f"attn_sink.shape must be (h_q,) = ({config.h_q},), got {tuple(attn_sink.shape)}")
     if softmax_scale is not None and not math.isfinite(softmax_scale):
@@ -184,9 +189,17 @@ def _check_decode_inputs(
             raise ValueError(f"{name} must be on q's device {q.device} (all tensors on one CUDA device), got {x.device}")
     if not lazy and not _library.compiling():  # asks the extension: not traceable
         parts = num_sm_parts(q.device.index, config.num_q_tokens_per_head_k, config.h_kv)
-        if tile_scheduler_metadata.shape[0] != parts:
+        rows = tile_scheduler_metadata.shape[0]
+        if rows != parts + batch_invariant and rows in (parts, parts + 1):  # the other plan
+            planned = rows == parts + 1
             raise ValueError(
-                f"tile_scheduler_metadata.shape[0] must be {parts} (scheduler parts for "
+                f"tile_scheduler_metadata has {rows} rows: it is the "
+                f"{'batch-invariant' if planned else 'default'} plan (get_metadata(..., enable_batch_invariant="
+                f"{planned})), but the call has enable_batch_invariant={batch_invariant}: pass the same value to both"
+            )
+        if rows != parts + batch_invariant:
+            raise ValueError(
+                f"tile_scheduler_metadata.shape[0] must be {parts + batch_invariant} (scheduler parts for "
                 f"num_q_tokens_per_head_k={config.num_q_tokens_per_head_k}, num_heads_k={config.h_kv} on "
                 f"{q.device}), got {tile_scheduler_metadata.shape[0]}: the metadata was computed for a "
                 "different num_q_tokens_per_head_k / num_heads_k"
@@ -246,7 +259,8 @@ def _check_dtypes(q, kv_cache, rope_cache, block_table, cache_seqlens, metadata,
         expect_dtype("out", out, q.dtype, what="q's dtype")
 
 
-def _check_shapes(variant, q, kv_cache, rope_cache, block_table, cache_seqlens, head_dim_v, metadata, out, causal):
+def _check_shapes(variant, q, kv_cache, rope_cache, block_table, cache_seqlens, head_dim_v, metadata, out, causal,
+                  batch_invariant=False):
     """Ranks, shapes, divisibility; returns the call's DecodeConfig."""
     ranked = (("q", q, 4), ("kv_cache", kv_cache, 4), ("rope_cache", rope_cache, 4), ("block_table", block_table, 2),
               ("cache_seqlens", cache_seqlens, 1), *((name, x, rank) for (name, x), rank in zip(metadata, (2, 1))),
@@ -304,7 +318,7 @@ def _check_shapes(variant, q, kv_cache, rope_cache, block_table, cache_seqlens, 
         raise ValueError(
             f"out.shape must be (b, s_q, h_q, head_dim_v) = {(batch, s_q, h_q, head_dim_v)}, got {tuple(out.shape)}"
         )
-    return DecodeConfig(batch, s_q, h_q, h_kv, page_size, causal, head_dim_v, q.device)
+    return DecodeConfig(batch, s_q, h_q, h_kv, page_size, causal, head_dim_v, q.device, batch_invariant)
 
 
 def _check_strides(q, kv_cache, rope_cache, block_table, cache_seqlens, metadata, out):

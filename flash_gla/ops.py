@@ -52,6 +52,7 @@ def get_metadata(
     num_heads_q: int | None = None,
     is_fp8_kvcache: bool = False,
     topk: int | None = None,
+    enable_batch_invariant: bool = False,
 ):
     """Plan the split of every request's KV pages over the SMs (FlashMLA's get_mla_metadata).
 
@@ -70,14 +71,28 @@ def get_metadata(
         num_heads_q: accepted for FlashMLA compatibility and ignored.
         is_fp8_kvcache: must be False (FlashMLA compatibility).
         topk: must be None (sparse attention is not supported; FlashMLA compatibility).
+        enable_batch_invariant: classic form only: plan so that each request's result is
+            bitwise the same whatever else is in the batch (pass the same flag to the decode
+            calls). Each request is cut by its own length: into chunks of at least 64 pages
+            (4096 tokens), at most 8 of them. Costs speed where a batch has fewer long requests
+            than SMs, and up to ``8 * b`` partial-result slots of memory per decode call. In the
+            lazy form pass the flag to the decode call instead.
 
     Returns:
-        tile_scheduler_metadata: (num_sm_parts, 8) int32 CUDA.
+        tile_scheduler_metadata: (num_sm_parts, 8) int32 CUDA; one more row (a header that
+            marks the plan) with ``enable_batch_invariant``.
         num_splits: (b + 1,) int32 CUDA.
     """
     _reject_unsupported(is_fp8_kvcache=is_fp8_kvcache, topk=topk)
     given = [x is not None for x in (cache_seqlens, num_q_tokens_per_head_k, num_heads_k)]
+    if not isinstance(enable_batch_invariant, bool):
+        raise TypeError(f"enable_batch_invariant must be a bool, got {type(enable_batch_invariant).__name__}")
     if not any(given):
+        if enable_batch_invariant:
+            raise ValueError(
+                "enable_batch_invariant=True applies to the classic form; with the lazy form "
+                "(get_metadata() with no arguments) pass it to the decode call"
+            )
         return SchedulerMetadata(), None
     if not all(given):
         raise TypeError(
@@ -85,7 +100,8 @@ def get_metadata(
             "num_q_tokens_per_head_k and num_heads_k (classic form)"
         )
     _validation.check_metadata_args(cache_seqlens, num_q_tokens_per_head_k, num_heads_k)
-    return _load_extension().get_metadata.default(cache_seqlens, num_q_tokens_per_head_k, num_heads_k)
+    return _load_extension().get_metadata.default(cache_seqlens, num_q_tokens_per_head_k, num_heads_k,
+                                                  enable_batch_invariant)
 
 
 # ----------------------------------------------------------------------------------------
@@ -108,6 +124,7 @@ def gla_with_kvcache(
     is_fp8_kvcache: bool = False,
     indices: torch.Tensor | None = None,
     attn_sink: torch.Tensor | None = None,
+    enable_batch_invariant: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Decode attention for GLA (``h_kv`` latent heads) and MLA (``h_kv == 1``).
 
@@ -152,6 +169,10 @@ def gla_with_kvcache(
             head (FlashMLA's ``attn_sink``). It joins the softmax's denominator only:
             ``out *= exp(lse) / (exp(lse) + exp(attn_sink[h]))``; ``lse`` is unchanged, and a row
             that sees no key keeps ``out = 0``. Fused into the kernels' epilogues.
+        enable_batch_invariant: each request's ``out`` and ``lse`` are bitwise the same
+            whatever else is in the batch and whatever the batch size (FlashMLA's name). Needs
+            metadata planned for it: ``get_metadata(..., enable_batch_invariant=True)``, or the
+            lazy form, which then plans so; a mismatch raises ValueError.
 
     Returns:
         out: (b, s_q, h_q, head_dim_v), q's dtype (``out`` itself when given).
@@ -162,7 +183,7 @@ def gla_with_kvcache(
     variant = _validation.GLA_INLINE if rope_cache is None else _validation.GLA_ROPE1
     return _decode(
         variant, q, kv_cache, rope_cache, block_table, cache_seqlens, head_dim_v,
-        tile_scheduler_metadata, num_splits, softmax_scale, causal, out, attn_sink,
+        tile_scheduler_metadata, num_splits, softmax_scale, causal, out, attn_sink, enable_batch_invariant,
     )
 
 
@@ -175,7 +196,7 @@ def gta_with_kvcache(
     tile_scheduler_metadata: torch.Tensor | SchedulerMetadata,
     num_splits: torch.Tensor | None = None,
     softmax_scale: float | None = None, causal: bool = False, out: torch.Tensor | None = None,
-    *, attn_sink: torch.Tensor | None = None,
+    *, attn_sink: torch.Tensor | None = None, enable_batch_invariant: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Decode attention for Grouped-Tied Attention (GTA).
 
@@ -197,7 +218,7 @@ def gta_with_kvcache(
             s_q * h_q // h_kv, h_kv)`` or the lazy form).
         softmax_scale: scale of ``q . K``; default ``1 / sqrt(d)``.
         out: optional (b, s_q, h_q, d) contiguous tensor of q's dtype to write into.
-        attn_sink: as in :func:`gla_with_kvcache`.
+        attn_sink, enable_batch_invariant: as in :func:`gla_with_kvcache`.
 
     Returns:
         out: (b, s_q, h_q, d), q's dtype. lse: (b, h_q, s_q) float32. Rows that see no key
@@ -205,7 +226,7 @@ def gta_with_kvcache(
     """
     return _decode(
         _validation.GTA, q, kv_cache, rope_cache, block_table, cache_seqlens, None,
-        tile_scheduler_metadata, num_splits, softmax_scale, causal, out, attn_sink,
+        tile_scheduler_metadata, num_splits, softmax_scale, causal, out, attn_sink, enable_batch_invariant,
     )
 
 
@@ -219,22 +240,17 @@ def flash_mla_with_kvcache(
 
     Call sites written for FlashMLA (positional or keyword, e.g. ``k_cache=``) work by
     changing only the import. Arguments (and their types) as in :func:`gla_with_kvcache`
-    (``k_cache`` is its ``kv_cache``; ``attn_sink`` too); FlashMLA's sparse / FP8 arguments
-    (tensors or None) must keep their defaults, and ``enable_batch_invariant`` False.
+    (``k_cache`` is its ``kv_cache``; ``attn_sink`` and ``enable_batch_invariant`` too);
+    FlashMLA's sparse / FP8 arguments (tensors or None) must keep their defaults.
     """
     _reject_unsupported(
         extra_k_cache=extra_k_cache, extra_indices_in_kvcache=extra_indices_in_kvcache,
         topk_length=topk_length, extra_topk_length=extra_topk_length,
     )
-    if enable_batch_invariant is not False:
-        raise ValueError(
-            "enable_batch_invariant must be False (batch-invariant split plans are not supported yet), "
-            f"got {enable_batch_invariant!r}"
-        )
     return gla_with_kvcache(
         q, k_cache, block_table, cache_seqlens, head_dim_v, tile_scheduler_metadata, num_splits,
         softmax_scale=softmax_scale, causal=causal, out=out, is_fp8_kvcache=is_fp8_kvcache,
-        indices=indices, attn_sink=attn_sink,
+        indices=indices, attn_sink=attn_sink, enable_batch_invariant=enable_batch_invariant,
     )
 
 
@@ -256,11 +272,13 @@ def _decode(
     causal: bool,
     out: torch.Tensor | None,
     attn_sink: torch.Tensor | None,
+    batch_invariant: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The one path of every decode entry: validate, resolve lazy metadata, launch."""
     config = _validation.check_decode_inputs(
         variant, q, kv_cache, rope_cache, block_table, cache_seqlens, head_dim_v,
-        tile_scheduler_metadata, num_splits, softmax_scale, causal, out, attn_sink, check_lengths=CHECK_LENGTHS,
+        tile_scheduler_metadata, num_splits, softmax_scale, causal, out, attn_sink, batch_invariant,
+        check_lengths=CHECK_LENGTHS,
     )
     if softmax_scale is None:
         softmax_scale = q.shape[-1] ** -0.5
@@ -277,6 +295,6 @@ def _decode(
     # torch.ops.flash_gla.decode, which writes out (its schema says so) and returns lse.
     lse = _load_extension().decode.default(
         q, kv_cache, rope_cache, block_table, cache_seqlens, config.head_dim_v,
-        tile_scheduler_metadata, num_splits, float(softmax_scale), causal, out, attn_sink,
+        tile_scheduler_metadata, num_splits, float(softmax_scale), causal, out, attn_sink, batch_invariant,
     )
     return out, lse

@@ -32,9 +32,10 @@ def test_schemas_name_every_argument():
     args = {name: [a.name for a in getattr(torch.ops.flash_gla, name).default._schema.arguments]
             for name in ("get_metadata", "decode", "write_kvcache", "merge_attention")}
     assert args == {
-        "get_metadata": ["cache_seqlens", "num_q_tokens_per_head_k", "num_heads_k"],
+        "get_metadata": ["cache_seqlens", "num_q_tokens_per_head_k", "num_heads_k", "batch_invariant"],
         "decode": ["q", "kv_cache", "rope_cache", "block_table", "cache_seqlens", "head_dim_v",
-                   "tile_scheduler_metadata", "num_splits", "softmax_scale", "causal", "out", "attn_sink"],
+                   "tile_scheduler_metadata", "num_splits", "softmax_scale", "causal", "out", "attn_sink",
+                   "batch_invariant"],
         "write_kvcache": ["kv_cache", "slot_mapping", "kv", "rope", "rope_cache"],
         "merge_attention": ["out_a", "lse_a", "out_b", "lse_b", "out", "lse"],
     }
@@ -84,7 +85,7 @@ def test_decode_fake_gives_lse_shape():
         a = fake_decode_inputs()
         out = torch.empty(3, 2, 16, 256, dtype=torch.bfloat16, device="cuda")
         lse = torch.ops.flash_gla.decode(a["q"], a["kv_cache"], None, a["block_table"], a["cache_seqlens"], 256,
-                                         a["tile_scheduler_metadata"], a["num_splits"], 0.1, True, out, None)
+                                         a["tile_scheduler_metadata"], a["num_splits"], 0.1, True, out, None, False)
     assert tuple(lse.shape) == (3, 16, 2) and lse.dtype == torch.float32 and lse.device.type == "cuda"
 
 
@@ -92,8 +93,10 @@ def test_get_metadata_fake_gives_the_devices_part_count(monkeypatch):
     monkeypatch.setattr(_library, "num_sm_parts", lambda device, rows, h_kv: 66 if (rows, h_kv) == (64, 2) else -1)
     with FakeTensorMode():
         seqlens = torch.empty(5, dtype=torch.int32, device="cuda")
-        meta, num_splits = torch.ops.flash_gla.get_metadata(seqlens, 64, 2)
+        meta, num_splits = torch.ops.flash_gla.get_metadata(seqlens, 64, 2, False)
+        invariant_meta, _ = torch.ops.flash_gla.get_metadata(seqlens, 64, 2, True)
     assert tuple(meta.shape) == (66, 8) and tuple(num_splits.shape) == (6,)
+    assert tuple(invariant_meta.shape) == (67, 8)  # the batch-invariant plan's header row
     assert meta.dtype == num_splits.dtype == torch.int32
 
 

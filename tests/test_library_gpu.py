@@ -59,12 +59,13 @@ def step_args(inp, slots, new_kv, new_rope):
 def test_opcheck(variant):
     inp, slots, new_kv, new_rope, dims = problem(variant)
     rows = NEW * dims["h_q"] // dims["h_kv"]
-    torch.library.opcheck(torch.ops.flash_gla.get_metadata, (inp.cache_seqlens, rows, dims["h_kv"]))
+    for invariant in (False, True):
+        torch.library.opcheck(torch.ops.flash_gla.get_metadata, (inp.cache_seqlens, rows, dims["h_kv"], invariant))
     meta, num_splits = flash_gla.get_metadata(inp.cache_seqlens, rows, dims["h_kv"])
     out = torch.empty(len(LENGTHS), NEW, dims["h_q"], dims["dv"], dtype=torch.bfloat16, device="cuda")
     torch.library.opcheck(torch.ops.flash_gla.decode, (
         inp.q, inp.kv_cache, inp.rope_cache, inp.block_table, inp.cache_seqlens, dims["dv"], meta, num_splits,
-        inp.q.shape[-1] ** -0.5, True, out, None))
+        inp.q.shape[-1] ** -0.5, True, out, None, False))
     rope = new_rope if variant.shared_rope else None
     kv = new_kv if variant.shared_rope else torch.cat([new_kv, new_rope[:, None, :].expand(-1, dims["h_kv"], -1)], -1)
     torch.library.opcheck(torch.ops.flash_gla.write_kvcache,

@@ -14,7 +14,7 @@ import torch
 
 import flash_gla
 from flash_gla import ops
-from flash_gla.scheduler_model import META_FIELDS, plan
+from flash_gla.scheduler_model import META_FIELDS, plan, plan_batch_invariant
 
 
 def _random_lengths(seed: int, b: int, top: int) -> list[int]:
@@ -37,20 +37,22 @@ SHAPES = [(1, 1), (128, 1), (64, 2), (256, 2), (32, 8), (1024, 1)]
 
 
 @pytest.mark.sm90
+@pytest.mark.parametrize("invariant", [False, True], ids=["default", "batch-invariant"])
 @pytest.mark.parametrize("rows, h_kv", SHAPES, ids=[f"rows{r}-kv{h}" for r, h in SHAPES])
 @pytest.mark.parametrize("batch", list(BATCHES))
-def test_metadata_equals_host_model(batch, rows, h_kv):
-    where = f"[{batch}, rows {rows}, h_kv {h_kv}]"
+def test_metadata_equals_host_model(batch, rows, h_kv, invariant):
+    where = f"[{batch}, rows {rows}, h_kv {h_kv}, batch-invariant {invariant}]"
     lengths = BATCHES[batch]
     seqlens = torch.tensor(lengths, dtype=torch.int32, device="cuda")
-    meta, num_splits = flash_gla.get_metadata(seqlens, rows, h_kv)
+    meta, num_splits = flash_gla.get_metadata(seqlens, rows, h_kv, enable_batch_invariant=invariant)
     parts = ops._num_sm_parts(seqlens.device.index, rows, h_kv)
     assert parts >= 1, f"{where} num_sm_parts = {parts}"
     assert meta.dtype == num_splits.dtype == torch.int32, f"{where} dtypes {meta.dtype}, {num_splits.dtype}"
-    assert tuple(meta.shape) == (parts, META_FIELDS), f"{where} meta.shape {tuple(meta.shape)}, parts {parts}"
+    rows_want = parts + 1 if invariant else parts  # the batch-invariant plan's header row
+    assert tuple(meta.shape) == (rows_want, META_FIELDS), f"{where} meta.shape {tuple(meta.shape)}, parts {parts}"
     assert tuple(num_splits.shape) == (len(lengths) + 1,), f"{where} num_splits.shape {tuple(num_splits.shape)}"
 
-    want_meta, want_splits = plan(lengths, parts)
+    want_meta, want_splits = (plan_batch_invariant if invariant else plan)(lengths, parts)
     got_meta, got_splits = meta.cpu().tolist(), num_splits.cpu().tolist()
     for p, (got, want) in enumerate(zip(got_meta, want_meta)):
         assert got == want, f"{where} part {p} of {parts}: kernel {got}, model {want}"

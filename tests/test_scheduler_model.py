@@ -11,13 +11,17 @@ import torch
 
 from flash_gla.scheduler_model import (
     FIXED_OVERHEAD_PAGES,
+    INVARIANT_CHUNK_PAGES,
+    INVARIANT_MAX_CHUNKS,
     META_FIELDS,
     PAGE_SIZE,
+    invariant_pieces,
     num_pages,
     part_costs,
     payload_per_part,
     pieces,
     plan,
+    plan_batch_invariant,
 )
 
 
@@ -158,7 +162,8 @@ def test_constants_match_the_cuda_side():
     root = Path(__file__).resolve().parents[1]
     headers = "\n".join(p.read_text() for d in ("csrc", "hopper") for p in sorted((root / d).rglob("*.h")))
     for cpp, value in (("kPageSize", PAGE_SIZE), ("kFixedOverheadPages", FIXED_OVERHEAD_PAGES),
-                       ("kMetaFields", META_FIELDS)):
+                       ("kMetaFields", META_FIELDS), ("kInvariantChunkPages", INVARIANT_CHUNK_PAGES),
+                       ("kInvariantMaxChunks", INVARIANT_MAX_CHUNKS)):
         found = re.findall(rf"constexpr int {cpp} = (\d+);", headers)
         assert found == [str(value)], f"C++ {cpp}: {found} in csrc/ and hopper/ headers, Python {value}"
 
@@ -168,6 +173,66 @@ def test_bad_arguments():
         plan([1], 0)
     with pytest.raises(ValueError, match="seqlens"):
         plan([1, -1], 2)
+
+
+# ----------------------------------------------------------------------------------------
+# The batch-invariant plan
+# ----------------------------------------------------------------------------------------
+
+
+def request_pieces(lengths, num_parts, request, invariant=True):
+    """(page_begin, page_end, slot - first slot) of each piece of one request."""
+    meta, num_splits = (plan_batch_invariant if invariant else plan)(lengths, num_parts)
+    cut = invariant_pieces if invariant else pieces
+    return [(x.page_begin, x.page_end, x.slot - num_splits[request])
+            for x in cut(meta, num_splits, lengths) if x.request == request]
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_invariant_plan_covers_every_page_once_and_balances(seed):
+    rng = random.Random(seed)
+    b, num_parts = rng.randint(0, 60), rng.choice([1, 2, 7, 66, 132])
+    lengths = [rng.choice([0, 1, 64, 65, 4096, 4097, 20_000, 70_000, rng.randint(0, 400_000)]) for _ in range(b)]
+    where = f"[seed {seed}, b {b}, parts {num_parts}]"
+    meta, num_splits = plan_batch_invariant(lengths, num_parts)
+    assert len(meta) == num_parts + 1 and meta[-1] == [INVARIANT_MAX_CHUNKS, INVARIANT_CHUNK_PAGES, 0, 0, 0, 0, 0, 0]
+    assert num_splits[0] == 0 and len(num_splits) == b + 1
+    assert num_splits[-1] <= b * INVARIANT_MAX_CHUNKS, where  # the decode's slot allocation
+    got = invariant_pieces(meta, num_splits, lengths)
+    assert [x.slot for x in got] == list(range(num_splits[-1])), f"{where} every slot once, in order"
+    for i, n in enumerate(lengths):
+        mine = [x for x in got if x.request == i]
+        assert 1 <= len(mine) == num_splits[i + 1] - num_splits[i] <= INVARIANT_MAX_CHUNKS, where
+        assert mine[0].page_begin == 0 and mine[-1].page_end == num_pages(n), where
+        assert all(x.page_end == y.page_begin for x, y in zip(mine, mine[1:])), where
+        assert all(x.split == (len(mine) > 1) for x in mine), where
+    costs = [0] * num_parts
+    for x in got:
+        costs[x.part] += x.cost
+    if got:  # each part: its share of the total plus at most one chunk
+        assert max(costs) <= -(-sum(costs) // num_parts) + max(x.cost for x in got), f"{where} {costs}"
+
+
+def test_invariant_pieces_depend_on_the_request_only():
+    """The default plan cuts a long request where the parts' budgets run out (so it depends on
+    the other requests); the batch-invariant plan cuts it the same way in every batch."""
+    rng = random.Random(0)
+    long_request = 70_000
+    alone = request_pieces([long_request], 66, 0)
+    assert len(alone) == INVARIANT_MAX_CHUNKS and alone[0] == (0, 137, 0)
+    default_cuts = set()
+    for trial in range(20):
+        others = [rng.randint(0, 50_000) for _ in range(rng.randint(1, 100))]
+        at = rng.randint(0, len(others))
+        lengths = others[:at] + [long_request] + others[at:]
+        assert request_pieces(lengths, 66, at) == alone, f"trial {trial}"
+        default_cuts.add(tuple(request_pieces(lengths, 66, at, invariant=False)))
+    assert len(default_cuts) > 1, "the default plan should depend on the batch (else this test shows nothing)"
+
+
+def test_invariant_chunk_sizes():
+    meta, num_splits = plan_batch_invariant([0, 64 * 64, 64 * 64 + 1, 64 * 64 * 8, 64 * 64 * 8 + 64, 10**6], 4)
+    assert num_splits == [0, 1, 2, 4, 12, 20, 28]
 
 
 def simulate_split_decode(q, keys, values, lengths, num_parts, causal, scale):

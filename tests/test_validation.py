@@ -465,11 +465,20 @@ def test_good_attn_sink_reaches_device_check(inputs):
     check_raises(inputs, ValueError, r"q must be a CUDA tensor", attn_sink=torch.zeros(H_Q))
 
 
-def test_batch_invariance_is_refused_with_a_reason(inputs):
+def test_batch_invariance_flag_is_checked(inputs):
     args = call_args(inputs)
-    args["k_cache"] = args.pop("kv_cache")
-    with pytest.raises(ValueError, match=r"enable_batch_invariant must be False \(batch-invariant .* not supported yet\)"):
+    with pytest.raises(TypeError, match=r"enable_batch_invariant must be a bool, got int"):
+        flash_gla.gla_with_kvcache(**args, enable_batch_invariant=1)
+    args["k_cache"] = args.pop("kv_cache")  # FlashMLA's alias passes it on; CPU tensors stop at the device
+    with pytest.raises(ValueError, match=r"q must be a CUDA tensor"):
         flash_gla.flash_mla_with_kvcache(**args, enable_batch_invariant=True)
+
+
+def test_batch_invariant_lazy_metadata_takes_the_flag_at_the_call():
+    with pytest.raises(ValueError, match=r"enable_batch_invariant=True applies to the classic form"):
+        flash_gla.get_metadata(enable_batch_invariant=True)
+    with pytest.raises(TypeError, match=r"enable_batch_invariant must be a bool"):
+        flash_gla.get_metadata(enable_batch_invariant="yes")
 
 
 def test_flash_mla_out_keyword_is_validated(inputs):
