@@ -115,7 +115,7 @@ _VALIDATED_MAX = 256
 
 
 def _layout(x):
-    return None if x is None else (x.shape, x.stride(), x.dtype, x.device)
+    return None if x is None else (type(x), x.shape, x.stride(), x.dtype, x.device)
 
 
 def check_decode_inputs(
@@ -129,21 +129,26 @@ def check_decode_inputs(
     call's ``enable_batch_invariant``. ``check_lengths`` is flash_gla.ops.CHECK_LENGTHS, read by
     the caller at call time.
     """
-    tensors = (q, kv_cache, rope_cache, block_table, cache_seqlens, tile_scheduler_metadata, num_splits, out, attn_sink)
     key = None
-    # The fast path: eager calls with exact torch.Tensor arguments (not the lazy metadata).
-    if not check_lengths and not _library.compiling() and all(x is None or type(x) is torch.Tensor for x in tensors) and num_splits is not None:
+    # The fast path: eager calls with tensor metadata (not the lazy object); anything that is not
+    # a tensor where one is expected has no layout (AttributeError) and takes the checks below.
+    if not check_lengths and num_splits is not None and not _library.compiling():
         # Types are part of the key: 256.0 == 256 and 1 == True, but only the ints and bools pass.
         scalars = (head_dim_v, softmax_scale, causal, batch_invariant)
-        key = (variant, scalars, tuple(map(type, scalars)), *map(_layout, tensors))
         try:
+            key = (variant, scalars, tuple(map(type, scalars)), _layout(q), _layout(kv_cache), _layout(rope_cache),
+                   _layout(block_table), _layout(cache_seqlens), _layout(tile_scheduler_metadata),
+                   _layout(num_splits), _layout(out), _layout(attn_sink))
             config = _VALIDATED.get(key)
-        except TypeError:  # an unhashable scalar: the checks below name it
+        except (AttributeError, TypeError):  # not a tensor, or an unhashable scalar: the checks below name it
             key = config = None
         if config is not None:
-            for name, x in (("q", q), ("kv_cache", kv_cache), ("rope_cache", rope_cache), ("out", out)):
-                if x is not None and x.data_ptr() % TMA_ALIGN_BYTES:
-                    expect_tma_compatible(name, x)  # raises, naming the address
+            # The layout is known good; the addresses are checked on every call (one test for all).
+            if (q.data_ptr() | kv_cache.data_ptr() | (0 if rope_cache is None else rope_cache.data_ptr())
+                    | (0 if out is None else out.data_ptr())) % TMA_ALIGN_BYTES:
+                for name, x in (("q", q), ("kv_cache", kv_cache), ("rope_cache", rope_cache), ("out", out)):
+                    if x is not None:
+                        expect_tma_compatible(name, x)  # raises, naming the address
             return config
     config = _check_decode_inputs(variant, q, kv_cache, rope_cache, block_table, cache_seqlens, head_dim_v,
                                   tile_scheduler_metadata, num_splits, softmax_scale, causal, out, attn_sink,

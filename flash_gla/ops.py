@@ -179,7 +179,8 @@ def gla_with_kvcache(
         lse: (b, h_q, s_q) float32, natural-log logsumexp of the scaled scores.
         Query rows that see no key (e.g. ``L_i == 0``) get ``out = 0`` and ``lse = +inf``.
     """
-    _reject_unsupported(is_fp8_kvcache=is_fp8_kvcache, indices=indices)
+    if is_fp8_kvcache is not False or indices is not None:
+        _reject_unsupported(is_fp8_kvcache=is_fp8_kvcache, indices=indices)
     variant = _validation.GLA_INLINE if rope_cache is None else _validation.GLA_ROPE1
     return _decode(
         variant, q, kv_cache, rope_cache, block_table, cache_seqlens, head_dim_v,
