@@ -51,8 +51,8 @@ STABLE_TORCH_LIBRARY(flash_gla, m) {
       "int head_dim_v, Tensor tile_scheduler_metadata, Tensor num_splits, float softmax_scale, bool causal, "
       "Tensor(a!) out, Tensor? attn_sink, bool batch_invariant) -> Tensor");
   m.def(
-      "write_kvcache(Tensor(a!) kv_cache, Tensor slot_mapping, Tensor kv, Tensor? rope, Tensor(b!)? rope_cache) "
-      "-> ()");
+      "write_kvcache(Tensor(a!) kv_cache, Tensor slot_mapping, Tensor kv, Tensor? rope, Tensor(b!)? rope_cache, "
+      "Tensor(c!)? kv_scale=None) -> ()");
   m.def(
       "merge_attention(Tensor out_a, Tensor lse_a, Tensor out_b, Tensor lse_b, Tensor(a!) out, Tensor(b!) lse) "
       "-> ()");

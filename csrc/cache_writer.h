@@ -4,16 +4,36 @@
 //
 // Slot s is row s % 64 of page s / 64. A slot outside [0, num_slots) is skipped (negative:
 // a padding token; too large: a bad input, which must not write out of bounds). Strides are in
-// elements of the tensor they describe; every tensor's last dim is contiguous.
+// elements of the tensor they describe; every tensor's last dim but kv_scale's is contiguous.
+//
+// The FP8 layout (issue #13; flash_gla/reference.py quantize_kv_ref is its definition): the
+// cache holds float8_e4m3fn values and kv_scale one float32 per token, KV head and group of
+// kScaleGroup values along d, value i = kv_cache[..., i] * kv_scale[..., i / kScaleGroup]; the
+// RoPE keys stay in the tokens' dtype, in a rope_cache (no inline RoPE in FP8).
 #pragma once
 
 #include <cuda_runtime.h>
 
+#include <cfloat>
 #include <cstdint>
 
 #include "common/params.h"
 
 namespace flash_gla {
+
+// Values per FP8 scale (the last group of a row may be shorter: d need not be a multiple).
+constexpr int kScaleGroup = 128;
+// A group's scale is amax / kE4M3Max (so its largest value becomes e4m3's largest finite, 448),
+// at least kMinScale = 2^-126 (float32's smallest normal, so that 1 / scale is finite), and 1
+// for a group of zeros.
+constexpr float kE4M3Max = 448.0f;
+constexpr float kMinScale = FLT_MIN;
+
+// What the caches hold.
+enum class CacheElem {
+  kTokens,  // the tokens' own dtype (bf16 / fp16): a copy
+  kE4M3,    // float8_e4m3fn, quantised per (token, KV head, kScaleGroup values) with kv_scale
+};
 
 struct CacheWriteParams {
   // ---- shape ----
@@ -44,14 +64,23 @@ struct CacheWriteParams {
   void* rope_cache;
   int64_t rope_cache_block_stride;
   int64_t rope_cache_row_stride;
+  // kv_scale (num_blocks, 64, h_kv, ceil(d_kv / kScaleGroup)) float32: an FP8 cache's scales
+  // (cache == kE4M3), null otherwise.
+  float* kv_scale;
+  int64_t scale_block_stride;
+  int64_t scale_row_stride;
+  int64_t scale_head_stride;
+  int64_t scale_group_stride;
 
-  // Element type of kv and rope; the caches hold the same type (an FP8 cache, quantised with a
-  // scale on the way, would be another element op of the same kernel: see cache_writer.cu).
+  // Element type of kv and rope (and of rope_cache); kv_cache holds the same type or, with
+  // kE4M3, FP8 values (another element op of the same kernel: see cache_writer.cu).
   DType dtype;
+  CacheElem cache;
 };
 
 // Writes every token whose slot is in range; no host synchronisation (CUDA-graph safe).
-// Throws on a launch failure.
+// Throws on a launch failure, or for an FP8 cache whose rows are not 4-element aligned (every
+// address, stride and width; flash_gla/cache_writer.py checks this first).
 void run_write_kvcache(const CacheWriteParams& params, cudaStream_t stream);
 
 }  // namespace flash_gla

@@ -6,15 +6,21 @@ kv_cache, slot_mapping, kv_cache_dtype, scale)``): token ``t`` goes to slot
 host synchronisation: CUDA-graph safe. ``flash_gla.reference.write_kvcache_ref`` defines the
 semantics.
 
+With a float8_e4m3fn cache the writer quantises (``flash_gla.reference.quantize_kv_ref``, bit
+for bit): per token, KV head and 128 values, ``scale = amax / 448`` (at least 2^-126, 1 for a
+group of zeros) goes to ``kv_scale`` and ``value * (1 / scale)``, rounded to nearest e4m3 and
+saturated at +-448, to ``kv_cache``.
+
 Every input is checked here, in the order of ``flash_gla._validation`` (types, dtypes, ranks
-and shapes, strides, device), before the extension is touched; slot values are not (that would
-read them on the host): the kernel skips a slot outside ``[0, num_blocks * 64)``.
+and shapes, strides and alignment, device), before the extension is touched; slot values are
+not (that would read them on the host): the kernel skips a slot outside ``[0, num_blocks * 64)``.
 """
 
 from __future__ import annotations
 
 import torch
 
+from flash_gla import _library
 from flash_gla._extension import load_extension
 from flash_gla._validation import (
     HALF_DTYPES,
@@ -25,14 +31,15 @@ from flash_gla._validation import (
     expect_tensor,
     expect_unit_last_stride,
 )
+from flash_gla.reference import FP8_GROUP
 
 __all__ = ["write_kvcache"]
 
-#: Cache dtypes that a later issue (FP8 caches, with ``kv_scale``) will serve.
-FP8_DTYPES = tuple(
-    getattr(torch, name) for name in ("float8_e4m3fn", "float8_e4m3fnuz", "float8_e5m2", "float8_e5m2fnuz")
-    if hasattr(torch, name)
-)
+#: The FP8 cache dtype the writer quantises into (with ``kv_scale``).
+FP8_DTYPE = torch.float8_e4m3fn
+#: Values an FP8 write moves per lane at the least (the kernel's 128-value scale groups must lie
+#: in one warp): every address, stride and width of its tensors is a multiple of it.
+FP8_MIN_VECTOR = 4
 
 
 def write_kvcache(
@@ -56,20 +63,28 @@ def write_kvcache(
       for every KV head ``j``. With ``rope`` None too, ``kv`` holds whole cache rows.
     * RoPE stored once (GLA with a rope cache, GTA): ``kv_cache[s, j] = kv[t, j]`` and
       ``rope_cache[s, 0] = rope[t]``; ``rope`` is required.
+    * FP8 (``kv_cache`` float8_e4m3fn, RoPE stored once only): ``kv_cache[s, j]`` and
+      ``kv_scale[s, j]`` get ``kv[t, j]`` quantised per 128 values
+      (``flash_gla.reference.quantize_kv_ref``, bit for bit), ``rope_cache[s, 0] = rope[t]``
+      unquantised. A NaN or infinity in ``kv`` raises nothing: it makes its group's scale NaN or
+      inf, so the whole 128-value group reads back as NaN.
 
     Args:
-        kv_cache: (num_blocks, 64, h_kv, d) bfloat16 or float16, CUDA; last dim contiguous, any
-            other strides (e.g. a slice of a larger allocation). ``d = d_kv + d_rope`` inline,
-            ``d = d_kv`` with a ``rope_cache``.
+        kv_cache: (num_blocks, 64, h_kv, d) bfloat16, float16 or float8_e4m3fn, CUDA; last dim
+            contiguous, any other strides (e.g. a slice of a larger allocation).
+            ``d = d_kv + d_rope`` inline, ``d = d_kv`` with a ``rope_cache``.
         slot_mapping: (T,) int64, same device: the slot of each token.
-        kv: (T, h_kv, d_kv) kv_cache's dtype, last dim contiguous: the new latents (GLA, MLA)
-            or tied states (GTA), one row per KV head.
-        rope: (T, d_rope) kv_cache's dtype, last dim contiguous, or None: the new RoPE keys,
-            one per token (shared by the KV heads).
-        rope_cache: (num_blocks, 64, 1, d_rope) kv_cache's dtype, last dim contiguous, or None
-            for inline RoPE.
-        kv_scale: must be None. Reserved for FP8 caches (a later issue); an FP8 ``kv_cache``
-            is rejected too.
+        kv: (T, h_kv, d_kv) kv_cache's dtype (bfloat16 or float16 with an FP8 cache), last dim
+            contiguous: the new latents (GLA, MLA) or tied states (GTA), one row per KV head.
+        rope: (T, d_rope) kv's dtype, last dim contiguous, or None: the new RoPE keys, one per
+            token (shared by the KV heads).
+        rope_cache: (num_blocks, 64, 1, d_rope) kv's dtype, last dim contiguous, or None for
+            inline RoPE (required with an FP8 cache).
+        kv_scale: (num_blocks, 64, h_kv, ceil(d / 128)) float32, any strides, with a
+            float8_e4m3fn kv_cache (required), else None: the scales, one per token, KV head
+            and 128 values. An FP8 write also needs every address, every stride of a dim longer
+            than 1 and d_kv, d_rope of kv, rope, kv_cache and rope_cache to be multiples of 4
+            elements.
 
     Returns:
         None; ``kv_cache`` (and ``rope_cache``) are written in place.
@@ -78,41 +93,48 @@ def write_kvcache(
         TypeError / ValueError naming the argument, what was expected and what was given.
     """
     _check_inputs(kv_cache, slot_mapping, kv, rope, rope_cache, kv_scale)
-    # torch.ops.flash_gla.write_kvcache, whose schema declares that it writes the caches.
-    load_extension().write_kvcache.default(kv_cache, slot_mapping, kv, rope, rope_cache)
+    # torch.ops.flash_gla.write_kvcache, whose schema declares that it writes the caches (and kv_scale).
+    load_extension().write_kvcache.default(kv_cache, slot_mapping, kv, rope, rope_cache, kv_scale)
 
 
 def _check_inputs(kv_cache, slot_mapping, kv, rope, rope_cache, kv_scale) -> None:
     """Every check of :func:`write_kvcache`'s inputs; the device last, so that the rest runs on CPU."""
-    if kv_scale is not None:
-        shown = f"a {type(kv_scale).__name__}" if isinstance(kv_scale, torch.Tensor) else repr(kv_scale)
-        raise ValueError(
-            f"kv_scale must be None (it is reserved for FP8 KV caches, which write_kvcache does not "
-            f"support yet), got {shown}"
-        )
-    tensors = {"kv_cache": kv_cache, "slot_mapping": slot_mapping, "kv": kv, "rope": rope, "rope_cache": rope_cache}
+    tensors = {"kv_cache": kv_cache, "slot_mapping": slot_mapping, "kv": kv, "rope": rope, "rope_cache": rope_cache,
+               "kv_scale": kv_scale}
     # Types.
     expect_tensor("kv_cache", kv_cache, hint="(num_blocks, 64, h_kv, d)")
     expect_tensor("slot_mapping", slot_mapping, hint="(T,) int64")
     expect_tensor("kv", kv, hint="(T, h_kv, d_kv)")
+    fp8 = kv_cache.dtype == FP8_DTYPE
+    if fp8:
+        expect_tensor("rope_cache", rope_cache, hint="(num_blocks, 64, 1, d_rope) (required with an FP8 kv_cache: "
+                      "FP8 stores the RoPE key once, unquantised; there is no inline-RoPE FP8 layout)")
+        expect_tensor("kv_scale", kv_scale, hint="(num_blocks, 64, h_kv, ceil(d / 128)) float32 (required with an "
+                      "FP8 kv_cache: its scales)")
+    elif kv_scale is not None:
+        shown = f"a {type(kv_scale).__name__}" if isinstance(kv_scale, torch.Tensor) else repr(kv_scale)
+        raise ValueError(
+            f"kv_scale must be None with a {kv_cache.dtype} kv_cache (kv_scale holds the scales of an FP8 "
+            f"kv_cache, {FP8_DTYPE}), got {shown}"
+        )
     if rope_cache is not None:
         expect_tensor("rope_cache", rope_cache, hint="(num_blocks, 64, 1, d_rope) or None")
         expect_tensor("rope", rope, hint="(T, d_rope) (required with a rope_cache)")
     elif rope is not None:
         expect_tensor("rope", rope, hint="(T, d_rope) or None")
-    # Dtypes.
-    if kv_cache.dtype in FP8_DTYPES:
-        raise TypeError(
-            f"kv_cache.dtype must be torch.bfloat16 or torch.float16, got {kv_cache.dtype}: FP8 KV caches "
-            "are not supported by write_kvcache yet"
-        )
-    expect_dtype("kv_cache", kv_cache, HALF_DTYPES)
+    # Dtypes: kv, rope and rope_cache share one bf16 / fp16 dtype, which is kv_cache's unless FP8.
+    expect_dtype("kv_cache", kv_cache, HALF_DTYPES + (FP8_DTYPE,))
     expect_dtype("slot_mapping", slot_mapping, torch.int64)
+    if fp8:
+        expect_dtype("kv", kv, HALF_DTYPES)
+        expect_dtype("kv_scale", kv_scale, torch.float32)
     for name in ("kv", "rope", "rope_cache"):
         if tensors[name] is not None:
-            expect_dtype(name, tensors[name], kv_cache.dtype, what="kv_cache's dtype")
+            expect_dtype(name, tensors[name], kv.dtype if fp8 else kv_cache.dtype,
+                         what="kv's dtype" if fp8 else "kv_cache's dtype")
     # Ranks and shapes.
-    for name, rank in (("kv_cache", 4), ("slot_mapping", 1), ("kv", 3), ("rope", 2), ("rope_cache", 4)):
+    for name, rank in (("kv_cache", 4), ("slot_mapping", 1), ("kv", 3), ("rope", 2), ("rope_cache", 4),
+                       ("kv_scale", 4)):
         if tensors[name] is not None:
             expect_rank(name, tensors[name], rank)
     num_blocks, page_size, h_kv, cache_dim = kv_cache.shape
@@ -159,10 +181,25 @@ def _check_inputs(kv_cache, slot_mapping, kv, rope, rope_cache, kv_scale) -> Non
             f"kv_cache.shape[3] must equal kv.shape[2] = {d_kv} (rope is None: kv holds whole cache "
             f"rows), got {cache_dim}"
         )
-    # Strides.
+    if fp8:
+        expected = (num_blocks, PAGE_SIZE, h_kv, -(-cache_dim // FP8_GROUP))
+        if tuple(kv_scale.shape) != expected:
+            raise ValueError(
+                f"kv_scale.shape must be (num_blocks, 64, h_kv, ceil(d / {FP8_GROUP})) = {expected} (of kv_cache), "
+                f"got {tuple(kv_scale.shape)}"
+            )
+        for name, width in (("kv.shape[2] (d_kv)", d_kv), ("rope.shape[1] (d_rope)", d_rope)):
+            if width % FP8_MIN_VECTOR != 0:
+                raise ValueError(
+                    f"{name} must be a multiple of {FP8_MIN_VECTOR} with an FP8 kv_cache (written "
+                    f"{FP8_MIN_VECTOR} or 8 values at a time), got {width}"
+                )
+    # Strides (and, for an FP8 write, alignment).
     for name in ("kv_cache", "kv", "rope", "rope_cache"):
         if tensors[name] is not None:
             expect_unit_last_stride(name, tensors[name])
+            if fp8:
+                _expect_fp8_aligned(name, tensors[name])
     # Device.
     if not kv_cache.is_cuda:
         raise ValueError(
@@ -174,3 +211,20 @@ def _check_inputs(kv_cache, slot_mapping, kv, rope, rope_cache, kv_scale) -> Non
                 f"{name} must be on kv_cache's device {kv_cache.device} (all tensors on one CUDA device), "
                 f"got {x.device}"
             )
+
+
+def _expect_fp8_aligned(name: str, x: torch.Tensor) -> None:
+    """An FP8 write's tensor: every stride of a dim longer than 1 and the base address a multiple
+    of FP8_MIN_VECTOR elements (the address is not checked while tracing: it has none)."""
+    for dim in range(x.dim() - 1):
+        if x.shape[dim] > 1 and x.stride(dim) % FP8_MIN_VECTOR != 0:
+            raise ValueError(
+                f"{name}.stride({dim}) must be a multiple of {FP8_MIN_VECTOR} elements with an FP8 kv_cache "
+                f"(written {FP8_MIN_VECTOR} or 8 values at a time), got {x.stride(dim)}"
+            )
+    align = FP8_MIN_VECTOR * x.element_size()
+    if not _library.compiling() and x.data_ptr() % align != 0:
+        raise ValueError(
+            f"{name}.data_ptr() must be {align}-byte aligned ({FP8_MIN_VECTOR} elements) with an FP8 kv_cache, "
+            f"got address {x.data_ptr():#x} (offset {x.data_ptr() % align})"
+        )

@@ -15,6 +15,11 @@ Conventions shared by every function here:
 * A query row that sees no key gets ``out = 0`` and ``lse = +inf``.
 * Returns ``out`` (b, s_q, h_q, dv) in q's dtype and ``lse`` (b, h_q, s_q) float32,
   natural log of the sum of ``exp(scores)``.
+* FP8 caches (``kv_scale`` given): ``kv_cache`` float8_e4m3fn (num_blocks, page_size, h_kv, d)
+  and ``kv_scale`` float32 (num_blocks, page_size, h_kv, ceil(d / 128)); element ``i`` of a row
+  is ``kv_cache[..., i] * kv_scale[..., i // 128]`` (:func:`dequantize_kv`), and the math runs
+  on those float32 values. The RoPE keys stay in q's dtype, in a ``rope_cache`` (FP8 has no
+  inline-RoPE layout). :func:`quantize_kv_ref` defines how ``write_kvcache`` quantises.
 """
 
 from __future__ import annotations
@@ -25,6 +30,13 @@ from typing import Callable
 import torch
 
 KVBuilder = Callable[[torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]]
+
+#: Values per FP8 scale along a cache row (the last group of a row may be shorter).
+FP8_GROUP = 128
+#: The largest finite float8_e4m3fn: a group's scale maps its largest magnitude onto it.
+FP8_E4M3_MAX = 448.0
+#: The smallest FP8 scale, float32's smallest normal 2^-126: 1 / scale stays finite.
+FP8_MIN_SCALE = 2.0**-126
 
 
 def gla_with_kvcache_ref(
@@ -37,6 +49,7 @@ def gla_with_kvcache_ref(
     causal: bool = False,
     rope_cache: torch.Tensor | None = None,
     attn_sink: torch.Tensor | None = None,
+    kv_scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """GLA (and MLA, ``h_kv == 1``) decode attention over a paged latent cache.
 
@@ -53,6 +66,8 @@ def gla_with_kvcache_ref(
             key shared by all KV heads: ``K[t] = concat(kv[t, j, :], rope[t, 0, :])``
             (d + d_rope == d_qk).
         attn_sink: None, or (h_q,) sink logits: see :func:`apply_attn_sink`.
+        kv_scale: None, or (num_blocks, page_size, h_kv, ceil(d / 128)) float32 with a
+            float8_e4m3fn ``kv_cache`` (see the module docstring); needs ``rope_cache``.
 
     Returns:
         out (b, s_q, h_q, head_dim_v) in q's dtype, lse (b, h_q, s_q) float32.
@@ -60,9 +75,12 @@ def gla_with_kvcache_ref(
     d = kv_cache.shape[-1]
     if not 0 < head_dim_v <= d:
         raise ValueError(f"head_dim_v must be in 1..kv_cache.shape[3] = {d}, got {head_dim_v}")
+    if kv_scale is not None and rope_cache is None:
+        raise ValueError("kv_scale (an FP8 cache) needs rope_cache: FP8 has no inline-RoPE layout")
+    _check_fp8_cache(kv_cache, kv_scale)
 
     def build(table_row: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        rows = gather_rows(kv_cache, table_row, length)  # (L, h_kv, d)
+        rows = _gather_kv_rows(kv_cache, kv_scale, table_row, length)  # (L, h_kv, d)
         keys = rows if rope_cache is None else _concat_shared_rope(rows, rope_cache, table_row, length)
         return keys, rows[..., :head_dim_v]
 
@@ -79,6 +97,7 @@ def gta_with_kvcache_ref(
     softmax_scale: float | None = None,
     causal: bool = False,
     attn_sink: torch.Tensor | None = None,
+    kv_scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """GTA decode attention: one tied state per KV head serves as V and (partly) as K.
 
@@ -86,7 +105,8 @@ def gta_with_kvcache_ref(
         q: (b, s_q, h_q, d) with ``d == kv_cache.shape[3]``.
         kv_cache: (num_blocks, page_size, h_kv, d) tied states.
         rope_cache: (num_blocks, page_size, 1, d_rope) RoPE key shared by all KV heads.
-        block_table, cache_seqlens, softmax_scale, causal: as in :func:`gla_with_kvcache_ref`.
+        block_table, cache_seqlens, softmax_scale, causal, attn_sink, kv_scale: as in
+            :func:`gla_with_kvcache_ref`.
 
     ``K[t] = concat(kv[t, j, :d - d_rope], rope[t, 0, :])`` and ``V[t] = kv[t, j, :]``.
 
@@ -96,9 +116,10 @@ def gta_with_kvcache_ref(
     d, d_rope = kv_cache.shape[-1], rope_cache.shape[-1]
     if not 0 < d_rope < d:
         raise ValueError(f"rope_cache.shape[3] (d_rope) must be in 1..{d - 1}, got {d_rope}")
+    _check_fp8_cache(kv_cache, kv_scale)
 
     def build(table_row: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        rows = gather_rows(kv_cache, table_row, length)
+        rows = _gather_kv_rows(kv_cache, kv_scale, table_row, length)
         keys = _concat_shared_rope(rows[..., : d - d_rope], rope_cache, table_row, length)
         return keys, rows
 
@@ -115,6 +136,80 @@ def gather_rows(cache: torch.Tensor, table_row: torch.Tensor, length: int) -> to
     pages = table_row[:n_pages].to(device=cache.device, dtype=torch.long)
     rows = cache.index_select(0, pages)  # (n_pages, page_size, heads, dim)
     return rows.reshape(n_pages * page_size, *cache.shape[2:])[:length]
+
+
+def quantize_kv_ref(kv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The FP8 cache's quantisation (what ``flash_gla.write_kvcache`` writes into an FP8 cache).
+
+    Per row (the last dim, ``d`` values) and group of ``FP8_GROUP`` = 128 values (the last group
+    of a row may be shorter): ``scale = amax / 448`` in float32, ``amax`` the group's largest
+    ``|value|``, raised to ``FP8_MIN_SCALE`` = 2^-126 if smaller (a group below about 5e-36,
+    so that ``1 / scale`` stays finite), and 1 for a group of zeros. Each value becomes
+    ``value * (1 / scale)`` (float32, IEEE reciprocal and product, each rounded to nearest even;
+    one multiply per value in the kernel, not a division) rounded to nearest even into
+    float8_e4m3fn, saturated to +-448. The writer's kernel computes the same, bit for bit.
+
+    Non-finite input: a NaN or an infinity in a group makes its scale NaN or inf, so that the
+    whole group dequantises to NaN (the kernel raises nothing; the cache row says it went wrong).
+
+    Args:
+        kv: (..., d) float tensor (bf16, fp16 or float32).
+
+    Returns:
+        values (..., d) float8_e4m3fn and scales (..., ceil(d / 128)) float32.
+    """
+    x = kv.float()
+    d = x.shape[-1]
+    groups = -(-d // FP8_GROUP)
+    padded = torch.nn.functional.pad(x, (0, groups * FP8_GROUP - d))  # zeros change no amax
+    amax = padded.unflatten(-1, (groups, FP8_GROUP)).abs().amax(dim=-1)  # NaN wins, as in the kernel
+    scale = (amax / FP8_E4M3_MAX).clamp(min=FP8_MIN_SCALE)  # clamp keeps NaN
+    scale = torch.where(amax == 0, torch.ones_like(amax), scale)
+    inv_scale = torch.ones_like(scale) / scale
+    scaled = x * inv_scale.repeat_interleave(FP8_GROUP, dim=-1)[..., :d]
+    # Clamp first: the saturation (torch's own conversion saturates only from torch 2.11 on).
+    values = scaled.clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn)
+    return values, scale
+
+
+def dequantize_kv(kv_cache: torch.Tensor, kv_scale: torch.Tensor) -> torch.Tensor:
+    """An FP8 cache's values in float32: element ``i`` of a row is
+    ``kv_cache[..., i] * kv_scale[..., i // 128]``.
+
+    Args:
+        kv_cache: (..., d) float8_e4m3fn (a whole cache or gathered rows).
+        kv_scale: (..., ceil(d / 128)) float32, the same leading shape.
+    """
+    d = kv_cache.shape[-1]
+    return kv_cache.float() * kv_scale.float().repeat_interleave(FP8_GROUP, dim=-1)[..., :d]
+
+
+def _check_fp8_cache(kv_cache: torch.Tensor, kv_scale: torch.Tensor | None) -> None:
+    """An FP8 cache comes with its scales, in the layout of the module docstring."""
+    is_fp8 = kv_cache.dtype == torch.float8_e4m3fn
+    if kv_scale is None:
+        if is_fp8:
+            raise ValueError("a float8_e4m3fn kv_cache needs kv_scale (its per-128-value scales)")
+        return
+    if not is_fp8:
+        raise ValueError(f"kv_scale needs a torch.float8_e4m3fn kv_cache, got {kv_cache.dtype}")
+    expected = (*kv_cache.shape[:3], -(-kv_cache.shape[3] // FP8_GROUP))
+    if tuple(kv_scale.shape) != expected:
+        raise ValueError(
+            f"kv_scale.shape must be (num_blocks, page_size, h_kv, ceil(d / 128)) = {expected}, "
+            f"got {tuple(kv_scale.shape)}"
+        )
+
+
+def _gather_kv_rows(
+    kv_cache: torch.Tensor, kv_scale: torch.Tensor | None, table_row: torch.Tensor, length: int
+) -> torch.Tensor:
+    """One request's cache rows (length, h_kv, d): as stored, or dequantised (float32) with kv_scale."""
+    if kv_scale is None:
+        return gather_rows(kv_cache, table_row, length)
+    # Gathered as bytes: indexing kernels need not know the FP8 dtype.
+    rows = gather_rows(kv_cache.view(torch.uint8), table_row, length).view(kv_cache.dtype)
+    return dequantize_kv(rows, gather_rows(kv_scale, table_row, length))
 
 
 def attention_ref(
@@ -210,7 +305,7 @@ def apply_attn_sink(out: torch.Tensor, lse: torch.Tensor, attn_sink: torch.Tenso
 
 def write_kvcache_ref(
     kv_cache: torch.Tensor, slot_mapping: torch.Tensor, kv: torch.Tensor,
-    rope: torch.Tensor | None = None, rope_cache: torch.Tensor | None = None,
+    rope: torch.Tensor | None = None, rope_cache: torch.Tensor | None = None, kv_scale: torch.Tensor | None = None,
 ) -> None:
     """The paged-cache writer (``flash_gla.write_kvcache``), in place: token ``t`` goes to slot
     ``s = slot_mapping[t]``, row ``s % page_size`` of page ``s // page_size``.
@@ -218,13 +313,19 @@ def write_kvcache_ref(
     Slots outside ``[0, num_blocks * page_size)`` (negative: padding) are skipped. Inline RoPE
     (``rope_cache`` None): ``kv_cache[s, j] = concat(kv[t, j], rope[t])`` for every KV head ``j``,
     or ``kv[t, j]`` alone when ``rope`` is None (whole rows). RoPE stored once:
-    ``kv_cache[s, j] = kv[t, j]`` and ``rope_cache[s, 0] = rope[t]``.
+    ``kv_cache[s, j] = kv[t, j]`` and ``rope_cache[s, 0] = rope[t]``. An FP8 cache (RoPE stored
+    once only) gets ``kv_cache[s, j], kv_scale[s, j] = quantize_kv_ref(kv[t, j])``.
 
     Args:
         kv_cache: (num_blocks, page_size, h_kv, d). slot_mapping: (T,) integer.
         kv: (T, h_kv, d_kv). rope: (T, d_rope) or None.
         rope_cache: (num_blocks, page_size, 1, d_rope) or None.
+        kv_scale: (num_blocks, page_size, h_kv, ceil(d / 128)) float32 with a float8_e4m3fn
+            kv_cache (which needs a rope_cache), else None.
     """
+    _check_fp8_cache(kv_cache, kv_scale)
+    if kv_scale is not None and rope_cache is None:
+        raise ValueError("kv_scale (an FP8 cache) needs rope_cache: FP8 has no inline-RoPE layout")
     num_blocks, page_size = kv_cache.shape[:2]
     slots = slot_mapping.to(device=kv_cache.device, dtype=torch.long)
     tokens = ((slots >= 0) & (slots < num_blocks * page_size)).nonzero().squeeze(1)
@@ -233,7 +334,12 @@ def write_kvcache_ref(
     new_rope = None if rope is None else rope[tokens].to(kv_cache.device)
     if rope_cache is None and new_rope is not None:
         new_kv = torch.cat([new_kv, new_rope[:, None, :].expand(-1, new_kv.shape[1], -1)], dim=-1)
-    kv_cache[pages, rows] = new_kv.to(kv_cache.dtype)
+    if kv_scale is None:
+        kv_cache[pages, rows] = new_kv.to(kv_cache.dtype)
+    else:
+        values, scales = quantize_kv_ref(new_kv)
+        kv_cache.view(torch.uint8)[pages, rows] = values.view(torch.uint8)  # as bytes, as in _gather_kv_rows
+        kv_scale[pages, rows] = scales
     if rope_cache is not None:
         rope_cache[pages, rows, 0] = new_rope.to(rope_cache.dtype)
 

@@ -22,7 +22,7 @@ def mutated(op) -> set[str]:
 
 def test_ops_are_registered_with_what_they_write():
     assert mutated(torch.ops.flash_gla.decode) == {"out"}
-    assert mutated(torch.ops.flash_gla.write_kvcache) == {"kv_cache", "rope_cache"}
+    assert mutated(torch.ops.flash_gla.write_kvcache) == {"kv_cache", "rope_cache", "kv_scale"}
     assert mutated(torch.ops.flash_gla.merge_attention) == {"out", "lse"}
     assert mutated(torch.ops.flash_gla.get_metadata) == set()
 
@@ -36,7 +36,7 @@ def test_schemas_name_every_argument():
         "decode": ["q", "kv_cache", "rope_cache", "block_table", "cache_seqlens", "head_dim_v",
                    "tile_scheduler_metadata", "num_splits", "softmax_scale", "causal", "out", "attn_sink",
                    "batch_invariant"],
-        "write_kvcache": ["kv_cache", "slot_mapping", "kv", "rope", "rope_cache"],
+        "write_kvcache": ["kv_cache", "slot_mapping", "kv", "rope", "rope_cache", "kv_scale"],
         "merge_attention": ["out_a", "lse_a", "out_b", "lse_b", "out", "lse"],
     }
 
@@ -151,6 +151,20 @@ def test_public_writer_calls_the_op():
                                          torch.empty(7, dtype=torch.int64, device="cuda"),
                                          torch.empty(7, 2, 256, dtype=torch.bfloat16, device="cuda"),
                                          rope=torch.empty(7, 64, dtype=torch.bfloat16, device="cuda"))
+    assert result is None
+
+
+def test_public_fp8_writer_calls_the_op(monkeypatch):
+    """An FP8 write (float8_e4m3fn cache, kv_scale) passes validation and reaches the op's fake;
+    traced, its addresses are not checked (compiling() as under torch.compile)."""
+    monkeypatch.setattr(_library, "compiling", lambda: True)
+    with FakeTensorMode():
+        result = flash_gla.write_kvcache(torch.empty(4, 64, 2, 256, dtype=torch.float8_e4m3fn, device="cuda"),
+                                         torch.empty(7, dtype=torch.int64, device="cuda"),
+                                         torch.empty(7, 2, 256, dtype=torch.bfloat16, device="cuda"),
+                                         rope=torch.empty(7, 64, dtype=torch.bfloat16, device="cuda"),
+                                         rope_cache=torch.empty(4, 64, 1, 64, dtype=torch.bfloat16, device="cuda"),
+                                         kv_scale=torch.empty(4, 64, 2, 2, dtype=torch.float32, device="cuda"))
     assert result is None
 
 
