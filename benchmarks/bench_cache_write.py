@@ -6,8 +6,12 @@ When one call's bytes would fit in L2, the graph holds several calls on differen
 slots (the bytes of all of them several times L2), so no replay finds its data in L2; the time
 of a call is the replay's time over the calls in it.
 
+Rows ``*-fp8`` write an FP8 cache (float8_e4m3fn values, one float32 scale per token, KV head and
+128 values, RoPE keys in bf16 in the rope cache): the writer quantises on the way, reading
+bf16 and writing about half as many bytes.
+
 Reported: µs per call, GB/s (bytes read + written: kv, rope and slot_mapping read once, cache
-rows written) and % of the copy bandwidth, measured in the same run as a device-to-device
+rows, scales and RoPE keys written) and % of the copy bandwidth, measured in the same run as a device-to-device
 ``torch.Tensor.copy_`` of a 1 GiB buffer (read + written bytes / time). Target (issue #12):
 >= 80 % of the copy bandwidth for T >= 4096. For scale, each row also times a ``copy_`` that
 reads and writes as many bytes as the call, replayed the same way (its µs, and its time as a
@@ -36,13 +40,16 @@ L2_BYTES = 50 * 2**20  # H100: 50 MB
 ROTATE_BYTES = 4 * L2_BYTES  # bytes touched by one graph replay, at least
 TARGET_PERCENT = 80.0
 
-# name -> (h_kv, d_kv, d_rope, RoPE stored once in a rope_cache (else inline after kv))
+# name -> (h_kv, d_kv, d_rope, RoPE stored once in a rope_cache (else inline after kv), FP8 cache)
 LAYOUTS = {
-    "gla2-inline": (2, 256, 64, False),
-    "gla2-rope1": (2, 256, 64, True),
-    "gta8": (8, 128, 64, True),
-    "mla": (1, 512, 64, False),
+    "gla2-inline": (2, 256, 64, False, False),
+    "gla2-rope1": (2, 256, 64, True, False),
+    "gta8": (8, 128, 64, True, False),
+    "mla": (1, 512, 64, False, False),
+    "gla2-rope1-fp8": (2, 256, 64, True, True),
+    "gta8-fp8": (8, 128, 64, True, True),
 }
+FP8_GROUP = 128  # values per float32 scale
 TOKENS = (256, 4096, 16384, 65536)
 
 
@@ -109,14 +116,19 @@ def copy_gbps(reps: int) -> float:
 def bench_layout(name: str, dtype: torch.dtype, reps: int, copy_bw: float, tokens=TOKENS) -> list[dict]:
     import flash_gla
 
-    h_kv, d_kv, d_rope, shared = LAYOUTS[name]
+    h_kv, d_kv, d_rope, shared, fp8 = LAYOUTS[name]
     esize = torch.empty(0, dtype=dtype).element_size()
     cache_dim = d_kv if shared else d_kv + d_rope
-    slot_bytes = (h_kv * cache_dim + (d_rope if shared else 0)) * esize
+    groups = -(-cache_dim // FP8_GROUP)
+    # Bytes of one slot: cache rows (FP8: 1-byte values and a 4-byte scale per group), RoPE key.
+    row_bytes = cache_dim + 4 * groups if fp8 else cache_dim * esize
+    slot_bytes = h_kv * row_bytes + (d_rope * esize if shared else 0)
     num_blocks = math.ceil(CACHE_BYTES / (PAGE * slot_bytes))
     num_slots = num_blocks * PAGE
-    kv_cache = torch.empty(num_blocks, PAGE, h_kv, cache_dim, dtype=dtype, device="cuda")
+    cache_dtype = torch.float8_e4m3fn if fp8 else dtype
+    kv_cache = torch.empty(num_blocks, PAGE, h_kv, cache_dim, dtype=cache_dtype, device="cuda")
     rope_cache = torch.empty(num_blocks, PAGE, 1, d_rope, dtype=dtype, device="cuda") if shared else None
+    kv_scale = torch.empty(num_blocks, PAGE, h_kv, groups, dtype=torch.float32, device="cuda") if fp8 else None
     rows = []
     for num_tokens in tokens:
         read = num_tokens * ((h_kv * d_kv + d_rope) * esize + 8)  # kv, rope, slot_mapping
@@ -129,17 +141,18 @@ def bench_layout(name: str, dtype: torch.dtype, reps: int, copy_bw: float, token
 
         def step():
             for c in range(calls):
-                flash_gla.write_kvcache(kv_cache, slots[c], kv[c], rope[c], rope_cache)
+                flash_gla.write_kvcache(kv_cache, slots[c], kv[c], rope[c], rope_cache, kv_scale)
 
         us = graph_us(step, reps) / calls
         gbps = (read + written) / (us * 1e-6) / 1e9
         del slots, kv, rope
         copy_us = same_size_copy_us((read + written) // 2, calls, reps)
-        rows.append(dict(layout=name, tokens=num_tokens, dtype=str(dtype).removeprefix("torch."), calls_per_graph=calls,
+        rows.append(dict(layout=name, tokens=num_tokens, dtype=str(dtype).removeprefix("torch."),
+                         cache_dtype=str(cache_dtype).removeprefix("torch."), calls_per_graph=calls,
                          us=us, gbps=gbps, percent_of_copy=100 * gbps / copy_bw, bytes_read=read,
                          bytes_written=written, same_size_copy_us=copy_us,
                          percent_of_same_size_copy=100 * copy_us / us))
-    del kv_cache, rope_cache
+    del kv_cache, rope_cache, kv_scale
     torch.cuda.empty_cache()
     return rows
 
