@@ -55,7 +55,7 @@ sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(os.path.dirname(HERE), "examples"))
 if importlib.util.find_spec("flash_gla") is None:  # a checkout built in place, not installed
     sys.path.insert(0, os.path.dirname(HERE))
-from bench_decode import ROOF_GBPS, load_flashmla, unavailable_reason  # noqa: E402
+from bench_decode import ROOF_GBPS, capture, load_flashmla, unavailable_reason  # noqa: E402
 import gla_tp_layer as tp  # noqa: E402
 from gla_decode_layer import Config, Weights  # noqa: E402
 
@@ -82,20 +82,6 @@ def lengths_sets(batch: int, length: int, seed: int = 0) -> dict[str, list[int]]
 def log(*args, **kwargs):
     if RANK == 0:
         print(*args, **kwargs, flush=True)
-
-
-def capture(fn):
-    """Warm ``fn`` up on a side stream (NCCL communicators, lazy initialisation), then capture it."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph
 
 
 def time_parts(fns: dict, iters: int, eager: bool):
