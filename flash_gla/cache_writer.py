@@ -22,15 +22,8 @@ import torch
 
 from flash_gla import _library
 from flash_gla._extension import load_extension
-from flash_gla._validation import (
-    HALF_DTYPES,
-    PAGE_SIZE,
-    expect_at_least,
-    expect_dtype,
-    expect_rank,
-    expect_tensor,
-    expect_unit_last_stride,
-)
+from flash_gla._expect import expect_at_least, expect_dtype, expect_rank, expect_tensor, expect_unit_last_stride
+from flash_gla._validation import HALF_DTYPES, PAGE_SIZE
 from flash_gla.reference import FP8_GROUP
 
 __all__ = ["write_kvcache"]
