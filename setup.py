@@ -318,6 +318,24 @@ BUILD = {build!r}
 """
 
 
+def torch_libstdcxx():
+    """The shared libstdc++ that this process (torch) runs with, as a link input: [path] or [].
+
+    A compiler whose own libstdc++ is a static archive only (e.g. a custom GCC that Python was
+    built with) would otherwise copy the C++ runtime into _C. An exception thrown in an op (a
+    failed check) is then raised by that copy and caught by torch's runtime, and the process
+    crashes. Naming torch's libstdc++.so on the link line makes _C use torch's runtime."""
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:
+        return []
+    for line in maps.splitlines():
+        path = line.split()[-1] if len(line.split()) >= 6 else ""
+        if re.search(r"/libstdc\+\+\.so(\.\d+)*$", path):
+            return [path]
+    return []
+
+
 def write_build_info(package_dir):
     (Path(package_dir) / "_build_info.py").write_text(BUILD_INFO.format(build=BUILD), encoding="utf-8")
 
@@ -397,6 +415,7 @@ setup(
             sources=sources(),
             include_dirs=[str(d) for d in include_dirs],
             extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
+            extra_link_args=torch_libstdcxx(),
             # _C.abi3.so: Python's limited API (torch adds -DPy_LIMITED_API=0x030A0000, i.e. 3.10)
             # and no link to libtorch_python, whose C++ symbols change with every torch.
             py_limited_api=True,

@@ -172,6 +172,17 @@ def undefined_symbols(library):
 UNSTABLE = re.compile(r"_Z(T[IVS])?N?K?(3c10|2at|5torch|6caffe2|8pybind11)")
 
 
+@pytest.mark.skipif(shutil.which("objdump") is None, reason="no objdump (binutils)")
+def test_extension_uses_the_shared_cxx_runtime():
+    """The library must use torch's libstdc++.so, not a copy of the C++ runtime linked in: with a copy,
+    an exception thrown in an op (a failed check) is caught by the other runtime and the process
+    crashes (seen with a compiler that has only a static libstdc++; setup.py links torch's by path)."""
+    proc = subprocess.run(["objdump", "-p", str(built_extension()[0])], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    needed = re.findall(r"NEEDED\s+(\S+)", proc.stdout)
+    assert any(name.startswith("libstdc++.so") for name in needed), f"no libstdc++.so among NEEDED: {needed}"
+
+
 @pytest.mark.skipif(shutil.which("nm") is None, reason="no nm (binutils)")
 def test_extension_needs_only_stable_torch_symbols():
     """What the library takes from torch is the stable C ABI (aoti_torch_*, torch_*: plain C names)."""
