@@ -10,6 +10,8 @@ PAGE_SIZE = 64  # kPageSize in hopper/common/params.h
 META_FIELDS = 8  # kMetaFields in hopper/common/params.h
 FIXED_OVERHEAD_PAGES = 5  # kFixedOverheadPages in hopper/common/params.h
 MAX_SPLITS_PER_REQUEST = 256  # kMaxSplitsPerRequest in hopper/common/params.h
+INVARIANT_CHUNK_PAGES = 64  # kInvariantChunkPages in hopper/common/params.h
+INVARIANT_MAX_CHUNKS = 8  # kInvariantMaxChunks in hopper/common/params.h
 ROWS_PER_WARPGROUP = 64  # kRowsPerWarpgroup in hopper/common/tile_policy.h
 MAX_ROW_WARPGROUPS = 2  # kMaxRowWarpgroups in hopper/common/tile_policy.h
 

@@ -34,11 +34,9 @@ from flash_gla._expect import (
     expect_unit_last_stride,
 )
 from flash_gla._extension import num_sm_parts
-from flash_gla._instances import DTYPES, INSTANCES
+from flash_gla._instances import DTYPES, INSTANCES, META_FIELDS, PAGE_SIZE  # PAGE_SIZE: kv_cache.shape[1]
 from flash_gla._metadata import DecodeConfig, SchedulerMetadata
 
-PAGE_SIZE = 64  # tokens per KV page (kv_cache.shape[1]); C++ kPageSize
-META_FIELDS = 8  # int32 fields per row of tile_scheduler_metadata; C++ kMetaFields
 MAX_GROUP = 128  # largest h_q / h_kv
 MAX_Q_ROWS_PER_HEAD_K = 1024  # largest s_q * h_q / h_kv (packed query rows per KV head)
 

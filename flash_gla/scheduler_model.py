@@ -41,13 +41,19 @@ checked by the tests).
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass
 
-PAGE_SIZE = 64  # tokens per KV page; C++ kPageSize
-FIXED_OVERHEAD_PAGES = 5  # cost of a (request, part) piece beyond its pages; C++ kFixedOverheadPages
-META_FIELDS = 8  # C++ kMetaFields
-INVARIANT_CHUNK_PAGES = 64  # batch-invariant plan: smallest piece of a split request; C++ kInvariantChunkPages
-INVARIANT_MAX_CHUNKS = 8  # batch-invariant plan: most pieces per request; C++ kInvariantMaxChunks
+# The constants the kernels size things by (generated from hopper/common/params.h): tokens per
+# page, the cost of a piece beyond its pages, fields per metadata row, and the batch-invariant
+# plan's smallest chunk and most chunks per request.
+from flash_gla._instances import (  # noqa: F401  (META_FIELDS: the row width, for this model's readers)
+    FIXED_OVERHEAD_PAGES,
+    INVARIANT_CHUNK_PAGES,
+    INVARIANT_MAX_CHUNKS,
+    META_FIELDS,
+    PAGE_SIZE,
+)
 
 
 def num_pages(seqlen: int) -> int:
@@ -220,7 +226,7 @@ def invariant_pieces(meta: list[list[int]], num_splits: list[int], seqlens: list
     out = []
     for p, row in enumerate(meta[:-1]):
         for slot in range(row[0], row[2] + 1):
-            i = max(r for r in range(len(seqlens)) if num_splits[r] <= slot)
+            i = bisect.bisect_right(num_splits, slot) - 1  # the request with num_splits[i] <= slot < num_splits[i + 1]
             pages = num_pages(seqlens[i])
             step = chunk_pages(pages)
             c = slot - num_splits[i]

@@ -57,6 +57,8 @@ SHARED_CONSTANTS = {
     "META_FIELDS": ("params.h", "kMetaFields"),
     "FIXED_OVERHEAD_PAGES": ("params.h", "kFixedOverheadPages"),
     "MAX_SPLITS_PER_REQUEST": ("params.h", "kMaxSplitsPerRequest"),
+    "INVARIANT_CHUNK_PAGES": ("params.h", "kInvariantChunkPages"),
+    "INVARIANT_MAX_CHUNKS": ("params.h", "kInvariantMaxChunks"),
     "ROWS_PER_WARPGROUP": ("tile_policy.h", "kRowsPerWarpgroup"),
     "MAX_ROW_WARPGROUPS": ("tile_policy.h", "kMaxRowWarpgroups"),
 }
