@@ -242,6 +242,12 @@ def assert_close(out: torch.Tensor, ref: torch.Tensor, lse: torch.Tensor, lse_re
     assert excess.flatten()[worst] <= 0, f"{where} elementwise tolerance ({bound}) exceeded; {detail}"
 
 
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bitwise equality of two tensors of one dtype (NaN poison included, which torch.equal calls unequal)."""
+    int_type = {1: torch.int8, 2: torch.int16, 4: torch.int32}[a.element_size()]
+    return a.dtype == b.dtype and torch.equal(a.view(int_type), b.view(int_type))
+
+
 # ------------------------------------------------------------------------------------------
 # GPU harness: one decode entry per Variant, driven the same way by every GPU grid.
 # ------------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ import random
 
 import pytest
 import torch
-from helpers import GLA, GLA_ROPE1, GTA, DecodeInputs, assert_close, capture_graph, make_inputs
+from helpers import DecodeInputs, GLA, GLA_ROPE1, GTA, assert_close, capture_graph, make_inputs, same_bits
 
 import flash_gla
 
@@ -58,11 +58,6 @@ def decode(shape, inp, invariant=True, lazy=False):
         meta, num_splits = flash_gla.get_metadata(inp.cache_seqlens, s_q * h_q // h_kv, h_kv,
                                                   enable_batch_invariant=invariant)
     return variant.decode(inp, dv, meta, num_splits, causal=s_q > 1, enable_batch_invariant=invariant)
-
-
-def same_bits(a, b):
-    return torch.equal(a.view(torch.int16) if a.dtype == torch.bfloat16 else a.view(torch.int32),
-                       b.view(torch.int16) if b.dtype == torch.bfloat16 else b.view(torch.int32))
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)

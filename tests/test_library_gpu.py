@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import GLA, GLA_ROPE1, GTA, make_inputs
+from helpers import GLA, GLA_ROPE1, GTA, make_inputs, same_bits
 
 import flash_gla
 
@@ -43,11 +43,6 @@ def step_fn(variant, dims):
                                           causal=True, rope_cache=rope_cache)
 
     return step
-
-
-def same_bits(a, b):
-    int_type = {2: torch.int16, 4: torch.int32}[a.element_size()]
-    return a.dtype == b.dtype and torch.equal(a.view(int_type), b.view(int_type))
 
 
 def step_args(inp, slots, new_kv, new_rope):
