@@ -49,7 +49,7 @@ STABLE_TORCH_LIBRARY(flash_gla, m) {
   m.def(
       "decode(Tensor q, Tensor kv_cache, Tensor? rope_cache, Tensor block_table, Tensor cache_seqlens, "
       "int head_dim_v, Tensor tile_scheduler_metadata, Tensor num_splits, float softmax_scale, bool causal, "
-      "Tensor(a!) out, Tensor? attn_sink, bool batch_invariant) -> Tensor");
+      "Tensor(a!) out, Tensor? attn_sink, bool batch_invariant, Tensor? kv_scale=None) -> Tensor");
   m.def(
       "write_kvcache(Tensor(a!) kv_cache, Tensor slot_mapping, Tensor kv, Tensor? rope, Tensor(b!)? rope_cache, "
       "Tensor(c!)? kv_scale=None) -> ()");

@@ -20,7 +20,7 @@ int64_t get_num_sm_parts(int64_t device, int64_t num_q_tokens_per_head_k, int64_
 // Paged decode attention: writes out (b, s_q, h_q, dv) in q's dtype, returns lse (b, h_q, s_q) float32.
 Tensor decode(
     const Tensor& q,                            // (b, s_q, h_q, d_qk)
-    const Tensor& kv_cache,                     // (num_blocks, 64, h_kv, kv_width)
+    const Tensor& kv_cache,                     // (num_blocks, 64, h_kv, kv_width), q's dtype or e4m3
     const std::optional<Tensor>& rope_cache,    // (num_blocks, 64, 1, d_rope), or inline RoPE
     const Tensor& block_table,                  // (b, max_pages) int32
     const Tensor& cache_seqlens,                // (b,) int32
@@ -31,6 +31,8 @@ Tensor decode(
     bool causal,                                // the s_q queries are the last s_q positions
     const Tensor& out,                          // (b, s_q, h_q, dv), q's dtype: written
     const std::optional<Tensor>& attn_sink,     // (h_q,) float32 sink logits, or none
-    bool batch_invariant);                      // the metadata is the batch-invariant plan
+    bool batch_invariant,                       // the metadata is the batch-invariant plan
+    const std::optional<Tensor>& kv_scale);     // (num_blocks, 64, h_kv, ceil(kv_width / 128))
+                                                // float32 with an e4m3 kv_cache, else none
 
 }  // namespace flash_gla

@@ -24,16 +24,21 @@ class Instance(NamedTuple):
     head_dim_rope: int
     shared_rope: bool  # RoPE in the shared rope cache, else inline after V
     row_warpgroups: int  # 64-row consumer warpgroups per CTA
+    kv_fp8: bool  # e4m3 cache + float32 kv_scale per 128 values (RoPE stays in q's dtype)
 
 
 DTYPES = ('bf16', 'fp16')
 
 INSTANCES = (
-    Instance('mla', 'mla', 512, 512, 64, False, 1),
-    Instance('gla', 'gla', 256, 256, 64, False, 1),
-    Instance('gla_m128', 'gla', 256, 256, 64, False, 2),
-    Instance('gla_rope1', 'gla_rope1', 256, 256, 64, True, 1),
-    Instance('gla_rope1_m128', 'gla_rope1', 256, 256, 64, True, 2),
-    Instance('gta_d128', 'gta', 128, 64, 64, True, 1),
-    Instance('gta_d64', 'gta', 64, 32, 32, True, 1),
+    Instance('mla', 'mla', 512, 512, 64, False, 1, False),
+    Instance('gla', 'gla', 256, 256, 64, False, 1, False),
+    Instance('gla_m128', 'gla', 256, 256, 64, False, 2, False),
+    Instance('gla_rope1', 'gla_rope1', 256, 256, 64, True, 1, False),
+    Instance('gla_rope1_m128', 'gla_rope1', 256, 256, 64, True, 2, False),
+    Instance('gta_d128', 'gta', 128, 64, 64, True, 1, False),
+    Instance('gta_d64', 'gta', 64, 32, 32, True, 1, False),
+    Instance('gla_rope1_fp8', 'gla_rope1', 256, 256, 64, True, 1, True),
+    Instance('gla_rope1_m128_fp8', 'gla_rope1', 256, 256, 64, True, 2, True),
+    Instance('gta_d128_fp8', 'gta', 128, 64, 64, True, 1, True),
+    Instance('gta_d64_fp8', 'gta', 64, 32, 32, True, 1, True),
 )

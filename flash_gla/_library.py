@@ -44,7 +44,7 @@ def _get_metadata_fake(cache_seqlens, num_q_tokens_per_head_k, num_heads_k, batc
 
 
 def _decode_fake(q, kv_cache, rope_cache, block_table, cache_seqlens, head_dim_v, tile_scheduler_metadata,
-                 num_splits, softmax_scale, causal, out, attn_sink, batch_invariant):
+                 num_splits, softmax_scale, causal, out, attn_sink, batch_invariant, kv_scale=None):
     """Writes ``out`` (b, s_q, h_q, head_dim_v); returns ``lse`` (b, h_q, s_q) float32."""
     batch, s_q, h_q, _ = q.shape
     return q.new_empty((batch, h_q, s_q), dtype=torch.float32)
