@@ -14,6 +14,14 @@ import torch
 from flash_gla import _library
 
 TMA_ALIGN_BYTES = 16  # TMA: global address and every non-unit stride 16-byte aligned
+#: The FP8 cache dtype (values; a float32 kv_scale per 128 of them, the RoPE key unquantised).
+FP8_DTYPE = torch.float8_e4m3fn
+#: Why FlashMLA's FP8 flag is refused, and what to use instead.
+FP8_FLAG_HINT = (
+    "FlashMLA's packed FP8 MLA cache (656-byte rows with the RoPE key inline) is not supported; for an FP8 "
+    "cache pass a torch.float8_e4m3fn kv_cache with its float32 kv_scale and a rope_cache to "
+    "gla_with_kvcache (or gta_with_kvcache): no flag, and the same get_metadata as for a bf16 cache"
+)
 
 
 def reject_unsupported(**kwargs: Any) -> None:
@@ -25,7 +33,34 @@ def reject_unsupported(**kwargs: Any) -> None:
         default = False if name == "is_fp8_kvcache" else None
         if value is not default:
             shown = f"a {type(value).__name__}" if isinstance(value, torch.Tensor) else repr(value)
-            raise ValueError(f"{name} must be {default} (not supported by flash_gla yet), got {shown}")
+            why = FP8_FLAG_HINT if name == "is_fp8_kvcache" else "not supported by flash_gla yet"
+            raise ValueError(f"{name} must be {default} ({why}), got {shown}")
+
+
+def check_kv_format(kv_cache: torch.Tensor, rope_cache: Any, kv_scale: Any) -> bool:
+    """A decode call's cache format: whether ``kv_cache`` is FP8 (float8_e4m3fn); the arguments an
+    FP8 cache needs (its ``kv_scale``, a ``rope_cache``) and a bf16 / fp16 one refuses (``kv_scale``)."""
+    if kv_cache.dtype != FP8_DTYPE and kv_cache.dtype.is_floating_point and kv_cache.dtype.itemsize == 1:
+        raise TypeError(
+            f"kv_cache.dtype must be {FP8_DTYPE} for an FP8 cache (else q's dtype), got {kv_cache.dtype}: "
+            "FP8 caches are e4m3 only"
+        )
+    fp8 = kv_cache.dtype == FP8_DTYPE
+    if fp8 and rope_cache is None:
+        raise ValueError(
+            f"an FP8 kv_cache ({FP8_DTYPE}) needs the RoPE key stored once, unquantised, in a rope_cache "
+            "(num_blocks, 64, 1, d_rope) of q's dtype, kv_cache holding only the latents: inline-RoPE FP8 is not "
+            "supported (write_kvcache(..., rope_cache=, kv_scale=) writes that layout; then call "
+            "gla_with_kvcache(..., rope_cache=, kv_scale=))"
+        )
+    if fp8:
+        expect_tensor("kv_scale", kv_scale, hint="(num_blocks, 64, h_kv, ceil(d / 128)) float32 (required with an "
+                      "FP8 kv_cache: its scales)")
+    elif kv_scale is not None:
+        shown = f"a {type(kv_scale).__name__}" if isinstance(kv_scale, torch.Tensor) else repr(kv_scale)
+        raise ValueError(f"kv_scale must be None with a {kv_cache.dtype} kv_cache (kv_scale holds the scales of an "
+                         f"FP8 kv_cache, {FP8_DTYPE}), got {shown}")
+    return fp8
 
 
 def expect_tensor(name: str, x: Any, hint: str = "") -> None:

@@ -10,7 +10,9 @@ checked on a machine without a GPU or the extension:
     metadata rows vs. the device's scheduler parts (ValueError; asks the extension).
 
 Every message names the argument, what was expected and what was given. The supported head
-dims come from ``flash_gla._instances``, the generated list of compiled kernel instances.
+dims come from ``flash_gla._instances``, the generated list of compiled kernel instances: those
+of its FP8 instances (``kv_fp8``) for a float8_e4m3fn ``kv_cache``, which also needs its
+``kv_scale`` and a ``rope_cache`` (FP8 has no inline-RoPE layout).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import torch
 from flash_gla import _library
 from flash_gla._expect import (
     TMA_ALIGN_BYTES,
+    check_kv_format,
     expect_at_least,
     expect_contiguous,
     expect_dtype,
@@ -36,6 +39,7 @@ from flash_gla._expect import (
 from flash_gla._extension import num_sm_parts
 from flash_gla._instances import DTYPES, INSTANCES, META_FIELDS, PAGE_SIZE  # PAGE_SIZE: kv_cache.shape[1]
 from flash_gla._metadata import DecodeConfig, SchedulerMetadata
+from flash_gla.reference import FP8_GROUP
 
 MAX_GROUP = 128  # largest h_q / h_kv
 MAX_Q_ROWS_PER_HEAD_K = 1024  # largest s_q * h_q / h_kv (packed query rows per KV head)
@@ -43,11 +47,11 @@ MAX_Q_ROWS_PER_HEAD_K = 1024  # largest s_q * h_q / h_kv (packed query rows per 
 HALF_DTYPES = tuple({"bf16": torch.bfloat16, "fp16": torch.float16}[name] for name in DTYPES)
 
 
-def _dims_table(variants: tuple[str, ...], key: Callable, value: Callable) -> dict[int, int]:
-    """``{key(inst): value(inst)}`` over the compiled instances of ``variants``."""
+def _dims_table(variants: tuple[str, ...], key: Callable, value: Callable, fp8: bool = False) -> dict[int, int]:
+    """``{key(inst): value(inst)}`` over the compiled instances of ``variants`` (the FP8 ones with ``fp8``)."""
     table: dict[int, int] = {}
     for inst in INSTANCES:
-        if inst.variant in variants and table.setdefault(key(inst), value(inst)) != value(inst):
+        if inst.variant in variants and inst.kv_fp8 == fp8 and table.setdefault(key(inst), value(inst)) != value(inst):
             raise RuntimeError(f"flash_gla._instances: {inst.name} conflicts with another {variants} instance")
     return table
 
@@ -59,10 +63,13 @@ INLINE_DIMS = _dims_table(("mla", "gla"), lambda i: i.head_dim_nope + i.head_dim
 ROPE1_DIMS = _dims_table(("gla_rope1",), lambda i: i.head_dim_v, lambda i: i.head_dim_rope)
 #: GTA (``gta_with_kvcache``): tied-state width d -> d_rope (K = [state[:d - d_rope], rope]).
 GTA_DIMS = _dims_table(("gta",), lambda i: i.head_dim_v, lambda i: i.head_dim_rope)
+#: The same over an FP8 (float8_e4m3fn) kv_cache: the instances with ``kv_fp8``.
+ROPE1_FP8_DIMS = _dims_table(("gla_rope1",), lambda i: i.head_dim_v, lambda i: i.head_dim_rope, fp8=True)
+GTA_FP8_DIMS = _dims_table(("gta",), lambda i: i.head_dim_v, lambda i: i.head_dim_rope, fp8=True)
 
 
-def _check_inline_dims(d_qk: int, kv_dim: int, rope_dim: int | None, head_dim_v: int) -> None:
-    """Inline RoPE: kv rows are [V (head_dim_v) | RoPE] = d_qk dims."""
+def _check_inline_dims(d_qk: int, kv_dim: int, rope_dim: int | None, head_dim_v: int, fp8: bool = False) -> None:
+    """Inline RoPE: kv rows are [V (head_dim_v) | RoPE] = d_qk dims (never FP8: check_kv_format refuses it)."""
     if d_qk not in INLINE_DIMS:
         raise ValueError(f"q.shape[3] (d_qk) must be one of {sorted(INLINE_DIMS)}, got {d_qk}")
     if kv_dim != d_qk:
@@ -72,16 +79,17 @@ def _check_inline_dims(d_qk: int, kv_dim: int, rope_dim: int | None, head_dim_v:
         raise ValueError(f"head_dim_v must be {expected_dv} for d_qk {d_qk}, got {head_dim_v}")
 
 
-def _check_rope1_dims(d_qk: int, kv_dim: int, rope_dim: int | None, head_dim_v: int) -> None:
+def _check_rope1_dims(d_qk: int, kv_dim: int, rope_dim: int | None, head_dim_v: int, fp8: bool = False) -> None:
     """RoPE stored once: kv rows are the latents (head_dim_v), d_qk = head_dim_v + d_rope."""
-    if head_dim_v not in ROPE1_DIMS:
-        raise ValueError(f"head_dim_v must be one of {sorted(ROPE1_DIMS)} with a rope_cache, got {head_dim_v}")
+    table, cache = (ROPE1_FP8_DIMS, " and an FP8 kv_cache (the FP8 instances)") if fp8 else (ROPE1_DIMS, "")
+    if head_dim_v not in table:
+        raise ValueError(f"head_dim_v must be one of {sorted(table)} with a rope_cache{cache}, got {head_dim_v}")
     if kv_dim != head_dim_v:
         raise ValueError(
             f"kv_cache.shape[3] must equal head_dim_v = {head_dim_v} with a rope_cache (the RoPE "
             f"dims live in rope_cache), got {kv_dim}"
         )
-    expected_rope = ROPE1_DIMS[head_dim_v]
+    expected_rope = table[head_dim_v]
     if rope_dim != expected_rope:
         raise ValueError(
             f"rope_cache.shape[3] (d_rope) must be {expected_rope} for head_dim_v {head_dim_v}, got {rope_dim}"
@@ -90,14 +98,15 @@ def _check_rope1_dims(d_qk: int, kv_dim: int, rope_dim: int | None, head_dim_v: 
         raise ValueError(f"q.shape[3] (d_qk) must be head_dim_v + d_rope = {head_dim_v + rope_dim}, got {d_qk}")
 
 
-def _check_gta_dims(d_qk: int, kv_dim: int, rope_dim: int | None, head_dim_v: int) -> None:
+def _check_gta_dims(d_qk: int, kv_dim: int, rope_dim: int | None, head_dim_v: int, fp8: bool = False) -> None:
     """GTA: q, kv rows and out all have the tied-state width d; the key's RoPE part is rope_cache."""
-    if d_qk not in GTA_DIMS:
-        raise ValueError(f"q.shape[3] (d) must be one of {sorted(GTA_DIMS)}, got {d_qk}")
+    table, cache = (GTA_FP8_DIMS, " with an FP8 kv_cache (the FP8 instances)") if fp8 else (GTA_DIMS, "")
+    if d_qk not in table:
+        raise ValueError(f"q.shape[3] (d) must be one of {sorted(table)}{cache}, got {d_qk}")
     if kv_dim != d_qk:
         raise ValueError(f"kv_cache.shape[3] must equal q.shape[3] (d) = {d_qk}, got {kv_dim}")
-    if rope_dim != GTA_DIMS[d_qk]:
-        raise ValueError(f"rope_cache.shape[3] (d_rope) must be {GTA_DIMS[d_qk]} for d {d_qk}, got {rope_dim}")
+    if rope_dim != table[d_qk]:
+        raise ValueError(f"rope_cache.shape[3] (d_rope) must be {table[d_qk]} for d {d_qk}, got {rope_dim}")
 
 
 class Variant(NamedTuple):
@@ -106,7 +115,7 @@ class Variant(NamedTuple):
     name: str
     takes_rope_cache: bool  # a shared rope cache is required (else rope_cache is None)
     v_is_q_width: bool  # head_dim_v is q.shape[3] (GTA: V is the whole tied state)
-    check_head_dims: Callable[[int, int, int | None, int], None]  # (d_qk, kv dim, rope dim, dv)
+    check_head_dims: Callable[[int, int, int | None, int, bool], None]  # (d_qk, kv dim, rope dim, dv, fp8)
 
 
 GLA_INLINE = Variant("gla", False, False, _check_inline_dims)  # also MLA (h_kv 1)
@@ -128,14 +137,14 @@ def _layout(x):
 
 def check_decode_inputs(
     variant: Variant, q, kv_cache, rope_cache, block_table, cache_seqlens, head_dim_v,
-    tile_scheduler_metadata, num_splits, softmax_scale, causal, out, attn_sink, batch_invariant=False, *,
-    check_lengths: bool,
+    tile_scheduler_metadata, num_splits, softmax_scale, causal, out, attn_sink, batch_invariant=False,
+    kv_scale=None, *, check_lengths: bool,
 ) -> DecodeConfig:
     """Every check of a decode call, in the order of the module docstring; the call's DecodeConfig.
 
     ``head_dim_v`` is ignored for a variant whose V is q's width. ``batch_invariant`` is the
-    call's ``enable_batch_invariant``. ``check_lengths`` is flash_gla.ops.CHECK_LENGTHS, read by
-    the caller at call time.
+    call's ``enable_batch_invariant``. ``kv_scale``: an FP8 cache's scales, else None.
+    ``check_lengths`` is flash_gla.ops.CHECK_LENGTHS, read by the caller at call time.
     """
     key = None
     # The fast path: eager calls with tensor metadata (not the lazy object); anything that is not
@@ -146,7 +155,7 @@ def check_decode_inputs(
         try:
             key = (variant, scalars, tuple(map(type, scalars)), _layout(q), _layout(kv_cache), _layout(rope_cache),
                    _layout(block_table), _layout(cache_seqlens), _layout(tile_scheduler_metadata),
-                   _layout(num_splits), _layout(out), _layout(attn_sink))
+                   _layout(num_splits), _layout(out), _layout(attn_sink), _layout(kv_scale))
             config = _VALIDATED.get(key)
         except (AttributeError, TypeError):  # not a tensor, or an unhashable scalar: the checks below name it
             key = config = None
@@ -160,7 +169,7 @@ def check_decode_inputs(
             return config
     config = _check_decode_inputs(variant, q, kv_cache, rope_cache, block_table, cache_seqlens, head_dim_v,
                                   tile_scheduler_metadata, num_splits, softmax_scale, causal, out, attn_sink,
-                                  batch_invariant, check_lengths=check_lengths)
+                                  batch_invariant, kv_scale, check_lengths=check_lengths)
     if key is not None:
         if len(_VALIDATED) >= _VALIDATED_MAX:
             _VALIDATED.clear()
@@ -170,7 +179,7 @@ def check_decode_inputs(
 
 def _check_decode_inputs(
     variant: Variant, q, kv_cache, rope_cache, block_table, cache_seqlens, head_dim_v,
-    tile_scheduler_metadata, num_splits, softmax_scale, causal, out, attn_sink, batch_invariant, *,
+    tile_scheduler_metadata, num_splits, softmax_scale, causal, out, attn_sink, batch_invariant, kv_scale, *,
     check_lengths: bool,
 ) -> DecodeConfig:
     lazy = isinstance(tile_scheduler_metadata, SchedulerMetadata)
@@ -178,13 +187,15 @@ def _check_decode_inputs(
         raise TypeError(f"enable_batch_invariant must be a bool, got {type(batch_invariant).__name__}")
     metadata = () if lazy else (("tile_scheduler_metadata", tile_scheduler_metadata), ("num_splits", num_splits))
     tensors = (("q", q), ("kv_cache", kv_cache), ("rope_cache", rope_cache), ("block_table", block_table),
-               ("cache_seqlens", cache_seqlens), *metadata, ("out", out), ("attn_sink", attn_sink))
+               ("cache_seqlens", cache_seqlens), *metadata, ("out", out), ("attn_sink", attn_sink),
+               ("kv_scale", kv_scale))
     _check_types(variant, q, kv_cache, rope_cache, block_table, cache_seqlens, head_dim_v, tile_scheduler_metadata,
                  num_splits, softmax_scale, causal, out, lazy)
+    check_kv_format(kv_cache, rope_cache, kv_scale)
     _check_sink_type(attn_sink)
-    _check_dtypes(q, kv_cache, rope_cache, block_table, cache_seqlens, metadata, out)
+    _check_dtypes(q, kv_cache, rope_cache, block_table, cache_seqlens, metadata, out, kv_scale)
     config = _check_shapes(variant, q, kv_cache, rope_cache, block_table, cache_seqlens, head_dim_v, metadata, out,
-                           causal, batch_invariant)
+                           causal, batch_invariant, kv_scale)
     if attn_sink is not None and tuple(attn_sink.shape) != (config.h_q,):
         raise ValueError(f"attn_sink.shape must be (h_q,) = ({config.h_q},), got {tuple(attn_sink.shape)}")
     if softmax_scale is not None and not math.isfinite(softmax_scale):
@@ -259,11 +270,15 @@ def _check_sink_type(attn_sink):
     expect_contiguous("attn_sink", attn_sink)
 
 
-def _check_dtypes(q, kv_cache, rope_cache, block_table, cache_seqlens, metadata, out):
+def _check_dtypes(q, kv_cache, rope_cache, block_table, cache_seqlens, metadata, out, kv_scale):
     expect_dtype("q", q, HALF_DTYPES)
-    expect_dtype("kv_cache", kv_cache, q.dtype, what="q's dtype")
+    if kv_scale is None:  # else kv_cache is FP8 (check_kv_format)
+        expect_dtype("kv_cache", kv_cache, q.dtype, what="q's dtype")
+    else:
+        expect_dtype("kv_scale", kv_scale, torch.float32)
     if rope_cache is not None:
-        expect_dtype("rope_cache", rope_cache, q.dtype, what="q's dtype")
+        expect_dtype("rope_cache", rope_cache, q.dtype,
+                     what="q's dtype" if kv_scale is None else "q's dtype: the RoPE key is not quantised")
     expect_dtype("block_table", block_table, torch.int32)
     expect_dtype("cache_seqlens", cache_seqlens, torch.int32)
     for name, x in metadata:
@@ -273,11 +288,11 @@ def _check_dtypes(q, kv_cache, rope_cache, block_table, cache_seqlens, metadata,
 
 
 def _check_shapes(variant, q, kv_cache, rope_cache, block_table, cache_seqlens, head_dim_v, metadata, out, causal,
-                  batch_invariant=False):
+                  batch_invariant=False, kv_scale=None):
     """Ranks, shapes, divisibility; returns the call's DecodeConfig."""
     ranked = (("q", q, 4), ("kv_cache", kv_cache, 4), ("rope_cache", rope_cache, 4), ("block_table", block_table, 2),
               ("cache_seqlens", cache_seqlens, 1), *((name, x, rank) for (name, x), rank in zip(metadata, (2, 1))),
-              ("out", out, 4))
+              ("out", out, 4), ("kv_scale", kv_scale, 4))
     for name, x, rank in ranked:
         if x is not None:
             expect_rank(name, x, rank)
@@ -311,7 +326,12 @@ def _check_shapes(variant, q, kv_cache, rope_cache, block_table, cache_seqlens, 
         rope_dim = rope_cache.shape[3]
     if variant.v_is_q_width:
         head_dim_v = d_qk
-    variant.check_head_dims(d_qk, kv_dim, rope_dim, head_dim_v)
+    variant.check_head_dims(d_qk, kv_dim, rope_dim, head_dim_v, kv_scale is not None)
+    if kv_scale is not None and tuple(kv_scale.shape) != (num_blocks, page_size, h_kv, -(-kv_dim // FP8_GROUP)):
+        raise ValueError(
+            f"kv_scale.shape must be (num_blocks, 64, h_kv, ceil(d / {FP8_GROUP})) = "
+            f"{(num_blocks, page_size, h_kv, -(-kv_dim // FP8_GROUP))} (of kv_cache), got {tuple(kv_scale.shape)}"
+        )
     if block_table.shape[0] != batch:
         raise ValueError(f"block_table.shape[0] must equal q.shape[0] (batch) = {batch}, got {block_table.shape[0]}")
     if cache_seqlens.shape[0] != batch:
@@ -337,7 +357,8 @@ def _check_shapes(variant, q, kv_cache, rope_cache, block_table, cache_seqlens, 
 def _check_strides(q, kv_cache, rope_cache, block_table, cache_seqlens, metadata, out):
     for name, x in (("q", q), ("kv_cache", kv_cache), ("rope_cache", rope_cache)):
         if x is not None:
-            expect_tma_compatible(name, x)  # Q rows are read as 16-byte vectors, the caches by TMA
+            # Q rows are read as 16-byte vectors, the caches by TMA (FP8: 16 elements). kv_scale: any strides.
+            expect_tma_compatible(name, x)
     expect_unit_last_stride("block_table", block_table)
     expect_contiguous("cache_seqlens", cache_seqlens)
     for name, x in metadata:

@@ -3,7 +3,7 @@
 Every input is checked in Python (``flash_gla._validation``, in a fixed order: types, dtypes,
 shapes, strides, lengths, device) before an op of the extension is called: the compiled ops
 (``torch.ops.flash_gla.*``) trust their inputs. GLA (inline RoPE or RoPE stored once), MLA and
-GTA go through one path, :func:`_decode`.
+GTA, over bf16 / fp16 or FP8 (e4m3 + ``kv_scale``) caches, go through one path, :func:`_decode`.
 
 ``import flash_gla``, the reference and the validation work where the extension is not built;
 the first call that needs it raises an ImportError saying how to build it.
@@ -69,7 +69,8 @@ def get_metadata(
         num_q_tokens_per_head_k: ``s_q * h_q // h_kv``, query rows packed per KV head.
         num_heads_k: ``h_kv``.
         num_heads_q: accepted for FlashMLA compatibility and ignored.
-        is_fp8_kvcache: must be False (FlashMLA compatibility).
+        is_fp8_kvcache: must be False (FlashMLA compatibility). An FP8 cache (float8_e4m3fn
+            ``kv_cache`` with ``kv_scale``) needs no flag: its metadata is the same as a bf16 one's.
         topk: must be None (sparse attention is not supported; FlashMLA compatibility).
         enable_batch_invariant: classic form only: plan so that each request's result is
             bitwise the same whatever else is in the batch (pass the same flag to the decode
@@ -125,6 +126,7 @@ def gla_with_kvcache(
     indices: torch.Tensor | None = None,
     attn_sink: torch.Tensor | None = None,
     enable_batch_invariant: bool = False,
+    kv_scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Decode attention for GLA (``h_kv`` latent heads) and MLA (``h_kv == 1``).
 
@@ -136,16 +138,30 @@ def gla_with_kvcache(
     ``V[t] = kv_cache[page, row, j, :]``. Query head ``i`` uses KV head ``i // (h_q // h_kv)``.
     ``flash_gla.reference`` defines the result exactly.
 
+    FP8 cache (RoPE stored once only): ``kv_cache`` float8_e4m3fn (num_blocks, 64, h_kv,
+    head_dim_v), ``kv_scale`` float32 (num_blocks, 64, h_kv, ceil(head_dim_v / 128)) and
+    ``rope_cache`` in q's dtype, unquantised. Element ``i`` of a cached row is
+    ``kv_cache[..., i] * kv_scale[..., i // 128]`` (``flash_gla.reference.dequantize_kv``);
+    ``flash_gla.write_kvcache`` writes this layout (it quantises when ``kv_cache`` is e4m3). The
+    kernel dequantises to q's dtype and computes as for a bf16 / fp16 cache: the metadata, the
+    causal rule, ``out`` and ``lse`` are the same. Inline-RoPE FP8 (and FlashMLA's packed FP8
+    row, ``is_fp8_kvcache=True``) is not supported.
+
+    Rows past each ``L_i`` and pages the block table does not reach are never read: NaN or inf
+    there (values, scales or RoPE keys) never reaches ``out`` or ``lse``.
+
     Args:
         q: (b, s_q, h_q, d_qk) bfloat16 or float16, last-dim stride 1, other strides
             multiples of 8 elements, data_ptr 16-byte aligned (rows are read as 16-byte vectors).
             ``h_q % h_kv == 0``, ``h_q / h_kv <= 128``, ``s_q * h_q / h_kv <= 1024``.
         kv_cache: (num_blocks, 64, h_kv, d_qk) with inline RoPE, (num_blocks, 64, h_kv,
             head_dim_v) with ``rope_cache``; q's dtype, last-dim stride 1, every other
-            stride a multiple of 8 elements, data_ptr 16-byte aligned.
+            stride a multiple of 8 elements, data_ptr 16-byte aligned. Or float8_e4m3fn with
+            ``kv_scale`` and ``rope_cache``: every stride but the last a multiple of 16 elements
+            (16 bytes), data_ptr 16-byte aligned.
             Supported (head_dim_v, d_qk), those of the compiled instances
             (``flash_gla._instances``): (256, 320), (512, 576) inline; (256, 320) with
-            ``rope_cache``.
+            ``rope_cache``; (256, 320) with ``rope_cache`` and an FP8 ``kv_cache``.
         block_table: (b, max_pages) int32, last-dim stride 1. Entries at and past
             ``ceil(L_i / 64)`` are never read.
         cache_seqlens: (b,) int32 contiguous, ``0 <= L_i <= max_pages * 64`` (checked only
@@ -161,9 +177,11 @@ def gla_with_kvcache(
             ``i`` sees keys ``0 .. L_i - s_q + r``.
         out: optional (b, s_q, h_q, head_dim_v) contiguous tensor of q's dtype to write into.
         rope_cache: None (inline RoPE), or (num_blocks, 64, 1, d_rope) with
-            ``d_rope = d_qk - head_dim_v`` (64), q's dtype, on the same pages as ``kv_cache``
-            (same block table), strides as for ``kv_cache``.
-        is_fp8_kvcache: must be False.
+            ``d_rope = d_qk - head_dim_v`` (64), q's dtype (also with an FP8 ``kv_cache``), on
+            the same pages as ``kv_cache`` (same block table), strides as for a bf16 / fp16
+            ``kv_cache``.
+        is_fp8_kvcache: must be False (FlashMLA's packed FP8 MLA row is not supported; an FP8
+            cache is a float8_e4m3fn ``kv_cache`` with ``kv_scale``).
         indices: must be None (sparse attention is not supported).
         attn_sink: None, or (h_q,) float32 on q's device, contiguous: one sink logit per query
             head (FlashMLA's ``attn_sink``). It joins the softmax's denominator only:
@@ -172,7 +190,10 @@ def gla_with_kvcache(
         enable_batch_invariant: each request's ``out`` and ``lse`` are bitwise the same
             whatever else is in the batch and whatever the batch size (FlashMLA's name). Needs
             metadata planned for it: ``get_metadata(..., enable_batch_invariant=True)``, or the
-            lazy form, which then plans so; a mismatch raises ValueError.
+            lazy form, which then plans so; a mismatch raises ValueError. Works with FP8 caches too.
+        kv_scale: None for a bf16 / fp16 ``kv_cache``; with a float8_e4m3fn one (required),
+            (num_blocks, 64, h_kv, ceil(head_dim_v / 128)) float32 on q's device, any strides:
+            one scale per token, KV head and 128 values.
 
     Returns:
         out: (b, s_q, h_q, head_dim_v), q's dtype (``out`` itself when given).
@@ -184,7 +205,7 @@ def gla_with_kvcache(
     variant = _validation.GLA_INLINE if rope_cache is None else _validation.GLA_ROPE1
     return _decode(
         variant, q, kv_cache, rope_cache, block_table, cache_seqlens, head_dim_v,
-        tile_scheduler_metadata, num_splits, softmax_scale, causal, out, attn_sink, enable_batch_invariant,
+        tile_scheduler_metadata, num_splits, softmax_scale, causal, out, attn_sink, enable_batch_invariant, kv_scale,
     )
 
 
@@ -198,6 +219,7 @@ def gta_with_kvcache(
     num_splits: torch.Tensor | None = None,
     softmax_scale: float | None = None, causal: bool = False, out: torch.Tensor | None = None,
     *, attn_sink: torch.Tensor | None = None, enable_batch_invariant: bool = False,
+    kv_scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Decode attention for Grouped-Tied Attention (GTA).
 
@@ -207,19 +229,32 @@ def gta_with_kvcache(
     ``V[t] = kv_cache[page, row, j, :]``. Query head ``i`` uses KV head ``i // (h_q // h_kv)``.
     ``flash_gla.reference.gta_with_kvcache_ref`` defines the result exactly.
 
+    FP8 cache: ``kv_cache`` float8_e4m3fn (num_blocks, 64, h_kv, d) with ``kv_scale`` float32
+    (num_blocks, 64, h_kv, ceil(d / 128)), element ``i`` of a state
+    ``kv_cache[..., i] * kv_scale[..., i // 128]``, and ``rope_cache`` in q's dtype,
+    unquantised; dequantised to q's dtype in the kernel, otherwise as for a bf16 / fp16
+    cache (same metadata, see :func:`gla_with_kvcache`). NaN or inf in rows past each
+    ``L_i`` or in pages the block table does not reach (values, scales or RoPE keys) never
+    reaches ``out`` or ``lse``.
+
     Args:
         q: (b, s_q, h_q, d) bfloat16 or float16, strides as in :func:`gla_with_kvcache`.
             ``h_q % h_kv == 0``, ``h_q / h_kv <= 128``, ``s_q * h_q / h_kv <= 1024``.
         kv_cache: (num_blocks, 64, h_kv, d) tied states, q's dtype, last-dim stride 1,
-            every other stride a multiple of 8 elements, data_ptr 16-byte aligned.
+            every other stride a multiple of 8 elements, data_ptr 16-byte aligned; or
+            float8_e4m3fn with ``kv_scale``, every stride but the last a multiple of 16
+            elements (16 bytes), data_ptr 16-byte aligned.
         rope_cache: (num_blocks, 64, 1, d_rope), q's dtype, same pages as ``kv_cache``.
             Supported (d, d_rope), those of the compiled instances: (128, 64), (64, 32).
+            With an FP8 ``kv_cache``: (128, 64), (64, 32).
         block_table, cache_seqlens, tile_scheduler_metadata, num_splits, causal: as in
             :func:`gla_with_kvcache` (metadata from ``get_metadata(cache_seqlens,
             s_q * h_q // h_kv, h_kv)`` or the lazy form).
         softmax_scale: scale of ``q . K``; default ``1 / sqrt(d)``.
         out: optional (b, s_q, h_q, d) contiguous tensor of q's dtype to write into.
         attn_sink, enable_batch_invariant: as in :func:`gla_with_kvcache`.
+        kv_scale: None for a bf16 / fp16 ``kv_cache``; with a float8_e4m3fn one (required),
+            (num_blocks, 64, h_kv, ceil(d / 128)) float32 on q's device, any strides.
 
     Returns:
         out: (b, s_q, h_q, d), q's dtype. lse: (b, h_q, s_q) float32. Rows that see no key
@@ -227,7 +262,7 @@ def gta_with_kvcache(
     """
     return _decode(
         _validation.GTA, q, kv_cache, rope_cache, block_table, cache_seqlens, None,
-        tile_scheduler_metadata, num_splits, softmax_scale, causal, out, attn_sink, enable_batch_invariant,
+        tile_scheduler_metadata, num_splits, softmax_scale, causal, out, attn_sink, enable_batch_invariant, kv_scale,
     )
 
 
@@ -242,7 +277,10 @@ def flash_mla_with_kvcache(
     Call sites written for FlashMLA (positional or keyword, e.g. ``k_cache=``) work by
     changing only the import. Arguments (and their types) as in :func:`gla_with_kvcache`
     (``k_cache`` is its ``kv_cache``; ``attn_sink`` and ``enable_batch_invariant`` too);
-    FlashMLA's sparse / FP8 arguments (tensors or None) must keep their defaults.
+    FlashMLA's sparse / FP8 arguments (tensors or None) must keep their defaults:
+    ``is_fp8_kvcache=True`` (FlashMLA's packed 656-byte FP8 MLA row, RoPE inline) is refused.
+    For an FP8 cache, use :func:`gla_with_kvcache` with a float8_e4m3fn ``kv_cache``, its
+    ``kv_scale`` and a ``rope_cache``.
     """
     _reject_unsupported(
         extra_k_cache=extra_k_cache, extra_indices_in_kvcache=extra_indices_in_kvcache,
@@ -274,11 +312,12 @@ def _decode(
     out: torch.Tensor | None,
     attn_sink: torch.Tensor | None,
     batch_invariant: bool,
+    kv_scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The one path of every decode entry: validate, resolve lazy metadata, launch."""
     config = _validation.check_decode_inputs(
         variant, q, kv_cache, rope_cache, block_table, cache_seqlens, head_dim_v,
-        tile_scheduler_metadata, num_splits, softmax_scale, causal, out, attn_sink, batch_invariant,
+        tile_scheduler_metadata, num_splits, softmax_scale, causal, out, attn_sink, batch_invariant, kv_scale,
         check_lengths=CHECK_LENGTHS,
     )
     if softmax_scale is None:
@@ -296,6 +335,6 @@ def _decode(
     # torch.ops.flash_gla.decode, which writes out (its schema says so) and returns lse.
     lse = _load_extension().decode.default(
         q, kv_cache, rope_cache, block_table, cache_seqlens, config.head_dim_v,
-        tile_scheduler_metadata, num_splits, float(softmax_scale), causal, out, attn_sink, batch_invariant,
+        tile_scheduler_metadata, num_splits, float(softmax_scale), causal, out, attn_sink, batch_invariant, kv_scale,
     )
     return out, lse

@@ -14,11 +14,12 @@ from typing import Callable
 import torch
 
 import flash_gla
-from flash_gla.reference import gla_with_kvcache_ref, gta_with_kvcache_ref
+from flash_gla.reference import FP8_GROUP, gla_with_kvcache_ref, gta_with_kvcache_ref, quantize_kv_ref
 
 PAGE = 64
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 GARBAGE_PAGE = 2**30  # block-table entries that must never be read
+FP8_NAN_BYTE = 0x7F  # float8_e4m3fn NaN (0x7F and 0xFF are its only NaNs; it has no infinity)
 
 # Named varlen batches for the GPU grids: a seeded mix of empty, page-edge and long requests.
 VARLEN = {
@@ -81,14 +82,21 @@ class DecodeInputs:
     cache_seqlens: torch.Tensor  # (b,) int32
     lengths: list[int]
     rope_cache: torch.Tensor | None = None  # (num_blocks, 64, 1, d_rope), shared_rope only
+    kv_scale: torch.Tensor | None = None  # (num_blocks, 64, h_kv, ceil(kv_dim / 128)) float32, FP8 kv_cache only
 
     def copy_(self, src: DecodeInputs) -> None:
         """Copy ``src``'s tensors into these (same shapes), e.g. into a CUDA graph's static inputs."""
-        for name in ("q", "kv_cache", "rope_cache", "block_table", "cache_seqlens"):
+        for name in ("q", "kv_cache", "rope_cache", "block_table", "cache_seqlens", "kv_scale"):
             dst = getattr(self, name)
             if dst is not None:
-                dst.copy_(getattr(src, name))
+                raw(dst).copy_(raw(getattr(src, name)))
         self.lengths = list(src.lengths)
+
+
+def raw(x: torch.Tensor) -> torch.Tensor:
+    """An FP8 tensor as its bytes (uint8), anything else as it is: copies and indexing of FP8
+    tensors then need no FP8 kernels."""
+    return x.view(torch.uint8) if x.dtype == torch.float8_e4m3fn else x
 
 
 def make_inputs(
@@ -108,6 +116,7 @@ def make_inputs(
     max_pages: int | None = None,
     num_blocks: int | None = None,
     spare_pages: int = 2,
+    kv_fp8: bool = False,
 ) -> DecodeInputs:
     """Random paged inputs, poisoned everywhere a kernel must not look.
 
@@ -120,6 +129,12 @@ def make_inputs(
     ``dv + d_rope``. ``shared_rope=True``: kv rows have ``dv`` dims and a separate
     ``rope_cache`` (num_blocks, 64, 1, d_rope) is made; q has ``dv + d_rope`` dims unless
     ``q_dim`` says otherwise (GTA: ``q_dim = dv``).
+
+    ``kv_fp8=True`` (with ``shared_rope``): the cache rows, in ``dtype`` and each 128-value group
+    scaled by 2^k (k in -2..1, per token, head and group), are quantised by
+    ``flash_gla.reference.quantize_kv_ref`` (what ``write_kvcache`` writes, bit for bit) into a
+    float8_e4m3fn ``kv_cache`` and its float32 ``kv_scale``; the poisoned rows hold the e4m3 NaN
+    byte (0x7F) and a NaN scale. ``rope_cache`` stays in ``dtype``.
     """
     if isinstance(lengths, int):
         lengths = [lengths] * b
@@ -152,10 +167,18 @@ def make_inputs(
     kv_cache = torch.randn(num_blocks, PAGE, h_kv, kv_dim, generator=gen, device=device, dtype=torch.float32).to(dtype)
     poison = (torch.arange(PAGE)[None, :] >= valid_rows[:, None]).to(device)  # (num_blocks, 64)
     kv_cache[poison] = math.nan
-    rope_cache = None
+    rope_cache = kv_scale = None
     if shared_rope:
         rope_cache = torch.randn(num_blocks, PAGE, 1, d_rope, generator=gen, device=device, dtype=torch.float32).to(dtype)
         rope_cache[poison] = math.nan
+    if kv_fp8:
+        assert shared_rope, "an FP8 cache stores the RoPE key once (shared_rope=True)"
+        groups = -(-kv_dim // FP8_GROUP)
+        exponent = torch.randint(-2, 2, (num_blocks, PAGE, h_kv, groups), generator=gen, device=device)
+        magnitude = torch.pow(2.0, exponent.float()).repeat_interleave(FP8_GROUP, dim=-1)[..., :kv_dim]
+        kv_cache, kv_scale = quantize_kv_ref((kv_cache.float() * magnitude).to(dtype))
+        raw(kv_cache)[poison] = FP8_NAN_BYTE
+        kv_scale[poison] = math.nan
     return DecodeInputs(
         q=q,
         kv_cache=kv_cache,
@@ -163,6 +186,7 @@ def make_inputs(
         cache_seqlens=torch.tensor(lengths, dtype=torch.int32, device=device),
         lengths=lengths,
         rope_cache=rope_cache,
+        kv_scale=kv_scale,
     )
 
 
@@ -174,19 +198,33 @@ OUT_TOLERANCE = {
 }
 LSE_ATOL = 1e-3
 LSE_RTOL = 1e-3
+# FP8 caches: the kernel rounds each dequantised value (e4m3 x float32 scale) to q's dtype before
+# its MMAs, the reference (on the same dequantised cache) does not: one more rounding of every K
+# and V element (emulated on CPU, bf16: relative out error ~4e-3, |lse| error up to ~7e-3 at L = 1;
+# fp16 about 8x less). The relative error bound is 2e-2 either way.
+FP8_OUT_TOLERANCE = {
+    torch.bfloat16: dict(rel=2e-2, atol=3e-2, rtol=3e-2),
+    torch.float16: dict(rel=2e-2, atol=1e-2, rtol=1e-2),
+}
+FP8_LSE_TOLERANCE = {torch.bfloat16: (2e-2, 1e-2), torch.float16: (5e-3, 2e-3)}  # (atol, rtol)
 
 
 def _index(flat: int, shape) -> tuple[int, ...]:
     return tuple(int(i) for i in torch.unravel_index(torch.tensor(flat), tuple(shape)))
 
 
-def assert_close(out: torch.Tensor, ref: torch.Tensor, lse: torch.Tensor, lse_ref: torch.Tensor, config_id: str) -> None:
+def assert_close(
+    out: torch.Tensor, ref: torch.Tensor, lse: torch.Tensor, lse_ref: torch.Tensor, config_id: str, *,
+    kv_fp8: bool = False,
+) -> None:
     """Compare a kernel's (out, lse) with the reference; fail with the worst element.
 
     out/ref: (b, s_q, h_q, dv); lse/lse_ref: (b, h_q, s_q) float32. NaN never passes;
     +inf in lse must sit exactly where the reference has it, with out == 0 on those rows.
+    ``kv_fp8``: the kernel read an FP8 cache (FP8_OUT_TOLERANCE, FP8_LSE_TOLERANCE).
     """
     where = f"[{config_id}]"
+    lse_atol, lse_rtol = FP8_LSE_TOLERANCE[ref.dtype] if kv_fp8 else (LSE_ATOL, LSE_RTOL)
     assert out.shape == ref.shape, f"{where} out.shape {tuple(out.shape)} != reference {tuple(ref.shape)}"
     assert out.dtype == ref.dtype, f"{where} out.dtype {out.dtype} != reference {ref.dtype}"
     assert lse.shape == lse_ref.shape, f"{where} lse.shape {tuple(lse.shape)} != reference {tuple(lse_ref.shape)}"
@@ -209,7 +247,7 @@ def assert_close(out: torch.Tensor, ref: torch.Tensor, lse: torch.Tensor, lse_re
     finite = ~inf_ref
     if finite.any():
         err = torch.where(finite, (lse - lse_ref).abs(), torch.zeros_like(lse))
-        bound = LSE_ATOL + LSE_RTOL * lse_ref.abs().masked_fill(inf_ref, 0)
+        bound = lse_atol + lse_rtol * lse_ref.abs().masked_fill(inf_ref, 0)
         worst = int(torch.argmax(err - bound))
         if (err - bound).flatten()[worst] > 0:
             at = _index(worst, lse.shape)
@@ -225,7 +263,7 @@ def assert_close(out: torch.Tensor, ref: torch.Tensor, lse: torch.Tensor, lse_re
         first = _index(int(nonzero.flatten().nonzero()[0]), out.shape)
         raise AssertionError(f"{where} out must be 0 on rows that see no key, got {out[first].item()} at {first}")
 
-    tol = OUT_TOLERANCE[ref.dtype]
+    tol = (FP8_OUT_TOLERANCE if kv_fp8 else OUT_TOLERANCE)[ref.dtype]
     o, r = out.double(), ref.double()
     diff = (o - r).abs()
     ref_norm = r.norm().item()
@@ -260,6 +298,7 @@ class Variant:
     name: str  # gla (inline RoPE; MLA at h_kv 1) | gla_rope1 | gta
     shared_rope: bool  # RoPE key in a rope_cache shared by the KV heads, else inline after V
     q_is_v: bool  # q has V's width (GTA's tied state); else dv + d_rope
+    kv_fp8: bool = False  # float8_e4m3fn kv_cache + float32 kv_scale (shared RoPE only)
 
     def make_inputs(self, case, lengths: list[int] | None = None, seed: int | None = None, **shape) -> DecodeInputs:
         """The case's poisoned CUDA inputs (its lengths and seed unless given)."""
@@ -267,11 +306,13 @@ class Variant:
             case.b, case.s_q, case.h_q, case.h_kv, case.dv, case.d_rope,
             case.lengths() if lengths is None else lengths, DTYPES[case.dtype], "cuda",
             case.seed if seed is None else seed, shared_rope=self.shared_rope,
-            q_dim=case.dv if self.q_is_v else case.dv + case.d_rope, **shape,
+            q_dim=case.dv if self.q_is_v else case.dv + case.d_rope, kv_fp8=self.kv_fp8, **shape,
         )
 
     def decode(self, inp: DecodeInputs, dv: int, meta, num_splits, **kwargs):
         """flash_gla's entry for this variant on ``inp``."""
+        if self.kv_fp8:
+            kwargs = dict(kwargs, kv_scale=inp.kv_scale)
         if self.name == "gta":
             return flash_gla.gta_with_kvcache(
                 inp.q, inp.kv_cache, inp.rope_cache, inp.block_table, inp.cache_seqlens, meta, num_splits, **kwargs
@@ -283,6 +324,8 @@ class Variant:
 
     def reference(self, inp: DecodeInputs, dv: int, **kwargs):
         """flash_gla.reference's result for the same call."""
+        if self.kv_fp8:
+            kwargs = dict(kwargs, kv_scale=inp.kv_scale)
         if self.name == "gta":
             return gta_with_kvcache_ref(inp.q, inp.kv_cache, inp.rope_cache, inp.block_table, inp.cache_seqlens, **kwargs)
         return gla_with_kvcache_ref(
@@ -294,6 +337,8 @@ GLA = Variant("gla", shared_rope=False, q_is_v=False)
 GLA_ROPE1 = Variant("gla_rope1", shared_rope=True, q_is_v=False)
 GTA = Variant("gta", shared_rope=True, q_is_v=True)
 VARIANTS = {v.name: v for v in (GLA, GLA_ROPE1, GTA)}
+GLA_ROPE1_FP8 = Variant("gla_rope1", shared_rope=True, q_is_v=False, kv_fp8=True)
+GTA_FP8 = Variant("gta", shared_rope=True, q_is_v=True, kv_fp8=True)
 
 
 def case_metadata(case, inp: DecodeInputs):
@@ -317,7 +362,7 @@ def check_case(case, *, softmax_scale: float | None = None, given_out: bool = Tr
     if given_out:
         assert got.data_ptr() == out.data_ptr(), f"[{case.id}] {case.variant.name} must write into the given out"
     ref, lse_ref = case.variant.reference(inp, case.dv, softmax_scale=softmax_scale, causal=case.causal)
-    assert_close(got, ref, lse, lse_ref, case.id + tag)
+    assert_close(got, ref, lse, lse_ref, case.id + tag, kv_fp8=case.variant.kv_fp8)
 
 
 GRAPH_LENGTHS = ([100, 0, 3000, 65], [2000, 3200, 0, 1])  # replayed in turn; case.b must be 4
@@ -342,7 +387,8 @@ def check_graph_replay(case) -> None:
         graph.replay()
         torch.cuda.synchronize()
         ref, lse_ref = case.variant.reference(new, case.dv, causal=case.causal)
-        assert_close(out, ref, lse, lse_ref, f"{case.id}-replay-L{'_'.join(map(str, lengths))}")
+        assert_close(out, ref, lse, lse_ref, f"{case.id}-replay-L{'_'.join(map(str, lengths))}",
+                     kv_fp8=case.variant.kv_fp8)
 
 
 def check_metadata_reuse(case, lazy: bool):
@@ -364,9 +410,9 @@ def check_metadata_reuse(case, lazy: bool):
     out2, lse2 = case.variant.decode(inp, case.dv, meta, num_splits, causal=case.causal)
     assert torch.equal(out1, out2) and torch.equal(lse1, lse2), "same inputs and metadata must give identical bits"
     ref, lse_ref = case.variant.reference(inp, case.dv, causal=case.causal)
-    assert_close(out1, ref, lse1, lse_ref, f"{case.id}-layer1")
+    assert_close(out1, ref, lse1, lse_ref, f"{case.id}-layer1", kv_fp8=case.variant.kv_fp8)
     layer2 = dataclasses.replace(inp, q=torch.randn_like(inp.q))
     out3, lse3 = case.variant.decode(layer2, case.dv, meta, num_splits, causal=case.causal)
     ref3, lse_ref3 = case.variant.reference(layer2, case.dv, causal=case.causal)
-    assert_close(out3, ref3, lse3, lse_ref3, f"{case.id}-layer2")
+    assert_close(out3, ref3, lse3, lse_ref3, f"{case.id}-layer2", kv_fp8=case.variant.kv_fp8)
     return meta, num_splits, inp

@@ -51,22 +51,37 @@ def test_every_variant_has_an_entry():
 
 
 def test_validation_accepts_exactly_the_instances_shapes():
-    """The shape rules of _validation hold for every instance, and its tables hold nothing else."""
-    inline, rope1, gta = set(), set(), set()
+    """The shape rules of _validation hold for every instance, and its tables hold nothing else
+    (bf16 / fp16 caches: the instances without kv_fp8; FP8 caches: those with it)."""
+    inline, rope1, gta = {False: set(), True: set()}, {False: set(), True: set()}, {False: set(), True: set()}
     for inst in _instances.INSTANCES:
         dv, nope, rope = inst.head_dim_v, inst.head_dim_nope, inst.head_dim_rope
         if inst.variant in ("mla", "gla"):
             assert nope == dv and not inst.shared_rope, f"{inst}: inline rows are [V | RoPE], the key the whole row"
-            inline.add((dv + rope, dv))
+            inline[inst.kv_fp8].add((dv + rope, dv))
         elif inst.variant == "gla_rope1":
             assert nope == dv and inst.shared_rope, f"{inst}: the latents are V and the key's non-RoPE part"
-            rope1.add((dv, rope))
+            rope1[inst.kv_fp8].add((dv, rope))
         elif inst.variant == "gta":
             assert nope + rope == dv and inst.shared_rope, f"{inst}: K = [state[:d - d_rope], rope], V = state"
-            gta.add((dv, rope))
-    assert set(_validation.INLINE_DIMS.items()) == inline
-    assert set(_validation.ROPE1_DIMS.items()) == rope1
-    assert set(_validation.GTA_DIMS.items()) == gta
+            gta[inst.kv_fp8].add((dv, rope))
+    assert set(_validation.INLINE_DIMS.items()) == inline[False]
+    assert set(_validation.ROPE1_DIMS.items()) == rope1[False]
+    assert set(_validation.GTA_DIMS.items()) == gta[False]
+    assert not inline[True], "FP8 has no inline-RoPE layout: _validation refuses it before any table"
+    assert set(_validation.ROPE1_FP8_DIMS.items()) == rope1[True]
+    assert set(_validation.GTA_FP8_DIMS.items()) == gta[True]
+
+
+def test_fp8_instances_store_rope_once():
+    """FP8 instances read an e4m3 cache whose RoPE key lives, unquantised, in the shared rope cache:
+    shared-RoPE variants only; GLA with RoPE once and both GTA widths have one."""
+    fp8 = [inst for inst in _instances.INSTANCES if inst.kv_fp8]
+    assert fp8, "no FP8 instance"
+    for inst in fp8:
+        assert inst.shared_rope and inst.variant in ("gla_rope1", "gta"), f"{inst}: FP8 needs RoPE stored once"
+    assert {inst.variant for inst in fp8} == {"gla_rope1", "gta"}
+    assert set(_validation.GTA_FP8_DIMS) == {128, 64} and set(_validation.ROPE1_FP8_DIMS) == {256}
 
 
 def test_docstrings_name_every_supported_shape():
@@ -77,3 +92,7 @@ def test_docstrings_name_every_supported_shape():
     gta = ", ".join(f"({d}, {rope})" for d, rope in sorted(_validation.GTA_DIMS.items(), reverse=True))
     assert f"{inline} inline; {rope1} with ``rope_cache``" in gla_doc, "gla_with_kvcache's supported shapes"
     assert f"the compiled instances: {gta}." in gta_doc, "gta_with_kvcache's supported shapes"
+    rope1_fp8 = ", ".join(f"({dv}, {dv + rope})" for dv, rope in sorted(_validation.ROPE1_FP8_DIMS.items()))
+    gta_fp8 = ", ".join(f"({d}, {rope})" for d, rope in sorted(_validation.GTA_FP8_DIMS.items(), reverse=True))
+    assert f"; {rope1_fp8} with ``rope_cache`` and an FP8 ``kv_cache``." in gla_doc, "gla_with_kvcache's FP8 shapes"
+    assert f"With an FP8 ``kv_cache``: {gta_fp8}." in gta_doc, "gta_with_kvcache's FP8 shapes"
