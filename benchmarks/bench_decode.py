@@ -9,6 +9,11 @@ FlashMLA's time (same run) to ours.
     python benchmarks/bench_decode.py                       # default suite
     python benchmarks/bench_decode.py --configs gla2 --lengths 32768 --sq 1
     python benchmarks/bench_decode.py --out DIR             # also DIR/bench.json, DIR/bench.png
+    python benchmarks/bench_decode.py --configs gla2-rope1,gla2-rope1-fp8,gta8,gta8-fp8   # bf16 vs FP8 cache
+    python benchmarks/bench_decode.py --list                # the configurations
+
+Rows ``*-fp8`` read an FP8 cache: float8_e4m3fn latents / tied states with a float32 scale per
+128 values (kv_scale) and the RoPE key once per token in bf16; q and out stay bf16.
 """
 
 import argparse
@@ -29,7 +34,8 @@ L2_BYTES = 50 * 2**20
 # (gla_with_kvcache; C++ RopeCache::kInline); "shared" = latents only, one RoPE row per token
 # for all heads (gla_with_kvcache with rope_cache: the gla_rope1 variant; RopeCache::kShared);
 # "gta" = tied states of dv dims whose last d_rope key dims come from the shared RoPE row
-# (gta_with_kvcache); "gqa" = roofline only: separate K and V of dv dims per head.
+# (gta_with_kvcache); "gqa" = roofline only: separate K and V of dv dims per head. fp8=True: the
+# "shared" / "gta" cache as float8_e4m3fn + float32 kv_scale (one per 128 values), RoPE in bf16.
 CONFIGS = {
     "gla2": dict(h_q=128, h_kv=2, dv=256, d_rope=64),
     "gla1": dict(h_q=64, h_kv=1, dv=256, d_rope=64),
@@ -39,23 +45,36 @@ CONFIGS = {
     "gla2-rope1": dict(h_q=128, h_kv=2, dv=256, d_rope=64, layout="shared"),
     "gta8": dict(h_q=32, h_kv=8, dv=128, d_rope=64, layout="gta"),
     "gqa8": dict(h_q=32, h_kv=8, dv=128, d_rope=0, layout="gqa"),
+    "gla2-rope1-fp8": dict(h_q=128, h_kv=2, dv=256, d_rope=64, layout="shared", fp8=True),
+    "gta8-fp8": dict(h_q=32, h_kv=8, dv=128, d_rope=64, layout="gta", fp8=True),
 }
-# The FlashMLA configuration each of ours is compared with (MLA at the same number of heads).
+FP8_GROUP = 128  # values per float32 scale of an FP8 cache row
+ELEMENT_BYTES = 2  # bf16: q, out, bf16 caches and the FP8 layout's RoPE row
+# The FlashMLA configuration each of ours is compared with (MLA at the same number of heads; the
+# FP8 rows have none: FlashMLA's dense decode reads no FP8 cache).
 FLASHMLA_TWIN = {"gla2": "mla", "gla1": "mla64", "mla": "mla", "mla64": "mla64", "varlen": "mla",
                  "gla2-rope1": "mla"}
 
 
 def head_dims(cfg):
-    """(d_qk, KV-cache elements per token, out dims) of a configuration."""
+    """(d_qk, KV-cache bytes read per token, out dims) of a configuration.
+
+    bf16 caches: 2 bytes per cached element. FP8 (``fp8``): per KV head the d e4m3 bytes and a
+    4-byte scale per 128 of them, plus the bf16 RoPE row once per token."""
     layout, h_kv, dv, d_rope = cfg.get("layout", "inline"), cfg["h_kv"], cfg["dv"], cfg["d_rope"]
+    if cfg.get("fp8"):
+        if layout not in ("shared", "gta"):
+            raise ValueError(f"FP8 needs the RoPE key stored once (layout shared or gta), got {layout}")
+        row_bytes = dv + 4 * -(-dv // FP8_GROUP)  # e4m3 values + float32 scales of one KV head's row
+        return (dv + d_rope if layout == "shared" else dv), h_kv * row_bytes + d_rope * ELEMENT_BYTES, dv
     if layout == "inline":
-        return dv + d_rope, h_kv * (dv + d_rope), dv
+        return dv + d_rope, h_kv * (dv + d_rope) * ELEMENT_BYTES, dv
     if layout == "shared":
-        return dv + d_rope, h_kv * dv + d_rope, dv
+        return dv + d_rope, (h_kv * dv + d_rope) * ELEMENT_BYTES, dv
     if layout == "gta":
-        return dv, h_kv * dv + d_rope, dv
+        return dv, (h_kv * dv + d_rope) * ELEMENT_BYTES, dv
     if layout == "gqa":
-        return dv, h_kv * 2 * dv, dv
+        return dv, h_kv * 2 * dv * ELEMENT_BYTES, dv
     raise ValueError(layout)
 
 
@@ -69,16 +88,16 @@ def load_flashmla():
     return None
 
 
-def decode_call(cfg, q, kv, rope, block_table, seqlens, meta, splits, out, invariant=False):
-    """One flash_gla decode call for a configuration (causal when s_q > 1)."""
+def decode_call(cfg, q, kv, rope, block_table, seqlens, meta, splits, out, invariant=False, kv_scale=None):
+    """One flash_gla decode call for a configuration (causal when s_q > 1); ``kv_scale``: FP8 rows."""
     import flash_gla
 
     causal = q.shape[1] > 1
     if cfg.get("layout") == "gta":
         return flash_gla.gta_with_kvcache(q, kv, rope, block_table, seqlens, meta, splits, causal=causal, out=out,
-                                          enable_batch_invariant=invariant)
+                                          enable_batch_invariant=invariant, kv_scale=kv_scale)
     return flash_gla.gla_with_kvcache(q, kv, block_table, seqlens, cfg["dv"], meta, splits, causal=causal,
-                                      out=out, rope_cache=rope, enable_batch_invariant=invariant)
+                                      out=out, rope_cache=rope, enable_batch_invariant=invariant, kv_scale=kv_scale)
 
 
 def varlen_lengths(batch, mean, gen):
@@ -90,8 +109,23 @@ def varlen_lengths(batch, mean, gen):
     return lengths.int()
 
 
+def random_fp8_cache(num_pages, h_kv, dim, dtype, device, chunk_pages=1024):
+    """A random FP8 cache as write_kvcache quantises it (flash_gla.reference.quantize_kv_ref),
+    chunk by chunk: (kv_cache float8_e4m3fn, kv_scale float32)."""
+    from flash_gla.reference import quantize_kv_ref
+
+    kv = torch.empty(num_pages, PAGE, h_kv, dim, dtype=torch.float8_e4m3fn, device=device)
+    scale = torch.empty(num_pages, PAGE, h_kv, -(-dim // FP8_GROUP), dtype=torch.float32, device=device)
+    for start in range(0, num_pages, chunk_pages):
+        stop = min(num_pages, start + chunk_pages)
+        values, scales = quantize_kv_ref(torch.randn(stop - start, PAGE, h_kv, dim, dtype=dtype, device=device))
+        kv[start:stop].view(torch.uint8).copy_(values.view(torch.uint8))
+        scale[start:stop].copy_(scales)
+    return kv, scale
+
+
 def make_case(cfg, batch, lengths, s_q, dtype, copies, gen, device):
-    """Per copy (q, kv, rope or None); a shared block table and lengths."""
+    """Per copy (q, kv, rope or None, kv_scale or None: FP8 rows); a shared block table and lengths."""
     h_q, h_kv, dv, d_rope = cfg["h_q"], cfg["h_kv"], cfg["dv"], cfg["d_rope"]
     layout = cfg.get("layout", "inline")
     d_qk = head_dims(cfg)[0]
@@ -107,10 +141,14 @@ def make_case(cfg, batch, lengths, s_q, dtype, copies, gen, device):
         start += n
     cases = []
     for _ in range(copies):
-        kv = torch.randn(total_pages, PAGE, h_kv, kv_dim, dtype=dtype, device=device)
+        kv_scale = None
+        if cfg.get("fp8"):
+            kv, kv_scale = random_fp8_cache(total_pages, h_kv, kv_dim, dtype, device)
+        else:
+            kv = torch.randn(total_pages, PAGE, h_kv, kv_dim, dtype=dtype, device=device)
         q = torch.randn(batch, s_q, h_q, d_qk, dtype=dtype, device=device)
         rope = None if layout == "inline" else torch.randn(total_pages, PAGE, 1, d_rope, dtype=dtype, device=device)
-        cases.append((q, kv, rope))
+        cases.append((q, kv, rope, kv_scale))
     seqlens = lengths.to(device=device, dtype=torch.int32)
     return cases, block_table.to(device), seqlens
 
@@ -161,10 +199,10 @@ def bench_row(name, cfg, length, s_q, args, flashmla, gen):
         lengths = torch.full((batch,), length, dtype=torch.int32)
     h_q, h_kv, dv = cfg["h_q"], cfg["h_kv"], cfg["dv"]
     layout = cfg.get("layout", "inline")
-    d_qk, kv_per_token, d_out = head_dims(cfg)
+    d_qk, kv_bytes_per_token, d_out = head_dims(cfg)
     tokens = int(lengths.long().sum())
-    kv_bytes = tokens * kv_per_token * 2
-    io_bytes = batch * s_q * h_q * (d_qk + d_out) * 2
+    kv_bytes = tokens * kv_bytes_per_token
+    io_bytes = batch * s_q * h_q * (d_qk + d_out) * ELEMENT_BYTES
     flops = 2 * tokens * s_q * h_q * (d_qk + d_out)
     row = dict(config=name, length=int(length) if not cfg.get("varlen") else "varlen",
                s_q=s_q, batch=batch, roofline_us=(kv_bytes + io_bytes) / ROOF_GBPS / 1e3,
@@ -178,16 +216,17 @@ def bench_row(name, cfg, length, s_q, args, flashmla, gen):
     outs = [torch.empty(batch, s_q, h_q, d_out, dtype=dtype, device=device) for _ in cases]
 
     def ours():
-        for (q, kv, rope), o in zip(cases, outs):
-            decode_call(cfg, q, kv, rope, block_table, seqlens, meta, splits, o)
+        for (q, kv, rope, kv_scale), o in zip(cases, outs):
+            decode_call(cfg, q, kv, rope, block_table, seqlens, meta, splits, o, kv_scale=kv_scale)
 
     fns, twin_cases = [ours], None
     if args.batch_invariant:  # the same calls on the batch-invariant plan
         inv_meta, inv_splits = flash_gla.get_metadata(seqlens, s_q * h_q // h_kv, h_kv, enable_batch_invariant=True)
 
         def ours_invariant():
-            for (q, kv, rope), o in zip(cases, outs):
-                decode_call(cfg, q, kv, rope, block_table, seqlens, inv_meta, inv_splits, o, invariant=True)
+            for (q, kv, rope, kv_scale), o in zip(cases, outs):
+                decode_call(cfg, q, kv, rope, block_table, seqlens, inv_meta, inv_splits, o, invariant=True,
+                            kv_scale=kv_scale)
 
         fns.append(ours_invariant)
     if flashmla is not None and not args.no_flashmla and name in FLASHMLA_TWIN:
@@ -195,11 +234,11 @@ def bench_row(name, cfg, length, s_q, args, flashmla, gen):
         twin_cases, twin_table, twin_seqlens = make_case(twin, batch, lengths, s_q, dtype, copies, gen, device)
         get_meta, fmla = flashmla
         metas = [get_meta()[0] for _ in twin_cases]
-        for (q, kv, _), m in zip(twin_cases, metas):  # initialise the lazy schedulers outside the graph
+        for (q, kv, *_), m in zip(twin_cases, metas):  # initialise the lazy schedulers outside the graph
             fmla(q, kv, twin_table, twin_seqlens, 512, m, None, causal=s_q > 1)
 
         def theirs():
-            for (q, kv, _), m in zip(twin_cases, metas):
+            for (q, kv, *_), m in zip(twin_cases, metas):
                 fmla(q, kv, twin_table, twin_seqlens, 512, m, None, causal=s_q > 1)
 
         fns.append(theirs)
@@ -220,19 +259,19 @@ def bench_row(name, cfg, length, s_q, args, flashmla, gen):
 
 def fmt(row):
     if row.get("roofline_only"):
-        return (f"{row['config']:10s} {str(row['length']):>7s} {row['s_q']:3d} {row['batch']:4d} "
+        return (f"{row['config']:14s} {str(row['length']):>7s} {row['s_q']:3d} {row['batch']:4d} "
                 f"{'(roofline only: a perfect kernel)':>42s} {row['roofline_us']:9.1f}")
     fm = f"{row['flashmla_us']:9.1f}" if row["flashmla_us"] else "        -"
     sp = f"{row['speedup_vs_flashmla']:6.2f}x" if row["speedup_vs_flashmla"] else "      -"
     invariant = ""
     if row.get("invariant_us"):
         invariant = f" {row['invariant_us']:10.1f} {row['invariant_us'] / row['us']:6.2f}x"
-    return (f"{row['config']:10s} {str(row['length']):>7s} {row['s_q']:3d} {row['batch']:4d} "
+    return (f"{row['config']:14s} {str(row['length']):>7s} {row['s_q']:3d} {row['batch']:4d} "
             f"{row['us']:9.1f} {row['gbps']:8.0f} {row['tflops']:7.1f} {row['pct_roof']:6.1f}% "
             f"{row['roofline_us']:9.1f} {fm} {sp}{invariant}")
 
 
-HEADER = ("config      length s_q    b        us     GB/s  TFLOP/s  %roof   roof_us  flashmla   ratio")
+HEADER = ("config          length s_q    b        us     GB/s  TFLOP/s  %roof   roof_us  flashmla   ratio")
 
 
 def plot(rows, path):
@@ -284,10 +323,12 @@ def unavailable_reason():
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--configs", default="gla2,gla1,mla,mla64,varlen,gla2-rope1,gta8,gqa8")
+    ap.add_argument("--configs", default="gla2,gla1,mla,mla64,varlen,gla2-rope1,gta8,gqa8,gla2-rope1-fp8,gta8-fp8",
+                    help=f"comma-separated configurations, of: {', '.join(CONFIGS)} (--list describes them)")
+    ap.add_argument("--list", action="store_true", help="list the configurations and exit")
     ap.add_argument("--lengths", default="1024,4096,16384,32768")
     ap.add_argument("--sq", default="1,2,4")
-    ap.add_argument("--sq8-configs", default="gla2,gla2-rope1,gta8",
+    ap.add_argument("--sq8-configs", default="gla2,gla2-rope1,gta8,gla2-rope1-fp8,gta8-fp8",
                     help="configurations that also get s_q 8 rows (multi-token prediction); '' for none")
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--iters", type=int, default=100)
@@ -296,6 +337,15 @@ def main():
                     help="also time each row on the batch-invariant plan (columns: its µs, its cost vs the default)")
     ap.add_argument("--out", default=None, help="folder for bench.json and bench.png")
     args = ap.parse_args()
+    if args.list:
+        for name, cfg in CONFIGS.items():
+            d_qk, kv_bytes_per_token, _ = head_dims(cfg)
+            shape = ", ".join(f"{k}={v}" for k, v in cfg.items())
+            print(f"{name:15s} {shape}  (d_qk {d_qk}, {kv_bytes_per_token} KV bytes per token)")
+        return 0
+    unknown = [name for name in args.configs.split(",") + args.sq8_configs.split(",") if name and name not in CONFIGS]
+    if unknown:
+        ap.error(f"unknown configuration(s) {', '.join(unknown)}; known: {', '.join(CONFIGS)}")
     # A machine that cannot run the kernels gets one line saying why, not a traceback.
     reason = unavailable_reason()
     if reason is not None:

@@ -72,11 +72,11 @@ def lengths_sets(batch: int, seed: int = 0) -> dict[str, torch.Tensor]:
 def decode_step(name, cfg, case, s_q, layers, flashmla):
     """The step to capture: planning once, then per layer the cache write and the attention.
 
-    ``case``: bench_decode.make_case's ([(q, kv_cache, rope_cache or None)], block_table,
-    cache_seqlens); the lengths count the step's new tokens, the last s_q of each request."""
+    ``case``: bench_decode.make_case's ([(q, kv_cache, rope_cache or None, kv_scale None)],
+    block_table, cache_seqlens); the lengths count the step's new tokens, the last s_q of each request."""
     import flash_gla
 
-    [(q, kv_cache, rope_cache)], block_table, seqlens = case
+    [(q, kv_cache, rope_cache, _)], block_table, seqlens = case
     batch, h_q, h_kv, dv = q.shape[0], cfg["h_q"], cfg["h_kv"], cfg["dv"]
     positions = seqlens[:, None].long() - s_q + torch.arange(s_q, device=q.device)
     slots = (block_table.gather(1, positions // PAGE).long() * PAGE + positions % PAGE).flatten()
@@ -106,8 +106,8 @@ def decode_step(name, cfg, case, s_q, layers, flashmla):
 
 
 def cache_gb(case) -> float:
-    [(_, kv_cache, rope_cache)], _, _ = case
-    return sum(t.numel() * t.element_size() for t in (kv_cache, rope_cache) if t is not None) / 1e9
+    [(_, kv_cache, rope_cache, kv_scale)], _, _ = case
+    return sum(t.numel() * t.element_size() for t in (kv_cache, rope_cache, kv_scale) if t is not None) / 1e9
 
 
 def bench(lengths, s_q, names, args, flashmla, gen):

@@ -25,10 +25,10 @@ def profile_case(name, length, s_q, batch, iters, gen, plain=False):
     batch = cfg.get("batch", batch)
     lengths = varlen_lengths(batch, 8192, gen) if cfg.get("varlen") else torch.full((batch,), length, dtype=torch.int32)
     cases, table, seqlens = make_case(cfg, batch, lengths, s_q, torch.bfloat16, 1, gen, "cuda")
-    q, kv, rope = cases[0]
+    q, kv, rope, kv_scale = cases[0]
     meta, splits = flash_gla.get_metadata(seqlens, s_q * cfg["h_q"] // cfg["h_kv"], cfg["h_kv"])
     out = torch.empty(batch, s_q, cfg["h_q"], cfg["dv"], dtype=q.dtype, device="cuda")
-    call = lambda: decode_call(cfg, q, kv, rope, table, seqlens, meta, splits, out)  # noqa: E731
+    call = lambda: decode_call(cfg, q, kv, rope, table, seqlens, meta, splits, out, kv_scale=kv_scale)  # noqa: E731
     flash_gla.ops.CHECK_LENGTHS = False  # no host sync inside the profiled region
     for _ in range(3):
         call()
