@@ -31,9 +31,10 @@ int device_num_sms(int device) {
 const DecodeInstance& find_instance(const DecodeParams& params, DType dtype) {
   const int d_nope = params.head_dim_qk - params.head_dim_rope;
   const bool shared_rope = params.rope != nullptr;
+  const bool kv_fp8 = params.kv_scale != nullptr;
   auto same_variant = [&](const DecodeInstance& inst) {
     return inst.dtype == dtype && inst.head_dim_v == params.head_dim_v && inst.head_dim_nope == d_nope &&
-           inst.head_dim_rope == params.head_dim_rope && inst.shared_rope == shared_rope;
+           inst.head_dim_rope == params.head_dim_rope && inst.shared_rope == shared_rope && inst.kv_fp8 == kv_fp8;
   };
   int max_row_warpgroups = 0;
   for (const DecodeInstance& inst : kDecodeInstances) {
@@ -46,7 +47,7 @@ const DecodeInstance& find_instance(const DecodeParams& params, DType dtype) {
   }
   STD_TORCH_CHECK(found != nullptr, "flash_gla: no compiled decode kernel for head_dim_v=",
                     params.head_dim_v, ", d_nope=", d_nope, ", d_rope=", params.head_dim_rope,
-                    shared_rope ? " (shared rope cache)" : " (inline RoPE)");
+                    shared_rope ? " (shared rope cache)" : " (inline RoPE)", kv_fp8 ? ", FP8 cache" : "");
   return *found;
 }
 
@@ -76,7 +77,8 @@ std::tuple<Tensor, Tensor> get_metadata(const Tensor& cache_seqlens, int64_t num
 Tensor decode(const Tensor& q, const Tensor& kv_cache, const std::optional<Tensor>& rope_cache,
               const Tensor& block_table, const Tensor& cache_seqlens, int64_t head_dim_v,
               const Tensor& tile_scheduler_metadata, const Tensor& num_splits, double softmax_scale,
-              bool causal, const Tensor& out, const std::optional<Tensor>& attn_sink, bool batch_invariant) {
+              bool causal, const Tensor& out, const std::optional<Tensor>& attn_sink, bool batch_invariant,
+              const std::optional<Tensor>& kv_scale) {
   STD_TORCH_CHECK(q.is_cuda() && q.dim() == 4 && q.stride(3) == 1 && kv_cache.dim() == 4 && kv_cache.stride(3) == 1,
                   "flash_gla: q and kv_cache must be 4-d CUDA tensors with a contiguous last dim");
   STD_TORCH_CHECK(!attn_sink.has_value() ||
@@ -89,6 +91,17 @@ Tensor decode(const Tensor& q, const Tensor& kv_cache, const std::optional<Tenso
   STD_TORCH_CHECK(out.dim() == 4 && out.scalar_type() == q.scalar_type() && out.size(3) == head_dim_v &&
                       out.stride(3) == 1,
                   "flash_gla: out must be (b, s_q, h_q, head_dim_v) of q's dtype, last dim contiguous");
+  // An e4m3 cache comes with its scales and keeps its RoPE keys in the rope cache.
+  const bool kv_fp8 = kv_cache.scalar_type() == ScalarType::Float8_e4m3fn;
+  STD_TORCH_CHECK(kv_fp8 ? kv_scale.has_value() && rope_cache.has_value() : !kv_scale.has_value(),
+                  "flash_gla: a float8_e4m3fn kv_cache needs kv_scale and rope_cache; another kv_cache takes no kv_scale");
+  STD_TORCH_CHECK(kv_fp8 || kv_cache.scalar_type() == q.scalar_type(), "flash_gla: kv_cache must have q's dtype or be float8_e4m3fn");
+  if (kv_scale.has_value()) {
+    STD_TORCH_CHECK(kv_scale->is_cuda() && kv_scale->scalar_type() == ScalarType::Float && kv_scale->dim() == 4 &&
+                        kv_scale->size(0) == kv_cache.size(0) && kv_scale->size(1) == kv_cache.size(1) &&
+                        kv_scale->size(2) == kv_cache.size(2) && kv_scale->size(3) == (kv_cache.size(3) + 127) / 128,
+                    "flash_gla: kv_scale must be a float32 CUDA tensor (num_blocks, 64, h_kv, ceil(d / 128))");
+  }
   const int32_t device = q.get_device_index();
   const DeviceGuard guard(device);
   const auto batch = q.size(0), seqlen_q = q.size(1), heads_q = q.size(2), dim_qk = q.size(3);
@@ -141,6 +154,13 @@ Tensor decode(const Tensor& q, const Tensor& kv_cache, const std::optional<Tenso
   p.kv_page_stride = kv_cache.stride(0);
   p.kv_token_stride = kv_cache.stride(1);
   p.kv_head_stride = kv_cache.stride(2);
+  if (kv_scale.has_value()) {
+    p.kv_scale = kv_scale->const_data_ptr<float>();
+    p.kv_scale_page_stride = kv_scale->stride(0);
+    p.kv_scale_token_stride = kv_scale->stride(1);
+    p.kv_scale_head_stride = kv_scale->stride(2);
+    p.kv_scale_group_stride = kv_scale->stride(3);
+  }
   if (rope_cache.has_value()) {
     p.rope = rope_cache->const_data_ptr();
     p.rope_page_stride = rope_cache->stride(0);

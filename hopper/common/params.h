@@ -79,6 +79,9 @@ struct DecodeParams {
   int64_t q_batch_stride, q_seq_stride, q_head_stride;
   const void* kv;         // (num_pages, 64, h_kv, kv_width), last dim contiguous
   int64_t kv_page_stride, kv_token_stride, kv_head_stride;
+  // e4m3 caches: kv's value i of a row is kv[i] * kv_scale[i / 128] (else kv_scale is null).
+  const float* kv_scale;  // (num_pages, 64, h_kv, ceil(kv_width / 128)), any strides
+  int64_t kv_scale_page_stride, kv_scale_token_stride, kv_scale_head_stride, kv_scale_group_stride;
   const void* rope;       // (num_pages, 64, 1, d_rope) shared RoPE keys, or null when inline
   int64_t rope_page_stride, rope_token_stride;
   const int* block_table; // (b, max_pages_per_seq)

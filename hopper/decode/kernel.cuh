@@ -24,11 +24,18 @@
 
 #include "common/params.h"
 #include "decode/consumer.cuh"
+#include "decode/dequant.cuh"
 #include "decode/producer.cuh"
 #include "decode/roles.cuh"
 #include "decode/traits.h"
 
 namespace flash_gla::hopper {
+
+// Registers per thread of each role with two consumer warpgroups (setmaxnreg).
+template <class Traits>
+constexpr uint32_t kProducerRegs = Traits::kFP8 ? 40 : 24;
+template <class Traits>
+constexpr uint32_t kConsumerRegs = Traits::kFP8 ? 232 : 240;
 
 template <class Traits>
 __global__ void __launch_bounds__(Traits::kNumThreads, 1)
@@ -46,7 +53,10 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
   const bool is_producer_leader = threadIdx.x == Traits::kNumConsumerThreads;
 
   typename Pipeline::Params pipeline_params;
-  pipeline_params.transaction_bytes = Traits::kStageBytes;
+  pipeline_params.transaction_bytes = Traits::kStageTmaBytes;
+  // FP8: a stage is full once its RoPE rows landed and the dequantising threads are done, two
+  // arrivals of the leader (dequant.cuh).
+  pipeline_params.num_producers = Traits::kFP8 ? 2 : 1;
   pipeline_params.role = is_producer ? Pipeline::ThreadCategory::Producer
                                      : Pipeline::ThreadCategory::Consumer;
   pipeline_params.is_leader = is_producer_leader;
@@ -55,19 +65,30 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
   if (is_producer_leader) {
     cute::prefetch_tma_descriptor(tma_kv.get_tma_descriptor());
     if constexpr (Traits::kSharedRope) { cute::prefetch_tma_descriptor(tma_rope.get_tma_descriptor()); }
+    if constexpr (Traits::kFP8) {
+      for (int slot = 0; slot < Traits::kRawStages; ++slot) {
+        cutlass::arch::ClusterTransactionBarrier::init(&smem.raw.full[slot], 1);
+      }
+      cutlass::arch::fence_barrier_init();
+    }
   }
   __syncthreads();  // barrier initialisation is visible to every role
 
   if (is_producer) {
-    // The producer needs few registers; give them to the consumers' accumulators
-    // (2 x 128 x 240 + 128 x 24 = 64,512 of the 65,536).
-    if constexpr (Traits::kNumConsumerWGs > 1) { cutlass::arch::warpgroup_reg_dealloc<24>(); }
+    // The producer needs few registers (more when it dequantises); give them to the consumers'
+    // accumulators (2 x 128 x 240 + 128 x 24 = 64,512 of the 65,536; FP8: 232 and 40).
+    if constexpr (Traits::kNumConsumerWGs > 1) { cutlass::arch::warpgroup_reg_dealloc<kProducerRegs<Traits>>(); }
     if (threadIdx.x < Traits::kNumConsumerThreads + 32) {  // the producer's first warp
       consumer_sync(Traits::kNumConsumerThreads + 32, ConsumerBarrier::kQIssued);
     }
-    if (is_producer_leader) { Producer<Traits>::run(params, tma_kv, tma_rope, smem, pipeline, kv_head); }
+    if constexpr (Traits::kFP8) {
+      DequantProducer<Traits>::run(params, tma_kv, tma_rope, smem, pipeline, kv_head,
+                                   threadIdx.x - Traits::kNumConsumerThreads);
+    } else if (is_producer_leader) {
+      Producer<Traits>::run(params, tma_kv, tma_rope, smem, pipeline, kv_head);
+    }
   } else {
-    if constexpr (Traits::kNumConsumerWGs > 1) { cutlass::arch::warpgroup_reg_alloc<240>(); }
+    if constexpr (Traits::kNumConsumerWGs > 1) { cutlass::arch::warpgroup_reg_alloc<kConsumerRegs<Traits>>(); }
     Consumer<Traits>::run(params, smem, pipeline, kv_head, m_block, threadIdx.x);
   }
 #endif

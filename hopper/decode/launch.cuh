@@ -15,17 +15,18 @@
 namespace flash_gla::hopper {
 
 template <DType kDType, int kHeadDimV, int kHeadDimNope, int kHeadDimRope, RopeCache kRope,
-          int kRowWGs>
+          int kRowWGs, KVCache kCache>
 void run_decode(const DecodeParams& p, cudaStream_t stream) {
-  using Traits = DecodeTraits<kDType, kHeadDimV, kHeadDimNope, kHeadDimRope, kRope, kRowWGs>;
+  using Traits = DecodeTraits<kDType, kHeadDimV, kHeadDimNope, kHeadDimRope, kRope, kRowWGs, kCache>;
   using Element = typename Traits::Element;
+  using CacheElement = typename Traits::CacheElement;
 
   // (token in page, dim, kv head, page): the TMA box is one page of one KV head.
   auto kv_layout = make_layout(
       make_shape(Int<Traits::kBlockN>{}, Int<Traits::kKVWidth>{}, p.num_heads_kv, p.num_pages),
       make_stride(p.kv_token_stride, _1{}, p.kv_head_stride, p.kv_page_stride));
-  Tensor kv = make_tensor(make_gmem_ptr(static_cast<Element const*>(p.kv)), kv_layout);
-  typename Traits::TmaKV tma_kv = make_tma_copy(SM90_TMA_LOAD{}, kv, typename Traits::SmemLayoutPage{});
+  Tensor kv = make_tensor(make_gmem_ptr(static_cast<CacheElement const*>(p.kv)), kv_layout);
+  typename Traits::TmaKV tma_kv = make_tma_copy(SM90_TMA_LOAD{}, kv, typename Traits::SmemLayoutCachePage{});
   // (token in page, dim, page) of the shared rope cache. Inline RoPE needs no descriptor: the
   // kernel never touches it, so a default one is passed and no encoding is paid per call.
   typename Traits::TmaRope tma_rope{};

@@ -12,11 +12,15 @@ namespace flash_gla::hopper {
 // per token in a separate rope cache shared by all KV heads (GLA with shared RoPE, GTA).
 enum class RopeCache { kInline, kShared };
 
+// What the KV cache holds: q's dtype, or e4m3 values with a float32 scale per 128 of them
+// (params.kv_scale), which the kernel dequantises to q's dtype in shared memory.
+enum class KVCache { kSameAsQ, kE4M3 };
+
 // Launches the decode kernel for params.batch requests on `stream`; throws on launch failure.
 // The key is [row[:kHeadDimNope], RoPE (kHeadDimRope)], the value row[:kHeadDimV].
 // kRowWGs: consumer warpgroups stacked along the packed query rows (64 rows each).
 template <DType kDType, int kHeadDimV, int kHeadDimNope, int kHeadDimRope, RopeCache kRope,
-          int kRowWGs>
+          int kRowWGs, KVCache kCache>
 void run_decode(const DecodeParams& params, cudaStream_t stream);
 
 }  // namespace flash_gla::hopper

@@ -82,4 +82,54 @@ struct PartSchedule {
   }
 };
 
+// A CTA's pages in the order its consumers walk them (parts blockIdx.z, + gridDim.z, ...; their
+// pieces; their pages), for a producer that must run ahead of the consumers across pieces.
+struct PageWalk {
+  int part, idx, page, page_end;
+  const int* pages;  // the block-table row of the current piece's request
+  bool done;
+
+  __device__ void begin(const DecodeParams& p) {
+    part = blockIdx.z;
+    idx = -1;
+    enter_part(p);
+  }
+  __device__ int physical_page(const DecodeParams&) const { return pages[page]; }
+  __device__ void next(const DecodeParams& p) {
+    if (++page < page_end) { return; }
+    if (!next_piece(p)) {
+      part += gridDim.z;
+      enter_part(p);
+    }
+  }
+
+ private:
+  // The first part from `part` on with a non-empty piece.
+  __device__ void enter_part(const DecodeParams& p) {
+    for (; part < p.num_parts; part += gridDim.z) {
+      idx = PartSchedule::load(p, part).begin_batch - 1;
+      if (next_piece(p)) {
+        done = false;
+        return;
+      }
+    }
+    done = true;
+  }
+  // Moves to the part's next non-empty piece after idx; false past its last.
+  __device__ bool next_piece(const DecodeParams& p) {
+    const PartSchedule sched = PartSchedule::load(p, part);
+    for (++idx; idx <= sched.end_batch; ++idx) {
+      const int batch = PartSchedule::request_of(p, idx);
+      const WorkPiece w = sched.piece(p, idx, batch);
+      if (w.page_begin < w.page_end) {
+        page = w.page_begin;
+        page_end = w.page_end;
+        pages = p.block_table + batch * p.block_table_batch_stride;
+        return true;
+      }
+    }
+    return false;
+  }
+};
+
 }  // namespace flash_gla::hopper

@@ -44,9 +44,14 @@ constexpr auto k_major_atom() {
 }
 
 template <DType kDType_, int kHeadDimV_, int kHeadDimNope_, int kHeadDimRope_, RopeCache kRope_,
-          int kRowWGs_ = 1>
+          int kRowWGs_ = 1, KVCache kCache_ = KVCache::kSameAsQ>
 struct DecodeTraits {
   using Element = typename ElementOf<kDType_>::type;
+  // An e4m3 cache is TMA-loaded as is into a ring of raw stages and dequantised by the
+  // producer warpgroup into the Element stages the consumers read (dequant.cuh): everything
+  // downstream of the Element stages is the same kernel.
+  static constexpr bool kFP8 = kCache_ == KVCache::kE4M3;
+  using CacheElement = std::conditional_t<kFP8, cutlass::float_e4m3_t, Element>;
   static constexpr DType kDType = kDType_;
   static constexpr int kHeadDimV = kHeadDimV_;
   static constexpr int kHeadDimNope = kHeadDimNope_;
@@ -56,6 +61,7 @@ struct DecodeTraits {
   // Elements per cached row of one KV head: V, then (inline) the RoPE dims.
   static constexpr int kKVWidth = kSharedRope ? kHeadDimV : kHeadDimV + kHeadDimRope;
   static_assert(kSharedRope || kHeadDimNope == kHeadDimV, "inline RoPE follows all of V");
+  static_assert(!kFP8 || kSharedRope, "an FP8 cache keeps its RoPE keys in q's dtype, in the rope cache");
   static_assert(kHeadDimNope <= kHeadDimV, "the key's latent part is a prefix of the row");
   static_assert(kHeadDimNope % 16 == 0 && kHeadDimRope % 16 == 0, "wgmma k-blocks are 16 wide");
   // k-blocks (16 dims) of S = Q K^T: the latent part from the KV page, then the RoPE part,
@@ -125,14 +131,28 @@ struct DecodeTraits {
   static constexpr int kQBytes = kBlockM * kQSmemCols * sizeof(Element);
   static constexpr int kPageBytes = kBlockN * kKVWidth * sizeof(Element);
   static constexpr int kRopePageBytes = kSharedRope ? kBlockN * kHeadDimRope * sizeof(Element) : 0;
-  static constexpr int kStageBytes = kPageBytes + kRopePageBytes;  // what one stage's TMA brings
+  static constexpr int kStageBytes = kPageBytes + kRopePageBytes;  // one Element stage
   static constexpr int kPBytes = kSplitScores ? kWGRows * kBlockN * sizeof(Element) : 0;
   static constexpr int kBarrierBytes = 2048;  // pipeline barriers + row-statistics exchange
+
+  // FP8: a raw stage is one e4m3 page plus each producer thread's copy of its token's scales
+  // (128 threads x ceil(kv_width / 128) floats; a thread reads only what it copied itself).
+  static constexpr int kNumProducerThreads = 128;
+  static constexpr int kScaleGroups = (kKVWidth + 127) / 128;
+  static constexpr int kRawPageBytes = kFP8 ? kBlockN * kKVWidth : 0;
+  static constexpr int kRawStageBytes = kFP8 ? kRawPageBytes + kNumProducerThreads * kScaleGroups * 4 : 0;
+  // Bytes that one Element stage's TMA brings: the page and its RoPE rows, or (FP8) only the
+  // RoPE rows, the page itself being written by the dequantising threads.
+  static constexpr int kStageTmaBytes = kFP8 ? kRopePageBytes : kStageBytes;
+
   // As many pages in flight as fit: 2 for MLA (576-wide rows), 4 for GLA (320-wide), capped
-  // at 8 for the narrow GTA pages.
-  static constexpr int kStages = cute::min(
-      8, (kSmemBudgetBytes - kQBytes - kPBytes - kBarrierBytes) / kStageBytes);
+  // at 8 for the narrow GTA pages. FP8 keeps as many Element stages as the consumers hold at
+  // once plus one being converted, and gives the rest to raw pages in flight.
+  static constexpr int kSmemForStages = kSmemBudgetBytes - kQBytes - kPBytes - kBarrierBytes;
+  static constexpr int kStages = kFP8 ? (kOverlapPV ? 3 : 2) : cute::min(8, kSmemForStages / kStageBytes);
+  static constexpr int kRawStages = kFP8 ? cute::min(8, (kSmemForStages - kStages * kStageBytes) / kRawStageBytes) : 1;
   static_assert(kStages >= 2, "shared memory must hold Q and at least two KV pages");
+  static_assert(!kFP8 || kRawStages >= 2, "FP8: at least two raw pages in flight");
 
   using SmemLayoutK = decltype(tile_to_shape(SmemLayoutAtomK{},
                                              Shape<Int<kBlockN>, Int<kKVWidth>, Int<kStages>>{}));
@@ -162,6 +182,14 @@ struct DecodeTraits {
 
   using Pipeline = cutlass::PipelineTmaAsync<kStages>;
 
+  // FP8 raw stages: (tokens, kv_width, raw stage) e4m3, K-major and swizzled like the Element
+  // tiles, so that a thread's 16-byte reads of 8 tokens hit 8 different bank groups.
+  using SmemLayoutRawPage = decltype(tile_to_shape(k_major_atom<CacheElement, kKVWidth>(),
+                                                   Shape<Int<kBlockN>, Int<kKVWidth>>{}));
+  using SmemLayoutRaw = decltype(tile_to_shape(k_major_atom<CacheElement, kKVWidth>(),
+                                               Shape<Int<kBlockN>, Int<kKVWidth>, Int<kRawStages>>{}));
+  using SmemLayoutCachePage = std::conditional_t<kFP8, SmemLayoutRawPage, SmemLayoutPage>;
+
   // Global view of the paged cache that the TMA descriptor is built from:
   // (token in page, dim, kv head, page) with the dim contiguous.
   using GmemShapeKV = Shape<Int<kBlockN>, Int<kKVWidth>, int32_t, int32_t>;
@@ -169,8 +197,8 @@ struct DecodeTraits {
   using GmemLayoutKV = Layout<GmemShapeKV, GmemStrideKV>;
   using TmaKV = decltype(make_tma_copy(
       SM90_TMA_LOAD{},
-      make_tensor(make_gmem_ptr(static_cast<Element const*>(nullptr)), GmemLayoutKV{}),
-      SmemLayoutPage{}));
+      make_tensor(make_gmem_ptr(static_cast<CacheElement const*>(nullptr)), GmemLayoutKV{}),
+      SmemLayoutCachePage{}));
   // The rope cache: (token in page, dim, page), one row per token for all KV heads.
   using GmemShapeRope = Shape<Int<kBlockN>, Int<kHeadDimRope>, int32_t>;
   using GmemStrideRope = Stride<int64_t, _1, int64_t>;
@@ -179,6 +207,15 @@ struct DecodeTraits {
       make_tensor(make_gmem_ptr(static_cast<Element const*>(nullptr)),
                   Layout<GmemShapeRope, GmemStrideRope>{}),
       SmemLayoutRopePage{}));
+
+  // FP8's raw stages (dequant.cuh); other instances hold an empty struct in their place.
+  struct RawRing {
+    alignas(1024) cute::array_aligned<CacheElement, cute::cosize_v<SmemLayoutRaw>> pages;
+    float scale[kRawStages][kNumProducerThreads][kScaleGroups];  // each thread's own copies
+    uint64_t full[kRawStages];         // a raw stage's TMA has landed
+    int physical_page[kRawStages];     // the page in each raw stage (the leader's note)
+  };
+  struct NoRawRing {};
 
   struct SharedStorage {
     alignas(1024) cute::array_aligned<Element, cute::cosize_v<SmemLayoutQ>> q;
@@ -189,6 +226,7 @@ struct DecodeTraits {
     float row_max[kNumColWGs][kWGRows];
     float row_sum[kNumColWGs][kWGRows];
     typename Pipeline::SharedStorage pipeline;
+    std::conditional_t<kFP8, RawRing, NoRawRing> raw;
   };
   static_assert(sizeof(SharedStorage) <= kSmemBudgetBytes, "shared memory budget of sm_90");
 };

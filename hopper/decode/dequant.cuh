@@ -1,0 +1,177 @@
+// The producer role of an FP8 (e4m3) cache: the whole producer warpgroup turns each e4m3 page
+// into the Element stage that the consumers read, so that the consumers (and everything after
+// them) are exactly those of a cache in q's dtype.
+//
+// Two rings in shared memory (traits.h):
+//   raw stages   e4m3 pages, TMA-loaded kRawStages - 1 pages ahead of the page being converted,
+//                plus each thread's cp.async copy of its token's scales; only this warpgroup
+//                reads them, so a raw stage is free as soon as the warpgroup has converted it.
+//   Element stages  the pipeline of the unquantised kernel. Its full barrier counts two
+//                arrivals: the leader's when it acquires the stage and expects the RoPE rows'
+//                TMA bytes, and the leader's again once every thread has written its share of
+//                the converted page.
+// Per page a thread converts one token's 16-value chunks c = parity, parity + 2, ... (thread t
+// of the warpgroup: token t % 64, parity t / 64): each chunk is one 16-byte shared-memory read
+// and two 16-byte writes, and the 8 threads of a quarter-warp touch 8 tokens of one swizzle
+// atom, so neither side has bank conflicts.
+#pragma once
+
+#include <cuda_fp8.h>
+#include <cute/tensor.hpp>
+#include <cutlass/arch/barrier.h>
+#include <cutlass/pipeline/sm90_pipeline.hpp>
+
+#include "common/params.h"
+#include "decode/roles.cuh"
+#include "decode/schedule.cuh"
+#include "decode/traits.h"
+
+namespace flash_gla::hopper {
+
+using namespace cute;
+
+// Four e4m3 values (one 32-bit word) times `scale`, rounded to two pairs of Element.
+template <class Element>
+__device__ __forceinline__ void dequantise4(uint32_t word, float scale, uint32_t& lo, uint32_t& hi) {
+  auto pair = [&](uint16_t bits) -> uint32_t {
+    const __half2_raw h = __nv_cvt_fp8x2_to_halfraw2(static_cast<__nv_fp8x2_storage_t>(bits), __NV_E4M3);
+    float2 f = __half22float2(*reinterpret_cast<const __half2*>(&h));
+    f.x *= scale;
+    f.y *= scale;
+    if constexpr (std::is_same_v<Element, cutlass::bfloat16_t>) {
+      const __nv_bfloat162 b = __float22bfloat162_rn(f);
+      return *reinterpret_cast<const uint32_t*>(&b);
+    } else {
+      const __half2 b = __float22half2_rn(f);
+      return *reinterpret_cast<const uint32_t*>(&b);
+    }
+  };
+  lo = pair(static_cast<uint16_t>(word & 0xffffu));
+  hi = pair(static_cast<uint16_t>(word >> 16));
+}
+
+__device__ __forceinline__ void store_shared(uint32_t address, uint32_t const (&v)[4]) {
+  asm volatile("st.shared.v4.b32 [%0], {%1, %2, %3, %4};\n" ::"r"(address), "r"(v[0]), "r"(v[1]), "r"(v[2]),
+               "r"(v[3]) : "memory");
+}
+
+template <class Traits>
+struct DequantProducer {
+  using Element = typename Traits::Element;
+  using Pipeline = typename Traits::Pipeline;
+  static constexpr int kBlockN = Traits::kBlockN;
+  static constexpr int kRawStages = Traits::kRawStages;
+  static constexpr int kThreads = Traits::kNumProducerThreads;
+  static constexpr int kGroups = Traits::kScaleGroups;
+  static constexpr int kChunksPerRow = Traits::kKVWidth / 16;  // 16 e4m3 values per chunk
+  static_assert(kThreads == 2 * kBlockN, "two threads per token");
+  static_assert(kChunksPerRow % 2 == 0, "each of a token's two threads takes every other chunk");
+
+  // ptid: thread index within the producer warpgroup (0 is the leader, which issues the TMAs).
+  static __device__ void run(const DecodeParams& p, const typename Traits::TmaKV& tma_kv,
+                             const typename Traits::TmaRope& tma_rope,
+                             typename Traits::SharedStorage& smem, Pipeline& pipeline, int kv_head,
+                             int ptid) {
+    const bool leader = ptid == 0;
+    using RawBarrier = cutlass::arch::ClusterTransactionBarrier;
+    Tensor mKV = tma_kv.get_tma_tensor(
+        make_shape(Int<kBlockN>{}, Int<Traits::kKVWidth>{}, p.num_heads_kv, p.num_pages));
+    Tensor sRaw = make_tensor(make_smem_ptr(smem.raw.pages.data()), typename Traits::SmemLayoutRaw{});
+    auto [tKgK, tKsK] = tma_partition(tma_kv, Int<0>{}, Layout<_1>{},
+                                      group_modes<0, 2>(sRaw), group_modes<0, 2>(mKV(_, _, kv_head, _)));
+    Tensor mR = tma_rope.get_tma_tensor(
+        make_shape(Int<kBlockN>{}, Int<Traits::kHeadDimRope>{}, p.num_pages));
+    Tensor sR = make_tensor(make_smem_ptr(smem.rope.data()), typename Traits::SmemLayoutRope{});
+    auto [tRgR, tRsR] = tma_partition(tma_rope, Int<0>{}, Layout<_1>{},
+                                      group_modes<0, 2>(sR), group_modes<0, 2>(mR));
+    Tensor sK = make_tensor(make_smem_ptr(smem.kv.data()), typename Traits::SmemLayoutK{});
+
+    const int token = ptid % kBlockN;
+    const int parity = ptid / kBlockN;
+    const float* scale_row = p.kv_scale + token * p.kv_scale_token_stride + kv_head * p.kv_scale_head_stride;
+
+    // Loads page `walk` into raw stage `slot`: the leader's TMA of the e4m3 page, and every
+    // thread's copy of its token's scales (one cp.async group per page, even when empty, so
+    // that the group count says which page's scales have landed).
+    PageWalk walk;
+    walk.begin(p);
+    auto fetch = [&](int slot) {
+      if (!walk.done) {
+        const int physical_page = walk.physical_page(p);
+        if (leader) {
+          smem.raw.physical_page[slot] = physical_page;  // for the RoPE rows' TMA at conversion
+          auto& full = reinterpret_cast<RawBarrier&>(smem.raw.full[slot]);
+          full.arrive_and_expect_tx(Traits::kRawPageBytes);
+          copy(tma_kv.with(smem.raw.full[slot]), tKgK(_, physical_page), tKsK(_, slot));
+        }
+        const float* src = scale_row + physical_page * p.kv_scale_page_stride;
+        CUTLASS_PRAGMA_UNROLL
+        for (int g = 0; g < kGroups; ++g) {
+          const uint32_t dst = cute::cast_smem_ptr_to_uint(&smem.raw.scale[slot][ptid][g]);
+          asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(dst),
+                       "l"(src + g * p.kv_scale_group_stride));
+        }
+        walk.next(p);
+      }
+      asm volatile("cp.async.commit_group;\n" ::: "memory");
+    };
+
+    int fetched = 0;
+    for (int slot = 0; slot < kRawStages; ++slot) {
+      fetched += walk.done ? 0 : 1;
+      fetch(slot);
+    }
+    auto state = cutlass::make_producer_start_state<Pipeline>();
+    for (int n = 0; n < fetched; ++n) {
+      const int slot = n % kRawStages;
+      // The leader claims the Element stage first and starts its RoPE rows' TMA, so that they
+      // travel while the page is converted; every thread waits for the stage to be free.
+      pipeline.producer_acquire(state);
+      auto* stage_full = pipeline.producer_get_barrier(state);
+      if (leader) {
+        copy(tma_rope.with(*stage_full), tRgR(_, smem.raw.physical_page[slot]), tRsR(_, state.index()));
+      }
+      reinterpret_cast<RawBarrier&>(smem.raw.full[slot]).wait((n / kRawStages) % 2);
+      asm volatile("cp.async.wait_group %0;\n" ::"n"(kRawStages - 1) : "memory");
+      convert_page(smem, sRaw, sK, slot, state.index(), token, parity, ptid);
+      cutlass::arch::fence_view_async_shared();  // written by threads, read by wgmma
+      cutlass::arch::NamedBarrier::sync(kThreads, static_cast<int>(ConsumerBarrier::kPageDequantised));
+      if (leader) { cutlass::arch::ClusterBarrier::arrive(stage_full); }  // the stage's second arrival: the page is in
+      ++state;
+      // Every thread is done reading raw stage `slot`: refill it kRawStages pages ahead.
+      fetched += walk.done ? 0 : 1;
+      fetch(slot);
+    }
+  }
+
+  // One thread's share of a page: e4m3 chunks of its token -> Element, times their scales.
+  template <class TensorRaw, class TensorK>
+  static __device__ void convert_page(typename Traits::SharedStorage& smem, TensorRaw& sRaw,
+                                      TensorK& sK, int slot, int stage, int token, int parity,
+                                      int ptid) {
+    // A thread's chunks of one 128-value scale group: 8 chunks per group, every other one.
+    constexpr int kChunksPerGroup = cute::min(4, kChunksPerRow / 2);
+    CUTLASS_PRAGMA_UNROLL
+    for (int g = 0; g < kGroups; ++g) {
+      const float s = smem.raw.scale[slot][ptid][g];
+      // With two consumer warpgroups the producer has 40 registers: a rolled loop keeps the
+      // chunk addresses from being hoisted into registers.
+#pragma unroll(Traits::kNumConsumerWGs > 1 ? 1 : kChunksPerGroup)
+      for (int i = 0; i < kChunksPerGroup; ++i) {
+        const int col = (parity + 2 * (g * kChunksPerGroup + i)) * 16;
+        uint32_t raw[4], lo[4], hi[4];
+        asm volatile("ld.shared.v4.b32 {%0, %1, %2, %3}, [%4];\n"
+                     : "=r"(raw[0]), "=r"(raw[1]), "=r"(raw[2]), "=r"(raw[3])
+                     : "r"(cute::cast_smem_ptr_to_uint(&sRaw(token, col, slot))));
+        dequantise4<Element>(raw[0], s, lo[0], lo[1]);
+        dequantise4<Element>(raw[1], s, lo[2], lo[3]);
+        dequantise4<Element>(raw[2], s, hi[0], hi[1]);
+        dequantise4<Element>(raw[3], s, hi[2], hi[3]);
+        store_shared(cute::cast_smem_ptr_to_uint(&sK(token, col, stage)), lo);
+        store_shared(cute::cast_smem_ptr_to_uint(&sK(token, col + 8, stage)), hi);
+      }
+    }
+  }
+};
+
+}  // namespace flash_gla::hopper
