@@ -186,11 +186,11 @@ def test_public_fp8_writer_calls_the_op(monkeypatch):
 def test_public_fp8_decode_calls_the_op():
     """FP8 decode calls (e4m3 cache, float32 kv_scale, bf16 RoPE cache) pass validation and reach the op's fake."""
     cuda = torch.device("cuda", 0)
-    meta = dict(tile_scheduler_metadata=torch.empty(5, 8, dtype=torch.int32, device=cuda),
-                num_splits=torch.empty(4, dtype=torch.int32, device=cuda))
-    table = dict(block_table=torch.empty(3, 4, dtype=torch.int32, device=cuda),
-                 cache_seqlens=torch.empty(3, dtype=torch.int32, device=cuda))
-    with FakeTensorMode():
+    with FakeTensorMode():  # every tensor fake: no GPU needed
+        meta = dict(tile_scheduler_metadata=torch.empty(5, 8, dtype=torch.int32, device=cuda),
+                    num_splits=torch.empty(4, dtype=torch.int32, device=cuda))
+        table = dict(block_table=torch.empty(3, 4, dtype=torch.int32, device=cuda),
+                     cache_seqlens=torch.empty(3, dtype=torch.int32, device=cuda))
         gla_out, gla_lse = flash_gla.gla_with_kvcache(
             torch.empty(3, 2, 16, 320, dtype=torch.bfloat16, device=cuda),
             torch.empty(8, 64, 2, 256, dtype=torch.float8_e4m3fn, device=cuda), head_dim_v=256, **table, **meta,
