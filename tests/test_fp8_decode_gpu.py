@@ -273,11 +273,23 @@ def test_fp8_cache_written_by_write_kvcache(case):
     flash_gla.write_kvcache(inp.kv_cache, slots, new_kv, new_rope, rope_cache=inp.rope_cache, kv_scale=inp.kv_scale)
     for name, got, expected in zip(("kv_cache", "rope_cache", "kv_scale"), (inp.kv_cache, inp.rope_cache,
                                                                             inp.kv_scale), want):
-        assert same_bits(got, expected), f"[{case.id}] write_kvcache's {name} differs from write_kvcache_ref's"
+        assert same_bits(got, expected), f"[{case.id}] write_kvcache's {name} differs from write_kvcache_ref's: " + \
+            _first_difference(got, expected)
     out = empty_out(case)
     got, lse = case.variant.decode(inp, case.dv, *case_metadata(case, inp), causal=case.causal, out=out)
     ref, lse_ref = case.variant.reference(inp, case.dv, causal=case.causal)
     assert_close(got, ref, lse, lse_ref, f"{case.id}-written", kv_fp8=True)
+
+
+def _first_difference(got: torch.Tensor, expected: torch.Tensor) -> str:
+    """Where two tensors' bits differ: how many elements, and the first one's index and bits."""
+    int_type = {1: torch.uint8, 2: torch.int16, 4: torch.int32}[got.element_size()]
+    differ = (got.view(int_type) != expected.view(int_type)).nonzero()
+    if len(differ) == 0:
+        return "no difference"
+    first = tuple(differ[0].tolist())
+    return (f"{len(differ)} elements, first at {first}: got bits {int(got.view(int_type)[first])}, "
+            f"expected {int(expected.view(int_type)[first])}")
 
 
 @pytest.mark.sm90

@@ -3,17 +3,17 @@
 // them) are exactly those of a cache in q's dtype.
 //
 // Two rings in shared memory (traits.h):
-//   raw stages   e4m3 pages, TMA-loaded kRawStages - 1 pages ahead of the page being converted,
-//                plus each thread's cp.async copy of its token's scales; only this warpgroup
-//                reads them, so a raw stage is free as soon as the warpgroup has converted it.
-//   Element stages  the pipeline of the unquantised kernel. Its full barrier counts two
-//                arrivals: the leader's when it acquires the stage and expects the RoPE rows'
-//                TMA bytes, and the leader's again once every thread has written its share of
-//                the converted page.
+//   raw stages   an e4m3 page, its RoPE rows (q's dtype) and its scales, loaded kRawStages - 1
+//                pages ahead of the page being converted: the leader's TMAs, plus one thread per
+//                token copying the token's scales with cp.async. Only this warpgroup reads a
+//                raw stage, so it is free again as soon as the warpgroup has converted it.
+//   Element stages  the pipeline of the unquantised kernel; the leader marks one full (a single
+//                arrival, no TMA) once every thread has written its share of the page.
 // Per page a thread converts one token's 16-value chunks c = parity, parity + 2, ... (thread t
 // of the warpgroup: token t % 64, parity t / 64): each chunk is one 16-byte shared-memory read
 // and two 16-byte writes, and the 8 threads of a quarter-warp touch 8 tokens of one swizzle
-// atom, so neither side has bank conflicts.
+// atom, so neither side has bank conflicts. The RoPE rows are copied as they are (both rings
+// use the same swizzled layout).
 #pragma once
 
 #include <cuda_fp8.h>
@@ -81,79 +81,87 @@ struct DequantProducer {
                                       group_modes<0, 2>(sRaw), group_modes<0, 2>(mKV(_, _, kv_head, _)));
     Tensor mR = tma_rope.get_tma_tensor(
         make_shape(Int<kBlockN>{}, Int<Traits::kHeadDimRope>{}, p.num_pages));
-    Tensor sR = make_tensor(make_smem_ptr(smem.rope.data()), typename Traits::SmemLayoutRope{});
+    Tensor sRawRope = make_tensor(make_smem_ptr(smem.raw.rope.data()), typename Traits::SmemLayoutRawRope{});
     auto [tRgR, tRsR] = tma_partition(tma_rope, Int<0>{}, Layout<_1>{},
-                                      group_modes<0, 2>(sR), group_modes<0, 2>(mR));
+                                      group_modes<0, 2>(sRawRope), group_modes<0, 2>(mR));
     Tensor sK = make_tensor(make_smem_ptr(smem.kv.data()), typename Traits::SmemLayoutK{});
 
     const int token = ptid % kBlockN;
     const int parity = ptid / kBlockN;
     const float* scale_row = p.kv_scale + token * p.kv_scale_token_stride + kv_head * p.kv_scale_head_stride;
 
-    // Loads page `walk` into raw stage `slot`: the leader's TMA of the e4m3 page, and every
-    // thread's copy of its token's scales (one cp.async group per page, even when empty, so
-    // that the group count says which page's scales have landed).
+    // Loads the walk's next page into raw stage `slot`: the leader's TMAs of the e4m3 page and
+    // its RoPE rows, and (threads of parity 0) the token's scales, each copying thread arriving
+    // on the stage's barrier once its copies have landed.
     PageWalk walk;
     walk.begin(p);
     auto fetch = [&](int slot) {
-      if (!walk.done) {
-        const int physical_page = walk.physical_page(p);
-        if (leader) {
-          smem.raw.physical_page[slot] = physical_page;  // for the RoPE rows' TMA at conversion
-          auto& full = reinterpret_cast<RawBarrier&>(smem.raw.full[slot]);
-          full.arrive_and_expect_tx(Traits::kRawPageBytes);
-          copy(tma_kv.with(smem.raw.full[slot]), tKgK(_, physical_page), tKsK(_, slot));
-        }
+      const int physical_page = walk.physical_page(p);
+      uint64_t& full = smem.raw.full[slot];
+      if (leader) {
+        reinterpret_cast<RawBarrier&>(full).arrive_and_expect_tx(Traits::kRawPageBytes + Traits::kRopePageBytes);
+        copy(tma_kv.with(full), tKgK(_, physical_page), tKsK(_, slot));
+        copy(tma_rope.with(full), tRgR(_, physical_page), tRsR(_, slot));
+      }
+      if (parity == 0) {
         const float* src = scale_row + physical_page * p.kv_scale_page_stride;
         CUTLASS_PRAGMA_UNROLL
         for (int g = 0; g < kGroups; ++g) {
-          const uint32_t dst = cute::cast_smem_ptr_to_uint(&smem.raw.scale[slot][ptid][g]);
-          asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(dst),
-                       "l"(src + g * p.kv_scale_group_stride));
+          asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n"
+                       ::"r"(cute::cast_smem_ptr_to_uint(&smem.raw.scale[slot][token][g])),
+                       "l"(src + g * p.kv_scale_group_stride) : "memory");
         }
-        walk.next(p);
+        asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n"
+                     ::"r"(cute::cast_smem_ptr_to_uint(&full)) : "memory");
       }
-      asm volatile("cp.async.commit_group;\n" ::: "memory");
+      walk.next(p);
     };
 
     int fetched = 0;
-    for (int slot = 0; slot < kRawStages; ++slot) {
-      fetched += walk.done ? 0 : 1;
-      fetch(slot);
-    }
+    for (; fetched < kRawStages && !walk.done; ++fetched) { fetch(fetched); }
     auto state = cutlass::make_producer_start_state<Pipeline>();
     for (int n = 0; n < fetched; ++n) {
       const int slot = n % kRawStages;
-      // The leader claims the Element stage first and starts its RoPE rows' TMA, so that they
-      // travel while the page is converted; every thread waits for the stage to be free.
-      pipeline.producer_acquire(state);
-      auto* stage_full = pipeline.producer_get_barrier(state);
-      if (leader) {
-        copy(tma_rope.with(*stage_full), tRgR(_, smem.raw.physical_page[slot]), tRsR(_, state.index()));
-      }
       reinterpret_cast<RawBarrier&>(smem.raw.full[slot]).wait((n / kRawStages) % 2);
-      asm volatile("cp.async.wait_group %0;\n" ::"n"(kRawStages - 1) : "memory");
-      convert_page(smem, sRaw, sK, slot, state.index(), token, parity, ptid);
+      pipeline.producer_acquire(state);  // every thread waits for the Element stage to be free
+      convert_page(smem, sRaw, sK, slot, state.index(), token, parity);
+      copy_rope(smem, slot, state.index(), ptid);
       cutlass::arch::fence_view_async_shared();  // written by threads, read by wgmma
       cutlass::arch::NamedBarrier::sync(kThreads, static_cast<int>(ConsumerBarrier::kPageDequantised));
-      if (leader) { cutlass::arch::ClusterBarrier::arrive(stage_full); }  // the stage's second arrival: the page is in
+      if (leader) { cutlass::arch::ClusterBarrier::arrive(pipeline.producer_get_barrier(state)); }
       ++state;
       // Every thread is done reading raw stage `slot`: refill it kRawStages pages ahead.
-      fetched += walk.done ? 0 : 1;
-      fetch(slot);
+      if (!walk.done) {
+        fetch(slot);
+        ++fetched;
+      }
+    }
+  }
+
+  // The page's RoPE rows, raw stage -> Element stage: the same bytes, 16 at a time.
+  static __device__ void copy_rope(typename Traits::SharedStorage& smem, int slot, int stage, int ptid) {
+    constexpr int kVectors = Traits::kRopePageBytes / 16;
+    const uint4* src = reinterpret_cast<const uint4*>(smem.raw.rope.data()) + slot * kVectors;
+    const uint32_t dst = cute::cast_smem_ptr_to_uint(smem.rope.data()) + stage * Traits::kRopePageBytes;
+    CUTLASS_PRAGMA_UNROLL
+    for (int i = ptid; i < kVectors; i += kThreads) {
+      uint32_t v[4];
+      asm volatile("ld.shared.v4.b32 {%0, %1, %2, %3}, [%4];\n"
+                   : "=r"(v[0]), "=r"(v[1]), "=r"(v[2]), "=r"(v[3])
+                   : "r"(cute::cast_smem_ptr_to_uint(src + i)));
+      store_shared(dst + i * 16, v);
     }
   }
 
   // One thread's share of a page: e4m3 chunks of its token -> Element, times their scales.
   template <class TensorRaw, class TensorK>
   static __device__ void convert_page(typename Traits::SharedStorage& smem, TensorRaw& sRaw,
-                                      TensorK& sK, int slot, int stage, int token, int parity,
-                                      int ptid) {
+                                      TensorK& sK, int slot, int stage, int token, int parity) {
     // A thread's chunks of one 128-value scale group: 8 chunks per group, every other one.
     constexpr int kChunksPerGroup = cute::min(4, kChunksPerRow / 2);
     CUTLASS_PRAGMA_UNROLL
     for (int g = 0; g < kGroups; ++g) {
-      const float s = smem.raw.scale[slot][ptid][g];
+      const float s = smem.raw.scale[slot][token][g];
       // With two consumer warpgroups the producer has 40 registers: a rolled loop keeps the
       // chunk addresses from being hoisted into registers.
 #pragma unroll(Traits::kNumConsumerWGs > 1 ? 1 : kChunksPerGroup)

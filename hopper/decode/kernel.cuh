@@ -54,12 +54,10 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
 
   typename Pipeline::Params pipeline_params;
   pipeline_params.transaction_bytes = Traits::kStageTmaBytes;
-  // FP8: a stage is full once its RoPE rows landed and the dequantising threads are done, two
-  // arrivals of the leader (dequant.cuh).
-  pipeline_params.num_producers = Traits::kFP8 ? 2 : 1;
   pipeline_params.role = is_producer ? Pipeline::ThreadCategory::Producer
                                      : Pipeline::ThreadCategory::Consumer;
-  pipeline_params.is_leader = is_producer_leader;
+  // FP8: no TMA fills an Element stage; the leader arrives once the page is written (dequant.cuh).
+  pipeline_params.is_leader = is_producer_leader && !Traits::kFP8;
   pipeline_params.num_consumers = Traits::kNumConsumerThreads;
   Pipeline pipeline(smem.pipeline, pipeline_params, Shape<_1, _1, _1>{});
   if (is_producer_leader) {
@@ -67,7 +65,8 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
     if constexpr (Traits::kSharedRope) { cute::prefetch_tma_descriptor(tma_rope.get_tma_descriptor()); }
     if constexpr (Traits::kFP8) {
       for (int slot = 0; slot < Traits::kRawStages; ++slot) {
-        cutlass::arch::ClusterTransactionBarrier::init(&smem.raw.full[slot], 1);
+        // The leader's arrival with the TMA bytes, and one per thread that copies scales.
+        cutlass::arch::ClusterTransactionBarrier::init(&smem.raw.full[slot], 1 + Traits::kBlockN);
       }
       cutlass::arch::fence_barrier_init();
     }

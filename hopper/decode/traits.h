@@ -96,13 +96,37 @@ struct DecodeTraits {
   // overlapped consumer holds two of them, so a single page load would be in flight. Keeping
   // Q's RoPE columns in registers instead (the A operand of register-sourced wgmma: 16 per
   // thread for d_rope 64) frees the 16 KB that make a fourth stage fit.
-  static constexpr bool kQRopeInRegisters = kNumRowWGs > 1;
-  static constexpr int kQSmemCols = kQRopeInRegisters ? kHeadDimNope : kHeadDimQK;
+  //
+  // FP8 (dequant.cuh): a raw stage holds an e4m3 page, its RoPE rows and its scales, TMA-loaded
+  // kRawStages - 1 pages ahead; the consumers' Element stages are written by the producer
+  // warpgroup. The overlapped consumer holds two Element stages, so it needs three, plus three
+  // raw stages for two loads in flight: for GLA's 64-row tile that fits only with Q's RoPE
+  // columns in registers. FLASH_GLA_FP8_IN_SERIES (a build-time experiment) runs the consumers
+  // page by page on two Element stages instead, leaving more raw stages.
+#ifdef FLASH_GLA_FP8_IN_SERIES
+  static constexpr bool kFP8InSeries = true;
+#else
+  static constexpr bool kFP8InSeries = false;
+#endif
+  static constexpr int kNumProducerThreads = 128;
+  static constexpr int kScaleGroups = (kKVWidth + 127) / 128;
+  static constexpr int kRopePageBytes = kSharedRope ? kBlockN * kHeadDimRope * sizeof(Element) : 0;
+  static constexpr int kStageBytes = kBlockN * kKVWidth * sizeof(Element) + kRopePageBytes;  // one Element stage
+  static constexpr int kRawPageBytes = kFP8 ? kBlockN * kKVWidth : 0;  // e4m3
+  static constexpr int kRawStageBytes = kFP8 ? kRawPageBytes + kRopePageBytes + kBlockN * kScaleGroups * 4 : 0;
+  // The P slot, row statistics and barriers, padded to the 1 KB alignment of the tiles.
+  static constexpr int kBarrierBytes = kFP8 ? 1024 + 64 : 2048;
   // Whether page n's softmax overlaps page n-1's P V (S and P V issued back to back). That
   // keeps two wgmma batches and a second P in flight: it fits the registers except with split
   // scores (MLA: P goes through one shared buffer) and with two row warpgroups reading a
   // shared RoPE tile (12 bytes of spills, measured slower), which run page by page.
-  static constexpr bool kOverlapPV = !kSplitScores && !(kSharedRope && kNumRowWGs > 1);
+  static constexpr bool kOverlapPV = kFP8 ? !kSplitScores && kNumRowWGs == 1 && !kFP8InSeries
+                                          : !kSplitScores && !(kSharedRope && kNumRowWGs > 1);
+  static constexpr bool kFP8QRopeFits =
+      kBlockM * kHeadDimQK * int(sizeof(Element)) + 3 * kStageBytes + 3 * kRawStageBytes + kBarrierBytes <=
+      kSmemBudgetBytes;
+  static constexpr bool kQRopeInRegisters = kNumRowWGs > 1 || (kFP8 && kOverlapPV && !kFP8QRopeFits);
+  static constexpr int kQSmemCols = kQRopeInRegisters ? kHeadDimNope : kHeadDimQK;
 
   static_assert(kHeadDimV % kOutColsPerWG == 0, "dv must split evenly over consumer warpgroups");
   static_assert(kScoreCols % 8 == 0, "a warpgroup's token share must be whole 8-row swizzle atoms");
@@ -129,30 +153,19 @@ struct DecodeTraits {
   static_assert(kNumConsumerWGs * kOutStageElems <= kBlockM * kQSmemCols,
                 "the O tiles must fit in the Q tile's shared memory");
   static constexpr int kQBytes = kBlockM * kQSmemCols * sizeof(Element);
-  static constexpr int kPageBytes = kBlockN * kKVWidth * sizeof(Element);
-  static constexpr int kRopePageBytes = kSharedRope ? kBlockN * kHeadDimRope * sizeof(Element) : 0;
-  static constexpr int kStageBytes = kPageBytes + kRopePageBytes;  // one Element stage
   static constexpr int kPBytes = kSplitScores ? kWGRows * kBlockN * sizeof(Element) : 0;
-  static constexpr int kBarrierBytes = 2048;  // pipeline barriers + row-statistics exchange
-
-  // FP8: a raw stage is one e4m3 page plus each producer thread's copy of its token's scales
-  // (128 threads x ceil(kv_width / 128) floats; a thread reads only what it copied itself).
-  static constexpr int kNumProducerThreads = 128;
-  static constexpr int kScaleGroups = (kKVWidth + 127) / 128;
-  static constexpr int kRawPageBytes = kFP8 ? kBlockN * kKVWidth : 0;
-  static constexpr int kRawStageBytes = kFP8 ? kRawPageBytes + kNumProducerThreads * kScaleGroups * 4 : 0;
-  // Bytes that one Element stage's TMA brings: the page and its RoPE rows, or (FP8) only the
-  // RoPE rows, the page itself being written by the dequantising threads.
-  static constexpr int kStageTmaBytes = kFP8 ? kRopePageBytes : kStageBytes;
+  // Bytes that one Element stage's TMA brings: the page and its RoPE rows; none for FP8,
+  // whose Element stages the producer warpgroup writes.
+  static constexpr int kStageTmaBytes = kFP8 ? 0 : kStageBytes;
 
   // As many pages in flight as fit: 2 for MLA (576-wide rows), 4 for GLA (320-wide), capped
   // at 8 for the narrow GTA pages. FP8 keeps as many Element stages as the consumers hold at
-  // once plus one being converted, and gives the rest to raw pages in flight.
+  // once plus one being written, and gives the rest to raw pages in flight.
   static constexpr int kSmemForStages = kSmemBudgetBytes - kQBytes - kPBytes - kBarrierBytes;
   static constexpr int kStages = kFP8 ? (kOverlapPV ? 3 : 2) : cute::min(8, kSmemForStages / kStageBytes);
   static constexpr int kRawStages = kFP8 ? cute::min(8, (kSmemForStages - kStages * kStageBytes) / kRawStageBytes) : 1;
   static_assert(kStages >= 2, "shared memory must hold Q and at least two KV pages");
-  static_assert(!kFP8 || kRawStages >= 2, "FP8: at least two raw pages in flight");
+  static_assert(!kFP8 || kRawStages >= 3, "FP8: at least two raw pages in flight besides the one converted");
 
   using SmemLayoutK = decltype(tile_to_shape(SmemLayoutAtomK{},
                                              Shape<Int<kBlockN>, Int<kKVWidth>, Int<kStages>>{}));
@@ -189,6 +202,8 @@ struct DecodeTraits {
   using SmemLayoutRaw = decltype(tile_to_shape(k_major_atom<CacheElement, kKVWidth>(),
                                                Shape<Int<kBlockN>, Int<kKVWidth>, Int<kRawStages>>{}));
   using SmemLayoutCachePage = std::conditional_t<kFP8, SmemLayoutRawPage, SmemLayoutPage>;
+  using SmemLayoutRawRope = decltype(tile_to_shape(k_major_atom<Element, kHeadDimRope>(),
+                                                   Shape<Int<kBlockN>, Int<kHeadDimRope>, Int<kRawStages>>{}));
 
   // Global view of the paged cache that the TMA descriptor is built from:
   // (token in page, dim, kv head, page) with the dim contiguous.
@@ -211,9 +226,11 @@ struct DecodeTraits {
   // FP8's raw stages (dequant.cuh); other instances hold an empty struct in their place.
   struct RawRing {
     alignas(1024) cute::array_aligned<CacheElement, cute::cosize_v<SmemLayoutRaw>> pages;
-    float scale[kRawStages][kNumProducerThreads][kScaleGroups];  // each thread's own copies
-    uint64_t full[kRawStages];         // a raw stage's TMA has landed
-    int physical_page[kRawStages];     // the page in each raw stage (the leader's note)
+    alignas(1024) cute::array_aligned<Element, cute::cosize_v<SmemLayoutRawRope>> rope;
+    float scale[kRawStages][kBlockN][kScaleGroups];
+    // A raw stage is full once its TMAs (page, RoPE rows) landed and the kBlockN threads that
+    // copy its scales arrived (cp.async.mbarrier.arrive.noinc).
+    uint64_t full[kRawStages];
   };
   struct NoRawRing {};
 
