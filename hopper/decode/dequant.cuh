@@ -9,8 +9,8 @@
 //                raw stage, so it is free again as soon as the warpgroup has converted it.
 //   Element stages  the pipeline of the unquantised kernel; the leader marks one full (a single
 //                arrival, no TMA) once every thread has written its share of the page.
-// Per page a thread converts one token's 16-value chunks c = parity, parity + 2, ... (thread t
-// of the warpgroup: token t % 64, parity t / 64): each chunk is one 16-byte shared-memory read
+// Per page a thread converts one token's 16-value chunks c = parity, parity + k, ... (thread t of
+// the k warpgroup-halves: token t % 64, parity t / 64): each chunk is one 16-byte shared-memory read
 // and two 16-byte writes, and the 8 threads of a quarter-warp touch 8 tokens of one swizzle
 // atom, so neither side has bank conflicts. The RoPE rows are copied as they are (both rings
 // use the same swizzled layout).
@@ -64,8 +64,10 @@ struct DequantProducer {
   static constexpr int kThreads = Traits::kNumProducerThreads;
   static constexpr int kGroups = Traits::kScaleGroups;
   static constexpr int kChunksPerRow = Traits::kKVWidth / 16;  // 16 e4m3 values per chunk
-  static_assert(kThreads == 2 * kBlockN, "two threads per token");
-  static_assert(kChunksPerRow % 2 == 0, "each of a token's two threads takes every other chunk");
+  // kThreadsPerToken threads share a token: thread t takes chunks t / 64, + kThreadsPerToken, ...
+  static constexpr int kThreadsPerToken = kThreads / kBlockN;
+  static_assert(kThreads % kBlockN == 0 && 8 % kThreadsPerToken == 0, "a scale group's 8 chunks split evenly");
+  static_assert(kChunksPerRow % kThreadsPerToken == 0, "every thread of a token takes as many chunks");
 
   // ptid: thread index within the producer warpgroup (0 is the leader, which issues the TMAs).
   static __device__ void run(const DecodeParams& p, const typename Traits::TmaKV& tma_kv,
@@ -87,7 +89,7 @@ struct DequantProducer {
     Tensor sK = make_tensor(make_smem_ptr(smem.kv.data()), typename Traits::SmemLayoutK{});
 
     const int token = ptid % kBlockN;
-    const int parity = ptid / kBlockN;
+    const int parity = ptid / kBlockN;  // which of the token's threads: its first chunk
     const float* scale_row = p.kv_scale + token * p.kv_scale_token_stride + kv_head * p.kv_scale_head_stride;
 
     // Loads the walk's next page into raw stage `slot`: the leader's TMAs of the e4m3 page and
@@ -96,14 +98,14 @@ struct DequantProducer {
     PageWalk walk;
     walk.begin(p);
     auto fetch = [&](int slot) {
-      const int physical_page = walk.physical_page(p);
+      const int physical_page = walk.physical_page;
       uint64_t& full = smem.raw.full[slot];
       if (leader) {
         reinterpret_cast<RawBarrier&>(full).arrive_and_expect_tx(Traits::kRawPageBytes + Traits::kRopePageBytes);
         copy(tma_kv.with(full), tKgK(_, physical_page), tKsK(_, slot));
         copy(tma_rope.with(full), tRgR(_, physical_page), tRsR(_, slot));
       }
-      if (parity == 0) {
+      if (parity == 0) {  // one thread per token
         const float* src = scale_row + physical_page * p.kv_scale_page_stride;
         CUTLASS_PRAGMA_UNROLL
         for (int g = 0; g < kGroups; ++g) {
@@ -157,26 +159,37 @@ struct DequantProducer {
   template <class TensorRaw, class TensorK>
   static __device__ void convert_page(typename Traits::SharedStorage& smem, TensorRaw& sRaw,
                                       TensorK& sK, int slot, int stage, int token, int parity) {
-    // A thread's chunks of one 128-value scale group: 8 chunks per group, every other one.
-    constexpr int kChunksPerGroup = cute::min(4, kChunksPerRow / 2);
+    // A thread's chunks of one 128-value scale group (8 chunks of 16 values): every
+    // kThreadsPerToken-th one.
+    constexpr int kChunksPerGroup = cute::min(8, kChunksPerRow) / kThreadsPerToken;
     CUTLASS_PRAGMA_UNROLL
     for (int g = 0; g < kGroups; ++g) {
       const float s = smem.raw.scale[slot][token][g];
-      // With two consumer warpgroups the producer has 40 registers: a rolled loop keeps the
-      // chunk addresses from being hoisted into registers.
-#pragma unroll(Traits::kNumConsumerWGs > 1 ? 1 : kChunksPerGroup)
-      for (int i = 0; i < kChunksPerGroup; ++i) {
-        const int col = (parity + 2 * (g * kChunksPerGroup + i)) * 16;
-        uint32_t raw[4], lo[4], hi[4];
-        asm volatile("ld.shared.v4.b32 {%0, %1, %2, %3}, [%4];\n"
-                     : "=r"(raw[0]), "=r"(raw[1]), "=r"(raw[2]), "=r"(raw[3])
-                     : "r"(cute::cast_smem_ptr_to_uint(&sRaw(token, col, slot))));
-        dequantise4<Element>(raw[0], s, lo[0], lo[1]);
-        dequantise4<Element>(raw[1], s, lo[2], lo[3]);
-        dequantise4<Element>(raw[2], s, hi[0], hi[1]);
-        dequantise4<Element>(raw[3], s, hi[2], hi[3]);
-        store_shared(cute::cast_smem_ptr_to_uint(&sK(token, col, stage)), lo);
-        store_shared(cute::cast_smem_ptr_to_uint(&sK(token, col + 8, stage)), hi);
+      // All of the group's 16-byte reads first, then the conversions and writes: the reads
+      // are then in flight together (the volatile accesses keep their program order).
+      constexpr bool kFewRegisters = Traits::kProducerRegs < 64;  // a chunk at a time, rolled
+      constexpr int kBatch = kFewRegisters ? 1 : kChunksPerGroup;
+#pragma unroll(kFewRegisters ? 1 : kChunksPerGroup / kBatch)
+      for (int i0 = 0; i0 < kChunksPerGroup; i0 += kBatch) {
+        uint32_t raw[kBatch][4];
+        CUTLASS_PRAGMA_UNROLL
+        for (int i = 0; i < kBatch; ++i) {
+          const int col = (parity + kThreadsPerToken * (g * kChunksPerGroup + i0 + i)) * 16;
+          asm volatile("ld.shared.v4.b32 {%0, %1, %2, %3}, [%4];\n"
+                       : "=r"(raw[i][0]), "=r"(raw[i][1]), "=r"(raw[i][2]), "=r"(raw[i][3])
+                       : "r"(cute::cast_smem_ptr_to_uint(&sRaw(token, col, slot))));
+        }
+        CUTLASS_PRAGMA_UNROLL
+        for (int i = 0; i < kBatch; ++i) {
+          const int col = (parity + kThreadsPerToken * (g * kChunksPerGroup + i0 + i)) * 16;
+          uint32_t lo[4], hi[4];
+          dequantise4<Element>(raw[i][0], s, lo[0], lo[1]);
+          dequantise4<Element>(raw[i][1], s, lo[2], lo[3]);
+          dequantise4<Element>(raw[i][2], s, hi[0], hi[1]);
+          dequantise4<Element>(raw[i][3], s, hi[2], hi[3]);
+          store_shared(cute::cast_smem_ptr_to_uint(&sK(token, col, stage)), lo);
+          store_shared(cute::cast_smem_ptr_to_uint(&sK(token, col + 8, stage)), hi);
+        }
       }
     }
   }

@@ -31,12 +31,6 @@
 
 namespace flash_gla::hopper {
 
-// Registers per thread of each role with two consumer warpgroups (setmaxnreg).
-template <class Traits>
-constexpr uint32_t kProducerRegs = Traits::kFP8 ? 40 : 24;
-template <class Traits>
-constexpr uint32_t kConsumerRegs = Traits::kFP8 ? 232 : 240;
-
 template <class Traits>
 __global__ void __launch_bounds__(Traits::kNumThreads, 1)
     decode_kernel(CUTE_GRID_CONSTANT const DecodeParams params,
@@ -75,8 +69,8 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
 
   if (is_producer) {
     // The producer needs few registers (more when it dequantises); give them to the consumers'
-    // accumulators (2 x 128 x 240 + 128 x 24 = 64,512 of the 65,536; FP8: 232 and 40).
-    if constexpr (Traits::kNumConsumerWGs > 1) { cutlass::arch::warpgroup_reg_dealloc<kProducerRegs<Traits>>(); }
+    // accumulators.
+    if constexpr (Traits::kReallocRegs) { cutlass::arch::warpgroup_reg_dealloc<Traits::kProducerRegs>(); }
     if (threadIdx.x < Traits::kNumConsumerThreads + 32) {  // the producer's first warp
       consumer_sync(Traits::kNumConsumerThreads + 32, ConsumerBarrier::kQIssued);
     }
@@ -87,7 +81,7 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
       Producer<Traits>::run(params, tma_kv, tma_rope, smem, pipeline, kv_head);
     }
   } else {
-    if constexpr (Traits::kNumConsumerWGs > 1) { cutlass::arch::warpgroup_reg_alloc<kConsumerRegs<Traits>>(); }
+    if constexpr (Traits::kReallocRegs) { cutlass::arch::warpgroup_reg_alloc<Traits::kConsumerRegs>(); }
     Consumer<Traits>::run(params, smem, pipeline, kv_head, m_block, threadIdx.x);
   }
 #endif

@@ -86,7 +86,9 @@ struct PartSchedule {
 // pieces; their pages), for a producer that must run ahead of the consumers across pieces.
 struct PageWalk {
   int part, idx, page, page_end;
-  const int* pages;  // the block-table row of the current piece's request
+  const int* pages;   // the block-table row of the current piece's request
+  int physical_page;  // pages[page], read as soon as the walk gets there: its latency then
+                      // passes while the caller does other work
   bool done;
 
   __device__ void begin(const DecodeParams& p) {
@@ -94,9 +96,11 @@ struct PageWalk {
     idx = -1;
     enter_part(p);
   }
-  __device__ int physical_page(const DecodeParams&) const { return pages[page]; }
   __device__ void next(const DecodeParams& p) {
-    if (++page < page_end) { return; }
+    if (++page < page_end) {
+      physical_page = pages[page];
+      return;
+    }
     if (!next_piece(p)) {
       part += gridDim.z;
       enter_part(p);
@@ -125,6 +129,7 @@ struct PageWalk {
         page = w.page_begin;
         page_end = w.page_end;
         pages = p.block_table + batch * p.block_table_batch_stride;
+        physical_page = pages[page];
         return true;
       }
     }

@@ -84,7 +84,18 @@ struct DecodeTraits {
   static constexpr int kNumConsumerThreads = 128 * kNumConsumerWGs;
   // Consumer warpgroups first, then a producer warpgroup (of which one thread works): whole
   // warpgroups so that setmaxnreg can move the producer's registers to the consumers.
-  static constexpr int kNumThreads = kNumConsumerThreads + 128;
+  // FP8 with one consumer warpgroup: two producer warpgroups share the dequantisation (one
+  // warpgroup alone, one warp per scheduler, is latency-bound at ~1.8 us a GLA page).
+  static constexpr int kNumProducerWGs = kFP8 && kNumConsumerWGs == 1 ? 2 : 1;
+  static constexpr int kNumProducerThreads = 128 * kNumProducerWGs;
+  static constexpr int kNumThreads = kNumConsumerThreads + kNumProducerThreads;
+  // Registers per thread of each role where there are more than two warpgroups (setmaxnreg):
+  // 2 x 128 x 240 + 128 x 24 = 64,512 of the 65,536 with two consumer warpgroups (FP8: 232 and
+  // 40, as its producer dequantises); FP8 with one consumer and two producer warpgroups:
+  // 128 x 240 + 256 x 128.
+  static constexpr bool kReallocRegs = kNumConsumerWGs + kNumProducerWGs > 2;
+  static constexpr uint32_t kProducerRegs = !kFP8 ? 24 : kNumProducerWGs > 1 ? 128 : 40;
+  static constexpr uint32_t kConsumerRegs = kFP8 && kNumConsumerWGs > 1 ? 232 : 240;
 
   // With several consumer warpgroups each computes the scores of its own share of the page's
   // tokens (no QK^T is computed twice); the probabilities meet in shared memory for P V.
@@ -108,7 +119,6 @@ struct DecodeTraits {
 #else
   static constexpr bool kFP8InSeries = false;
 #endif
-  static constexpr int kNumProducerThreads = 128;
   static constexpr int kScaleGroups = (kKVWidth + 127) / 128;
   static constexpr int kRopePageBytes = kSharedRope ? kBlockN * kHeadDimRope * sizeof(Element) : 0;
   static constexpr int kStageBytes = kBlockN * kKVWidth * sizeof(Element) + kRopePageBytes;  // one Element stage
