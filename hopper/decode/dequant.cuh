@@ -64,8 +64,6 @@ struct DequantProducer {
   static constexpr int kThreads = Traits::kNumProducerThreads;
   static constexpr int kGroups = Traits::kScaleGroups;
   static constexpr int kChunksPerRow = Traits::kKVWidth / 16;  // 16 e4m3 values per chunk
-  // Pages prefetched into L2 beyond the raw stages; none where the producer has 40 registers.
-  static constexpr int kL2Ahead = Traits::kProducerRegs < 64 ? 0 : 4;
   // kThreadsPerToken threads share a token: thread t takes chunks t / 64, + kThreadsPerToken, ...
   static constexpr int kThreadsPerToken = kThreads / kBlockN;
   static_assert(kThreads % kBlockN == 0 && 8 % kThreadsPerToken == 0, "a scale group's 8 chunks split evenly");
@@ -97,16 +95,8 @@ struct DequantProducer {
     // Loads the walk's next page into raw stage `slot`: the leader's TMAs of the e4m3 page and
     // its RoPE rows, and (threads of parity 0) the token's scales, each copying thread arriving
     // on the stage's barrier once its copies have landed.
-    // `ahead` runs kL2Ahead pages past the last fetch: its pages are prefetched into L2 (the
-    // TMA tiles by the leader, the scales by their copying threads), so that a raw stage's
-    // loads wait for L2 rather than for HBM: what shared memory cannot hold in flight.
-    PageWalk walk, ahead;
+    PageWalk walk;
     walk.begin(p);
-    if constexpr (kL2Ahead > 0) {
-      ahead.begin(p);
-      for (int i = 0; i < kRawStages && !ahead.done; ++i) { ahead.next(p); }
-      for (int i = 0; i < kL2Ahead; ++i) { prefetch_l2(p, tma_kv, tma_rope, tKgK, tRgR, ahead, scale_row, leader, parity); }
-    }
     auto fetch = [&](int slot) {
       const int physical_page = walk.physical_page;
       uint64_t& full = smem.raw.full[slot];
@@ -127,7 +117,6 @@ struct DequantProducer {
                      ::"r"(cute::cast_smem_ptr_to_uint(&full)) : "memory");
       }
       walk.next(p);
-      if constexpr (kL2Ahead > 0) { prefetch_l2(p, tma_kv, tma_rope, tKgK, tRgR, ahead, scale_row, leader, parity); }
     };
 
     int fetched = 0;
@@ -149,23 +138,6 @@ struct DequantProducer {
         ++fetched;
       }
     }
-  }
-
-  // Prefetches the page at `ahead` into L2 and moves `ahead` on.
-  template <class TensorK, class TensorR>
-  static __device__ void prefetch_l2(const DecodeParams& p, const typename Traits::TmaKV& tma_kv,
-                                     const typename Traits::TmaRope& tma_rope, TensorK const& tKgK,
-                                     TensorR const& tRgR, PageWalk& ahead, const float* scale_row,
-                                     bool leader, int parity) {
-    if (ahead.done) { return; }
-    if (leader) {
-      cute::prefetch(tma_kv, tKgK(_, ahead.physical_page));
-      cute::prefetch(tma_rope, tRgR(_, ahead.physical_page));
-    }
-    if (parity == 0) {
-      asm volatile("prefetch.global.L2 [%0];\n" ::"l"(scale_row + ahead.physical_page * p.kv_scale_page_stride));
-    }
-    ahead.next(p);
   }
 
   // The page's RoPE rows, raw stage -> Element stage: the same bytes, 16 at a time.

@@ -172,13 +172,7 @@ struct DecodeTraits {
   // at 8 for the narrow GTA pages. FP8 keeps as many Element stages as the consumers hold at
   // once plus one being written, and gives the rest to raw pages in flight.
   static constexpr int kSmemForStages = kSmemBudgetBytes - kQBytes - kPBytes - kBarrierBytes;
-  // FP8: the Element stages the consumers hold (two overlapped, one in series) plus one being
-  // written, and up to two more while four raw stages still fit (GTA's narrow pages): the
-  // producer can then run further ahead of the consumers.
-  static constexpr int kFP8MinStages = kOverlapPV ? 3 : 2;
-  static constexpr int kStages =
-      kFP8 ? cute::max(kFP8MinStages, cute::min(kFP8MinStages + 2, (kSmemForStages - 4 * kRawStageBytes) / kStageBytes))
-           : cute::min(8, kSmemForStages / kStageBytes);
+  static constexpr int kStages = kFP8 ? (kOverlapPV ? 3 : 2) : cute::min(8, kSmemForStages / kStageBytes);
   static constexpr int kRawStages = kFP8 ? cute::min(8, (kSmemForStages - kStages * kStageBytes) / kRawStageBytes) : 1;
   static_assert(kStages >= 2, "shared memory must hold Q and at least two KV pages");
   static_assert(!kFP8 || kRawStages >= 3, "FP8: at least two raw pages in flight besides the one converted");
