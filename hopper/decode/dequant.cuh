@@ -7,8 +7,9 @@
 //                pages ahead of the page being converted: the leader's TMAs, plus one thread per
 //                token copying the token's scales with cp.async. Only this warpgroup reads a
 //                raw stage, so it is free again as soon as the warpgroup has converted it.
-//   Element stages  the pipeline of the unquantised kernel; the leader marks one full (a single
-//                arrival, no TMA) once every thread has written its share of the page.
+//   Element stages  the pipeline of the unquantised kernel; each producer warp arrives on a
+//                stage's full barrier (no TMA) once its threads have written their share, so
+//                that the warps need not wait for each other page by page.
 // Per page a thread converts one token's 16-value chunks c = parity, parity + k, ... (thread t of
 // the k warpgroup-halves: token t % 64, parity t / 64): each chunk is one 16-byte shared-memory read
 // and two 16-byte writes, and the 8 threads of a quarter-warp touch 8 tokens of one swizzle
@@ -129,14 +130,18 @@ struct DequantProducer {
       convert_page(smem, sRaw, sK, slot, state.index(), token, parity);
       copy_rope(smem, slot, state.index(), ptid);
       cutlass::arch::fence_view_async_shared();  // written by threads, read by wgmma
-      cutlass::arch::NamedBarrier::sync(kThreads, static_cast<int>(ConsumerBarrier::kPageDequantised));
-      if (leader) { cutlass::arch::ClusterBarrier::arrive(pipeline.producer_get_barrier(state)); }
-      ++state;
-      // Every thread is done reading raw stage `slot`: refill it kRawStages pages ahead.
+      __syncwarp();
+      auto* stage_full = pipeline.producer_get_barrier(state);
+      if (ptid % 32 == 0) { cutlass::arch::ClusterBarrier::arrive(stage_full); }  // one arrival per warp
       if (!walk.done) {
+        // Refill raw stage `slot` kRawStages pages ahead. Only the threads that do (the leader
+        // and one scale copier per token: warps 0 and 1) wait for every warp to be done with
+        // the page; the others go on to the next one.
+        if (ptid < kBlockN) { cutlass::arch::ClusterBarrier::wait(stage_full, state.phase() ^ 1); }
         fetch(slot);
         ++fetched;
       }
+      ++state;
     }
   }
 

@@ -48,9 +48,11 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
 
   typename Pipeline::Params pipeline_params;
   pipeline_params.transaction_bytes = Traits::kStageTmaBytes;
+  // FP8: every producer warp arrives on an Element stage's full barrier (dequant.cuh).
+  pipeline_params.num_producers = Traits::kFP8 ? Traits::kNumProducerThreads / 32 : 1;
   pipeline_params.role = is_producer ? Pipeline::ThreadCategory::Producer
                                      : Pipeline::ThreadCategory::Consumer;
-  // FP8: no TMA fills an Element stage; the leader arrives once the page is written (dequant.cuh).
+  // FP8: no TMA fills an Element stage (dequant.cuh).
   pipeline_params.is_leader = is_producer_leader && !Traits::kFP8;
   pipeline_params.num_consumers = Traits::kNumConsumerThreads;
   Pipeline pipeline(smem.pipeline, pipeline_params, Shape<_1, _1, _1>{});

@@ -16,8 +16,7 @@ enum class ConsumerBarrier : int {
   kRowSums = 6,       // split scores: each warpgroup's final row sums are in shared memory
   kOutputStage = 7,   // every consumer is done with the piece's Q tile: O may be staged there
   kOutputStaged = 8,  // the piece's O tiles are in shared memory
-  kQIssued = 9,       // the first Q tile's loads are issued (consumers arrive, producer waits)
-  kPageDequantised = 10  // FP8: the producer warpgroup has converted a page (its own barrier)
+  kQIssued = 9        // the first Q tile's loads are issued (consumers arrive, producer waits)
 };
 
 __device__ __forceinline__ void consumer_sync(int num_threads, ConsumerBarrier id) {

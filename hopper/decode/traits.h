@@ -91,10 +91,10 @@ struct DecodeTraits {
   static constexpr int kNumThreads = kNumConsumerThreads + kNumProducerThreads;
   // Registers per thread of each role where there are more than two warpgroups (setmaxnreg):
   // 2 x 128 x 240 + 128 x 24 = 64,512 of the 65,536 with two consumer warpgroups (FP8: 232 and
-  // 40, as its producer dequantises); FP8 with one consumer and two producer warpgroups:
+  // 48, as its producer dequantises: all 65,536); FP8 with one consumer and two producer warpgroups:
   // 128 x 240 + 256 x 128.
   static constexpr bool kReallocRegs = kNumConsumerWGs + kNumProducerWGs > 2;
-  static constexpr uint32_t kProducerRegs = !kFP8 ? 24 : kNumProducerWGs > 1 ? 128 : 40;
+  static constexpr uint32_t kProducerRegs = !kFP8 ? 24 : kNumProducerWGs > 1 ? 128 : 48;
   static constexpr uint32_t kConsumerRegs = kFP8 && kNumConsumerWGs > 1 ? 232 : 240;
 
   // With several consumer warpgroups each computes the scores of its own share of the page's
