@@ -89,13 +89,17 @@ struct DecodeTraits {
   static constexpr int kNumProducerWGs = kFP8 && kNumConsumerWGs == 1 ? 2 : 1;
   static constexpr int kNumProducerThreads = 128 * kNumProducerWGs;
   static constexpr int kNumThreads = kNumConsumerThreads + kNumProducerThreads;
-  // Registers per thread of each role where there are more than two warpgroups (setmaxnreg):
-  // 2 x 128 x 240 + 128 x 24 = 64,512 of the 65,536 with two consumer warpgroups (FP8: 232 and
-  // 48, as its producer dequantises: all 65,536); FP8 with one consumer and two producer warpgroups:
-  // 128 x 240 + 256 x 128.
+  // Registers per thread of each role where there are more than two warpgroups (setmaxnreg).
+  // They come out of what the CTA was launched with (384 threads x 168), or setmaxnreg.inc
+  // waits forever: 2 x 128 x 240 + 128 x 24 = 64,512 with two consumer warpgroups (FP8: 224
+  // and 56, as its producer dequantises); FP8 with one consumer and two producer warpgroups:
+  // 128 x 240 + 256 x 128 = 63,488.
   static constexpr bool kReallocRegs = kNumConsumerWGs + kNumProducerWGs > 2;
-  static constexpr uint32_t kProducerRegs = !kFP8 ? 24 : kNumProducerWGs > 1 ? 128 : 48;
-  static constexpr uint32_t kConsumerRegs = kFP8 && kNumConsumerWGs > 1 ? 232 : 240;
+  static constexpr uint32_t kProducerRegs = !kFP8 ? 24 : kNumProducerWGs > 1 ? 128 : 56;
+  static constexpr uint32_t kConsumerRegs = kFP8 && kNumConsumerWGs > 1 ? 224 : 240;
+  static_assert(!kReallocRegs || kNumConsumerThreads * int(kConsumerRegs) + kNumProducerThreads * int(kProducerRegs) <=
+                                     kNumThreads * (65536 / kNumThreads / 8 * 8),
+                "setmaxnreg can only move the registers the CTA was launched with");
 
   // With several consumer warpgroups each computes the scores of its own share of the page's
   // tokens (no QK^T is computed twice); the probabilities meet in shared memory for P V.
