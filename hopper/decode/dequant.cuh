@@ -120,6 +120,11 @@ struct DequantProducer {
       walk.next(p);
     };
 
+    ChunkAddresses at;
+    if constexpr (!kFewRegisters) {
+      CUTLASS_PRAGMA_UNROLL
+      for (int c = 0; c < kChunksPerThread; ++c) { chunk_addresses(sRaw, sK, token, parity, c, at.raw[c], at.lo[c]); }
+    }
     int fetched = 0;
     for (; fetched < kRawStages && !walk.done; ++fetched) { fetch(fetched); }
     auto state = cutlass::make_producer_start_state<Pipeline>();
@@ -127,7 +132,7 @@ struct DequantProducer {
       const int slot = n % kRawStages;
       reinterpret_cast<RawBarrier&>(smem.raw.full[slot]).wait((n / kRawStages) % 2);
       pipeline.producer_acquire(state);  // every thread waits for the Element stage to be free
-      convert_page(smem, sRaw, sK, slot, state.index(), token, parity);
+      convert_page(smem, sRaw, sK, at, slot, state.index(), token, parity);
       copy_rope(smem, slot, state.index(), ptid);
       cutlass::arch::fence_view_async_shared();  // written by threads, read by wgmma
       __syncwarp();
@@ -150,8 +155,10 @@ struct DequantProducer {
     constexpr int kVectors = Traits::kRopePageBytes / 16;
     const uint4* src = reinterpret_cast<const uint4*>(smem.raw.rope.data()) + slot * kVectors;
     const uint32_t dst = cute::cast_smem_ptr_to_uint(smem.rope.data()) + stage * Traits::kRopePageBytes;
+    static_assert(kVectors % kThreads == 0, "every thread copies as many vectors");
     CUTLASS_PRAGMA_UNROLL
-    for (int i = ptid; i < kVectors; i += kThreads) {
+    for (int k = 0; k < kVectors / kThreads; ++k) {
+      const int i = ptid + k * kThreads;
       uint32_t v[4];
       asm volatile("ld.shared.v4.b32 {%0, %1, %2, %3}, [%4];\n"
                    : "=r"(v[0]), "=r"(v[1]), "=r"(v[2]), "=r"(v[3])
@@ -160,40 +167,68 @@ struct DequantProducer {
     }
   }
 
+  // A thread's chunks of one 128-value scale group (8 chunks of 16 values): every
+  // kThreadsPerToken-th one.
+  static constexpr int kChunksPerGroup = cute::min(8, kChunksPerRow) / kThreadsPerToken;
+  static constexpr int kChunksPerThread = kChunksPerRow / kThreadsPerToken;
+  static constexpr int kRawStageStride = kBlockN * Traits::kKVWidth;                      // bytes
+  static constexpr int kStageStride = kBlockN * Traits::kKVWidth * int(sizeof(Element));  // bytes
+  // With 56 registers (two consumer warpgroups) a chunk at a time, its addresses computed in
+  // place; else the group's reads are issued together and the addresses come precomputed.
+  static constexpr bool kFewRegisters = Traits::kProducerRegs < 64;
+
+  // Shared-memory addresses of a thread's chunks in raw stage 0 and Element stage 0 (its low 8
+  // values; the high 8 are the next 16 bytes of the row before the swizzle, i.e. address ^ 16
+  // after it, the swizzle XOR-ing 16-byte indices within 128-byte rows). A stage is a whole
+  // number of swizzle atoms, so stage k's addresses are these plus k strides: computed once.
+  struct ChunkAddresses {
+    uint32_t raw[kChunksPerThread], lo[kChunksPerThread];
+  };
+  template <class TensorRaw, class TensorK>
+  static __device__ void chunk_addresses(TensorRaw& sRaw, TensorK& sK, int token, int parity, int chunk,
+                                         uint32_t& raw, uint32_t& lo) {
+    const int col = (parity + kThreadsPerToken * chunk) * 16;
+    raw = cute::cast_smem_ptr_to_uint(&sRaw(token, col, 0));
+    lo = cute::cast_smem_ptr_to_uint(&sK(token, col, 0));
+  }
+
   // One thread's share of a page: e4m3 chunks of its token -> Element, times their scales.
   template <class TensorRaw, class TensorK>
   static __device__ void convert_page(typename Traits::SharedStorage& smem, TensorRaw& sRaw,
-                                      TensorK& sK, int slot, int stage, int token, int parity) {
-    // A thread's chunks of one 128-value scale group (8 chunks of 16 values): every
-    // kThreadsPerToken-th one.
-    constexpr int kChunksPerGroup = cute::min(8, kChunksPerRow) / kThreadsPerToken;
+                                      TensorK& sK, ChunkAddresses const& at, int slot, int stage,
+                                      int token, int parity) {
+    const uint32_t raw_offset = slot * kRawStageStride, out_offset = stage * kStageStride;
     CUTLASS_PRAGMA_UNROLL
     for (int g = 0; g < kGroups; ++g) {
       const float s = smem.raw.scale[slot][token][g];
       // All of the group's 16-byte reads first, then the conversions and writes: the reads
       // are then in flight together (the volatile accesses keep their program order).
-      constexpr bool kFewRegisters = Traits::kProducerRegs < 64;  // a chunk at a time, rolled
       constexpr int kBatch = kFewRegisters ? 1 : kChunksPerGroup;
 #pragma unroll(kFewRegisters ? 1 : kChunksPerGroup / kBatch)
       for (int i0 = 0; i0 < kChunksPerGroup; i0 += kBatch) {
-        uint32_t raw[kBatch][4];
+        uint32_t raw[kBatch][4], lo_at[kBatch];
         CUTLASS_PRAGMA_UNROLL
         for (int i = 0; i < kBatch; ++i) {
-          const int col = (parity + kThreadsPerToken * (g * kChunksPerGroup + i0 + i)) * 16;
+          const int chunk = g * kChunksPerGroup + i0 + i;
+          uint32_t raw_at;
+          if constexpr (kFewRegisters) {
+            chunk_addresses(sRaw, sK, token, parity, chunk, raw_at, lo_at[i]);
+          } else {
+            raw_at = at.raw[chunk], lo_at[i] = at.lo[chunk];
+          }
           asm volatile("ld.shared.v4.b32 {%0, %1, %2, %3}, [%4];\n"
                        : "=r"(raw[i][0]), "=r"(raw[i][1]), "=r"(raw[i][2]), "=r"(raw[i][3])
-                       : "r"(cute::cast_smem_ptr_to_uint(&sRaw(token, col, slot))));
+                       : "r"(raw_at + raw_offset));
         }
         CUTLASS_PRAGMA_UNROLL
         for (int i = 0; i < kBatch; ++i) {
-          const int col = (parity + kThreadsPerToken * (g * kChunksPerGroup + i0 + i)) * 16;
           uint32_t lo[4], hi[4];
           dequantise4<Element>(raw[i][0], s, lo[0], lo[1]);
           dequantise4<Element>(raw[i][1], s, lo[2], lo[3]);
           dequantise4<Element>(raw[i][2], s, hi[0], hi[1]);
           dequantise4<Element>(raw[i][3], s, hi[2], hi[3]);
-          store_shared(cute::cast_smem_ptr_to_uint(&sK(token, col, stage)), lo);
-          store_shared(cute::cast_smem_ptr_to_uint(&sK(token, col + 8, stage)), hi);
+          store_shared(lo_at[i] + out_offset, lo);
+          store_shared((lo_at[i] + out_offset) ^ 16u, hi);
         }
       }
     }
