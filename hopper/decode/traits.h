@@ -116,13 +116,8 @@ struct DecodeTraits {
   // kRawStages - 1 pages ahead; the consumers' Element stages are written by the producer
   // warpgroup. The overlapped consumer holds two Element stages, so it needs three, plus three
   // raw stages for two loads in flight: for GLA's 64-row tile that fits only with Q's RoPE
-  // columns in registers. FLASH_GLA_FP8_IN_SERIES (a build-time experiment) runs the consumers
-  // page by page on two Element stages instead, leaving more raw stages.
-#ifdef FLASH_GLA_FP8_IN_SERIES
-  static constexpr bool kFP8InSeries = true;
-#else
-  static constexpr bool kFP8InSeries = false;
-#endif
+  // columns in registers. (Running FP8's consumers page by page on two Element stages instead,
+  // with four raw stages, measured 9 % slower: benchmarks/NOTES.md.)
   static constexpr int kScaleGroups = (kKVWidth + 127) / 128;
   static constexpr int kRopePageBytes = kSharedRope ? kBlockN * kHeadDimRope * sizeof(Element) : 0;
   static constexpr int kStageBytes = kBlockN * kKVWidth * sizeof(Element) + kRopePageBytes;  // one Element stage
@@ -134,7 +129,7 @@ struct DecodeTraits {
   // keeps two wgmma batches and a second P in flight: it fits the registers except with split
   // scores (MLA: P goes through one shared buffer) and with two row warpgroups reading a
   // shared RoPE tile (12 bytes of spills, measured slower), which run page by page.
-  static constexpr bool kOverlapPV = kFP8 ? !kSplitScores && kNumRowWGs == 1 && !kFP8InSeries
+  static constexpr bool kOverlapPV = kFP8 ? !kSplitScores && kNumRowWGs == 1
                                           : !kSplitScores && !(kSharedRope && kNumRowWGs > 1);
   static constexpr bool kFP8QRopeFits =
       kBlockM * kHeadDimQK * int(sizeof(Element)) + 3 * kStageBytes + 3 * kRawStageBytes + kBarrierBytes <=
