@@ -369,9 +369,10 @@ GRAPH_LENGTHS = ([100, 0, 3000, 65], [2000, 3200, 0, 1])  # replayed in turn; ca
 GRAPH_SHAPE = dict(max_pages=50, num_blocks=140)  # the static buffers fit both sets of lengths
 
 
-def check_graph_replay(case) -> None:
+def check_graph_replay(case, bitwise_vs_eager: bool = False) -> None:
     """get_metadata + decode captured in one CUDA graph; each of GRAPH_LENGTHS' problems is
-    copied into the static inputs, replayed into a NaN-filled out and compared."""
+    copied into the static inputs, replayed into a NaN-filled out and compared with the
+    reference (and, with ``bitwise_vs_eager``, bit for bit with an eager call on the same data)."""
     make = lambda lengths, seed: case.variant.make_inputs(case, lengths, seed, **GRAPH_SHAPE)  # noqa: E731
     static = make(GRAPH_LENGTHS[0], 1)
     out = empty_out(case)
@@ -386,6 +387,11 @@ def check_graph_replay(case) -> None:
         out.fill_(math.nan)
         graph.replay()
         torch.cuda.synchronize()
+        if bitwise_vs_eager:
+            want_out, want_lse = case.variant.decode(new, case.dv, *case_metadata(case, new), causal=case.causal)
+            assert same_bits(out, want_out) and same_bits(lse, want_lse), (
+                f"[{case.id}] replay with lengths {lengths} differs from the eager call: max |out diff| "
+                f"{(out.float() - want_out.float()).abs().max().item():.3g}")
         ref, lse_ref = case.variant.reference(new, case.dv, causal=case.causal)
         assert_close(out, ref, lse, lse_ref, f"{case.id}-replay-L{'_'.join(map(str, lengths))}",
                      kv_fp8=case.variant.kv_fp8)

@@ -28,16 +28,14 @@ import torch
 from helpers import (
     DTYPES,
     GLA_ROPE1_FP8,
-    GRAPH_LENGTHS,
-    GRAPH_SHAPE,
     GTA_FP8,
     PAGE,
     DecodeInputs,
     SeededGridCase,
     assert_close,
-    capture_graph,
     case_metadata,
     check_case,
+    check_graph_replay,
     check_metadata_reuse,
     empty_out,
     make_inputs,
@@ -160,26 +158,7 @@ def test_fp8_metadata_forms(case, lazy):
 def test_fp8_cuda_graph_replay_equals_eager(case):
     """get_metadata + decode captured once; each of GRAPH_LENGTHS' problems copied into the static
     inputs and replayed into a NaN-filled out: bitwise the eager call's result, and right."""
-    make = lambda lengths, seed: case.variant.make_inputs(case, lengths, seed, **GRAPH_SHAPE)  # noqa: E731
-    static = make(GRAPH_LENGTHS[0], 1)
-    out = empty_out(case)
-
-    def step():
-        return case.variant.decode(static, case.dv, *case_metadata(case, static), causal=case.causal, out=out)
-
-    graph, (_, lse) = capture_graph(step)
-    for seed, lengths in enumerate(GRAPH_LENGTHS, start=1):
-        new = make(lengths, seed)
-        static.copy_(new)
-        out.fill_(math.nan)
-        graph.replay()
-        torch.cuda.synchronize()
-        want_out, want_lse = case.variant.decode(new, case.dv, *case_metadata(case, new), causal=case.causal)
-        assert same_bits(out, want_out) and same_bits(lse, want_lse), (
-            f"[{case.id}] replay with lengths {lengths} differs from the eager call: max |out diff| "
-            f"{(out.float() - want_out.float()).abs().max().item():.3g}")
-        ref, lse_ref = case.variant.reference(new, case.dv, causal=case.causal)
-        assert_close(out, ref, lse, lse_ref, f"{case.id}-replay-L{'_'.join(map(str, lengths))}", kv_fp8=True)
+    check_graph_replay(case, bitwise_vs_eager=True)
 
 
 # --- batch invariance ------------------------------------------------------------------------
