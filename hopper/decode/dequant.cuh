@@ -1,17 +1,17 @@
-// The producer role of an FP8 (e4m3) cache: the whole producer warpgroup turns each e4m3 page
-// into the Element stage that the consumers read, so that the consumers (and everything after
-// them) are exactly those of a cache in q's dtype.
+// The producer role of an FP8 (e4m3) cache: the producer warpgroups (two where the consumers are
+// one warpgroup, else one) turn each e4m3 page into the Element stage that the consumers read, so
+// that the consumers (and everything after them) are exactly those of a cache in q's dtype.
 //
 // Two rings in shared memory (traits.h):
 //   raw stages   an e4m3 page, its RoPE rows (q's dtype) and its scales, loaded kRawStages - 1
 //                pages ahead of the page being converted: the leader's TMAs, plus one thread per
-//                token copying the token's scales with cp.async. Only this warpgroup reads a
-//                raw stage, so it is free again as soon as the warpgroup has converted it.
+//                token copying the token's scales with cp.async. Only the producers read a raw
+//                stage, so it is free again as soon as they have converted it.
 //   Element stages  the pipeline of the unquantised kernel; each producer warp arrives on a
 //                stage's full barrier (no TMA) once its threads have written their share, so
 //                that the warps need not wait for each other page by page.
-// Per page a thread converts one token's 16-value chunks c = parity, parity + k, ... (thread t of
-// the k warpgroup-halves: token t % 64, parity t / 64): each chunk is one 16-byte shared-memory read
+// Per page a thread converts one token's 16-value chunks c = parity, parity + k, ... (k threads
+// per token; producer thread t: token t % 64, parity t / 64): each chunk is one 16-byte read
 // and two 16-byte writes, and the 8 threads of a quarter-warp touch 8 tokens of one swizzle
 // atom, so neither side has bank conflicts. The RoPE rows are copied as they are (both rings
 // use the same swizzled layout).
