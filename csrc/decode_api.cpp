@@ -99,7 +99,7 @@ Tensor decode(const Tensor& q, const Tensor& kv_cache, const std::optional<Tenso
   if (kv_scale.has_value()) {
     STD_TORCH_CHECK(kv_scale->is_cuda() && kv_scale->scalar_type() == ScalarType::Float && kv_scale->dim() == 4 &&
                         kv_scale->size(0) == kv_cache.size(0) && kv_scale->size(1) == kv_cache.size(1) &&
-                        kv_scale->size(2) == kv_cache.size(2) && kv_scale->size(3) == (kv_cache.size(3) + 127) / 128,
+                        kv_scale->size(2) == kv_cache.size(2) && kv_scale->size(3) == (kv_cache.size(3) + kScaleGroup - 1) / kScaleGroup,
                     "flash_gla: kv_scale must be a float32 CUDA tensor (num_blocks, 64, h_kv, ceil(d / 128))");
   }
   const int32_t device = q.get_device_index();

@@ -7,6 +7,7 @@ shapes, and the constants that Python shares with the kernels.
 from typing import NamedTuple
 
 PAGE_SIZE = 64  # kPageSize in hopper/common/params.h
+FP8_GROUP = 128  # kScaleGroup in hopper/common/params.h
 META_FIELDS = 8  # kMetaFields in hopper/common/params.h
 FIXED_OVERHEAD_PAGES = 5  # kFixedOverheadPages in hopper/common/params.h
 MAX_SPLITS_PER_REQUEST = 256  # kMaxSplitsPerRequest in hopper/common/params.h

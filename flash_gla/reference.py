@@ -29,10 +29,12 @@ from typing import Callable
 
 import torch
 
+#: Values per FP8 scale along a cache row (the last group of a row may be shorter): the
+#: kernels' kScaleGroup (hopper/common/params.h), through the generated table.
+from flash_gla._instances import FP8_GROUP
+
 KVBuilder = Callable[[torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]]
 
-#: Values per FP8 scale along a cache row (the last group of a row may be shorter).
-FP8_GROUP = 128
 #: The largest finite float8_e4m3fn: a group's scale maps its largest magnitude onto it.
 FP8_E4M3_MAX = 448.0
 #: The smallest FP8 scale, float32's smallest normal 2^-126: 1 / scale stays finite.

@@ -13,6 +13,10 @@ namespace flash_gla {
 // Element type of q, the caches and out (fp32 accumulation inside).
 enum class DType { kBF16, kFP16 };
 
+// FP8 caches: one float32 scale per kScaleGroup values along a KV head's row (the cache writer
+// quantises by it, the decode kernels dequantise by it). flash_gla/_instances.py's FP8_GROUP.
+constexpr int kScaleGroup = 128;
+
 // Tokens per KV-cache page. FlashMLA's layout; the kernels load one whole page per stage.
 constexpr int kPageSize = 64;
 

@@ -67,7 +67,8 @@ struct DequantProducer {
   static constexpr int kChunksPerRow = Traits::kKVWidth / 16;  // 16 e4m3 values per chunk
   // kThreadsPerToken threads share a token: thread t takes chunks t / 64, + kThreadsPerToken, ...
   static constexpr int kThreadsPerToken = kThreads / kBlockN;
-  static_assert(kThreads % kBlockN == 0 && 8 % kThreadsPerToken == 0, "a scale group's 8 chunks split evenly");
+  static_assert(kThreads % kBlockN == 0 && (kScaleGroup / 16) % kThreadsPerToken == 0,
+                "a scale group's chunks split evenly");
   static_assert(kChunksPerRow % kThreadsPerToken == 0, "every thread of a token takes as many chunks");
 
   // ptid: thread index within the producer warpgroup (0 is the leader, which issues the TMAs).
@@ -167,9 +168,9 @@ struct DequantProducer {
     }
   }
 
-  // A thread's chunks of one 128-value scale group (8 chunks of 16 values): every
+  // A thread's chunks of one scale group (kScaleGroup / 16 chunks of 16 values): every
   // kThreadsPerToken-th one.
-  static constexpr int kChunksPerGroup = cute::min(8, kChunksPerRow) / kThreadsPerToken;
+  static constexpr int kChunksPerGroup = cute::min(kScaleGroup / 16, kChunksPerRow) / kThreadsPerToken;
   static constexpr int kChunksPerThread = kChunksPerRow / kThreadsPerToken;
   static constexpr int kRawStageStride = kBlockN * Traits::kKVWidth;                      // bytes
   static constexpr int kStageStride = kBlockN * Traits::kKVWidth * int(sizeof(Element));  // bytes

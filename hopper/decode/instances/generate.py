@@ -62,6 +62,7 @@ PYTHON_TABLE = ROOT / "flash_gla" / "_instances.py"
 # Python name -> (C++ header under hopper/common/, constant there).
 SHARED_CONSTANTS = {
     "PAGE_SIZE": ("params.h", "kPageSize"),
+    "FP8_GROUP": ("params.h", "kScaleGroup"),
     "META_FIELDS": ("params.h", "kMetaFields"),
     "FIXED_OVERHEAD_PAGES": ("params.h", "kFixedOverheadPages"),
     "MAX_SPLITS_PER_REQUEST": ("params.h", "kMaxSplitsPerRequest"),
