@@ -122,10 +122,8 @@ struct DequantProducer {
     };
 
     ChunkAddresses at;
-    if constexpr (!kFewRegisters) {
-      CUTLASS_PRAGMA_UNROLL
-      for (int c = 0; c < kChunksPerThread; ++c) { chunk_addresses(sRaw, sK, token, parity, c, at.raw[c], at.lo[c]); }
-    }
+    CUTLASS_PRAGMA_UNROLL
+    for (int c = 0; c < kChunksPerThread; ++c) { chunk_addresses(sRaw, sK, token, parity, c, at.raw[c], at.lo[c]); }
     int fetched = 0;
     for (; fetched < kRawStages && !walk.done; ++fetched) { fetch(fetched); }
     auto state = cutlass::make_producer_start_state<Pipeline>();
@@ -133,7 +131,7 @@ struct DequantProducer {
       const int slot = n % kRawStages;
       reinterpret_cast<RawBarrier&>(smem.raw.full[slot]).wait((n / kRawStages) % 2);
       pipeline.producer_acquire(state);  // every thread waits for the Element stage to be free
-      convert_page(smem, sRaw, sK, at, slot, state.index(), token, parity);
+      convert_page(smem, at, slot, state.index(), token);
       copy_rope(smem, slot, state.index(), ptid);
       cutlass::arch::fence_view_async_shared();  // written by threads, read by wgmma
       __syncwarp();
@@ -174,9 +172,9 @@ struct DequantProducer {
   static constexpr int kChunksPerThread = kChunksPerRow / kThreadsPerToken;
   static constexpr int kRawStageStride = kBlockN * Traits::kKVWidth;                      // bytes
   static constexpr int kStageStride = kBlockN * Traits::kKVWidth * int(sizeof(Element));  // bytes
-  // With 56 registers (two consumer warpgroups) a chunk at a time, its addresses computed in
-  // place; else the group's reads are issued together and the addresses come precomputed.
-  static constexpr bool kFewRegisters = Traits::kProducerRegs < 64;
+  // A group's reads are issued together with precomputed addresses, which takes registers (with
+  // 56 a producer had to go a chunk at a time: 2,716 against 2,419 us at s_q 2, 32K; traits.h).
+  static_assert(Traits::kProducerRegs >= 88, "the producer keeps a group's chunks and their addresses");
 
   // Shared-memory addresses of a thread's chunks in raw stage 0 and Element stage 0 (its low 8
   // values; the high 8 are the next 16 bytes of the row before the swizzle, i.e. address ^ 16
@@ -194,43 +192,32 @@ struct DequantProducer {
   }
 
   // One thread's share of a page: e4m3 chunks of its token -> Element, times their scales.
-  template <class TensorRaw, class TensorK>
-  static __device__ void convert_page(typename Traits::SharedStorage& smem, TensorRaw& sRaw,
-                                      TensorK& sK, ChunkAddresses const& at, int slot, int stage,
-                                      int token, int parity) {
+  static __device__ void convert_page(typename Traits::SharedStorage& smem, ChunkAddresses const& at,
+                                      int slot, int stage, int token) {
     const uint32_t raw_offset = slot * kRawStageStride, out_offset = stage * kStageStride;
     CUTLASS_PRAGMA_UNROLL
     for (int g = 0; g < kGroups; ++g) {
       const float s = smem.raw.scale[slot][token][g];
       // All of the group's 16-byte reads first, then the conversions and writes: the reads
       // are then in flight together (the volatile accesses keep their program order).
-      constexpr int kBatch = kFewRegisters ? 1 : kChunksPerGroup;
-#pragma unroll(kFewRegisters ? 1 : kChunksPerGroup / kBatch)
-      for (int i0 = 0; i0 < kChunksPerGroup; i0 += kBatch) {
-        uint32_t raw[kBatch][4], lo_at[kBatch];
-        CUTLASS_PRAGMA_UNROLL
-        for (int i = 0; i < kBatch; ++i) {
-          const int chunk = g * kChunksPerGroup + i0 + i;
-          uint32_t raw_at;
-          if constexpr (kFewRegisters) {
-            chunk_addresses(sRaw, sK, token, parity, chunk, raw_at, lo_at[i]);
-          } else {
-            raw_at = at.raw[chunk], lo_at[i] = at.lo[chunk];
-          }
-          asm volatile("ld.shared.v4.b32 {%0, %1, %2, %3}, [%4];\n"
-                       : "=r"(raw[i][0]), "=r"(raw[i][1]), "=r"(raw[i][2]), "=r"(raw[i][3])
-                       : "r"(raw_at + raw_offset));
-        }
-        CUTLASS_PRAGMA_UNROLL
-        for (int i = 0; i < kBatch; ++i) {
-          uint32_t lo[4], hi[4];
-          dequantise4<Element>(raw[i][0], s, lo[0], lo[1]);
-          dequantise4<Element>(raw[i][1], s, lo[2], lo[3]);
-          dequantise4<Element>(raw[i][2], s, hi[0], hi[1]);
-          dequantise4<Element>(raw[i][3], s, hi[2], hi[3]);
-          store_shared(lo_at[i] + out_offset, lo);
-          store_shared((lo_at[i] + out_offset) ^ 16u, hi);
-        }
+      uint32_t raw[kChunksPerGroup][4], lo_at[kChunksPerGroup];
+      CUTLASS_PRAGMA_UNROLL
+      for (int i = 0; i < kChunksPerGroup; ++i) {
+        const int chunk = g * kChunksPerGroup + i;
+        lo_at[i] = at.lo[chunk];
+        asm volatile("ld.shared.v4.b32 {%0, %1, %2, %3}, [%4];\n"
+                     : "=r"(raw[i][0]), "=r"(raw[i][1]), "=r"(raw[i][2]), "=r"(raw[i][3])
+                     : "r"(at.raw[chunk] + raw_offset));
+      }
+      CUTLASS_PRAGMA_UNROLL
+      for (int i = 0; i < kChunksPerGroup; ++i) {
+        uint32_t lo[4], hi[4];
+        dequantise4<Element>(raw[i][0], s, lo[0], lo[1]);
+        dequantise4<Element>(raw[i][1], s, lo[2], lo[3]);
+        dequantise4<Element>(raw[i][2], s, hi[0], hi[1]);
+        dequantise4<Element>(raw[i][3], s, hi[2], hi[3]);
+        store_shared(lo_at[i] + out_offset, lo);
+        store_shared((lo_at[i] + out_offset) ^ 16u, hi);
       }
     }
   }
