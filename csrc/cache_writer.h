@@ -21,8 +21,8 @@
 
 namespace flash_gla {
 
-// Values per FP8 scale (the last group of a row may be shorter: d need not be a multiple).
-// A group's scale is amax / kE4M3Max (so its largest value becomes e4m3's largest finite, 448),
+// One FP8 scale per kScaleGroup values (common/params.h; the last group of a row may be shorter:
+// d need not be a multiple). A group's scale is amax / kE4M3Max (so its largest value becomes e4m3's largest finite, 448),
 // at least kMinScale = 2^-126 (float32's smallest normal, so that 1 / scale is finite), and 1
 // for a group of zeros.
 constexpr float kE4M3Max = 448.0f;
