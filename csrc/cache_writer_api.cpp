@@ -1,7 +1,7 @@
 // Host side of the paged-cache writer: tensors -> CacheWriteParams -> run_write_kvcache.
 #include "cache_writer_api.h"
 
-#include "cache_writer.h"
+#include "cache/run_cache_writer.h"
 
 namespace flash_gla {
 

@@ -4,12 +4,12 @@
 #include <algorithm>
 #include <cmath>
 
-#include "combine.h"
+#include "combine/run_combine.h"
 #include "common/cuda_check.h"
 #include "common/params.h"
 #include "common/tile_policy.h"
 #include "decode_instances.h"
-#include "scheduler.h"
+#include "schedule/run_scheduler.h"
 
 namespace flash_gla {
 
@@ -69,7 +69,8 @@ std::tuple<Tensor, Tensor> get_metadata(const Tensor& cache_seqlens, int64_t num
   const int parts = static_cast<int>(get_num_sm_parts(device, num_q_tokens_per_head_k, num_heads_k));
   Tensor meta = empty_on(cache_seqlens, {parts + (batch_invariant ? 1 : 0), kMetaFields}, ScalarType::Int);
   Tensor num_splits = empty_on(cache_seqlens, {batch + 1}, ScalarType::Int);
-  run_scheduler(cache_seqlens.const_data_ptr<int>(), batch, parts, meta.mutable_data_ptr<int>(),
+  run_scheduler(cache_seqlens.const_data_ptr<int>(), batch, parts,
+                reinterpret_cast<PartPlan*>(meta.mutable_data_ptr<int>()),
                 num_splits.mutable_data_ptr<int>(), current_stream(device), batch_invariant);
   return {meta, num_splits};
 }
@@ -179,7 +180,7 @@ Tensor decode(const Tensor& q, const Tensor& kv_cache, const std::optional<Tenso
   p.o_accum = accum.mutable_data_ptr<float>();
   p.lse_accum = p.o_accum + o_accum_size;
 
-  p.sched_meta = tile_scheduler_metadata.const_data_ptr<int>();
+  p.sched_meta = reinterpret_cast<const PartPlan*>(tile_scheduler_metadata.const_data_ptr<int>());
   p.num_splits = num_splits.const_data_ptr<int>();
   p.num_parts = static_cast<int>(num_parts);
   p.batch_invariant = batch_invariant;

@@ -1,7 +1,7 @@
 // Host side of merge_attention: tensors -> MergeParams -> run_merge_attention.
 #include "merge_api.h"
 
-#include "merge.h"
+#include "combine/run_merge.h"
 
 namespace flash_gla {
 

@@ -1,7 +1,8 @@
 """The source tree's layering, checked on text (no build needed).
 
-hopper/ (the kernels and the neutral headers in hopper/common/) must not depend on csrc/ (the
-host layer that includes them), so that the two folders do not depend on each other.
+hopper/ (every kernel, and the neutral headers in hopper/common/) must not depend on csrc/ (the
+torch boundary that includes them), so that the two folders do not depend on each other; and
+csrc/ holds no device code.
 """
 
 import re
@@ -56,3 +57,26 @@ def test_host_code_includes_only_torchs_stable_abi():
         if name.startswith(UNSTABLE_TORCH_HEADERS)
     ]
     assert not found, "\n".join(found)
+
+
+GLOBAL_KERNEL = re.compile(r"\b__global__\b")
+
+
+def test_device_code_lives_under_hopper():
+    """csrc/ is the torch boundary only (bindings, launch, dispatch): C++ that the host compiler
+    builds, no .cu/.cuh file and no kernel. Every kernel is under hopper/."""
+    csrc = ROOT / "csrc"
+    cuda_files = sorted(str(p.relative_to(ROOT)) for p in csrc.rglob("*") if p.suffix in {".cu", ".cuh"})
+    assert not cuda_files, f"CUDA sources under csrc/ (they belong under hopper/): {cuda_files}"
+    kernels = [
+        str(path.relative_to(ROOT))
+        for path in sorted(csrc.rglob("*"))
+        if path.suffix in {".h", ".cpp"} and GLOBAL_KERNEL.search(path.read_text())
+    ]
+    assert not kernels, f"__global__ functions under csrc/: {kernels}"
+    hopper_kernels = {
+        path.parent.name
+        for path in (ROOT / "hopper").rglob("*")
+        if path.suffix in {".cu", ".cuh"} and GLOBAL_KERNEL.search(path.read_text())
+    }
+    assert {"decode", "schedule", "combine", "cache"} <= hopper_kernels

@@ -47,8 +47,8 @@ CUTLASS_HOST_DEVICE float sink_factor(float lse, float sink) {
 }
 
 // Index of (request, query head, query token) in lse (b, h_q, s_q).
-CUTLASS_HOST_DEVICE int64_t lse_index(const DecodeParams& p, int batch, int head, int token) {
-  return (int64_t(batch) * p.num_heads_q + head) * p.seqlen_q + token;
+CUTLASS_HOST_DEVICE int64_t lse_index(const DecodeParams& p, int request, int head, int token) {
+  return (int64_t(request) * p.num_heads_q + head) * p.seqlen_q + token;
 }
 
 }  // namespace flash_gla

@@ -1,4 +1,4 @@
-// The contract between the host (csrc/) and the kernels (hopper/, csrc/*.cu): one
+// The contract between the host (csrc/) and the kernels (hopper/): one
 // plain-old-data parameter block and the constants both sides size things by. Plain C++ (no
 // CuTe, no torch), so that either side can include it.
 //
@@ -20,28 +20,32 @@ constexpr int kScaleGroup = 128;
 // Tokens per KV-cache page. FlashMLA's layout; the kernels load one whole page per stage.
 constexpr int kPageSize = 64;
 
-// Scheduler metadata: one row of kMetaFields int32 per scheduler part (see csrc/scheduler.cu).
-// A part walks requests [begin_batch, end_batch] (inclusive): pages [begin_page, ...) of the
-// first, all pages of the ones in between, pages [0, end_page) of the last. A part with
-// end_batch < begin_batch has no work.
+// Scheduler metadata: one PartPlan per scheduler part, written by hopper/schedule/scheduler.cu
+// and walked by the decode kernels (hopper/decode/schedule.cuh); the tensor that holds them is
+// (num_parts, kMetaFields) int32. A part walks items [begin_item, end_item] (inclusive): requests,
+// or in the batch-invariant plan accumulator slots (each one chunk of a request). In requests,
+// it takes pages [begin_page, ...) of the first, all pages of the ones in between and pages
+// [0, end_page) of the last; an empty part has end_item < begin_item.
 constexpr int kMetaFields = 8;
-enum MetaField : int {
-  kMetaBeginBatch = 0,
-  kMetaBeginPage = 1,
-  kMetaEndBatch = 2,
-  kMetaEndPage = 3,      // exclusive, in end_batch
-  kMetaBeginSplit = 4,   // how many earlier parts already hold a piece of begin_batch
+struct PartPlan {
+  int begin_item;   // first request (or slot)
+  int begin_page;   // first page of begin_item
+  int end_item;     // last request (or slot), inclusive
+  int end_page;     // past the last page of end_item
+  int begin_split;  // how many earlier parts already hold a piece of begin_item
+  int unused[kMetaFields - 5];  // rows of 32 bytes
 };
+static_assert(sizeof(PartPlan) == kMetaFields * sizeof(int), "a PartPlan is one metadata row");
 
 // Fixed cost of one (request, part) piece, in pages: the per-request Q load and epilogue.
 // flash_gla/scheduler_model.py's FIXED_OVERHEAD_PAGES.
 constexpr int kFixedOverheadPages = 5;
 
-// The batch-invariant plan (csrc/scheduler.cu, flash_gla/scheduler_model.py): a request of n
+// The batch-invariant plan (hopper/schedule/scheduler.cu, flash_gla/scheduler_model.py): a request of n
 // pages is cut into chunks of max(kInvariantChunkPages, ceil(n / kInvariantMaxChunks)) pages,
-// by its own length only, one accumulator slot each; parts hold runs of whole slots. Its
-// metadata rows are [begin_slot, 0, end_slot, 0, 0, ...], plus one header row
-// [kInvariantMaxChunks, kInvariantChunkPages, 0, ...] after the parts' rows.
+// by its own length only, one accumulator slot each; parts hold runs of whole slots (PartPlan's
+// begin_item / end_item, its pages 0), and one header row [kInvariantMaxChunks,
+// kInvariantChunkPages, 0, ...] follows the parts' rows.
 constexpr int kInvariantChunkPages = 64;
 constexpr int kInvariantMaxChunks = 8;
 // (constexpr: the kernels call these too, built with --expt-relaxed-constexpr)
@@ -107,7 +111,7 @@ struct DecodeParams {
   float* lse_accum;       // (num_slots, h_kv, rows_per_kv_head), contiguous, natural log
 
   // ---- scheduler ----
-  const int* sched_meta;  // (num_parts, kMetaFields)
+  const PartPlan* sched_meta;  // (num_parts,): the rows of tile_scheduler_metadata
   const int* num_splits;  // (b + 1,), prefix sums of pieces per request
   int num_parts;
   bool batch_invariant;   // sched_meta is the batch-invariant plan: parts walk slot ranges

@@ -1,5 +1,5 @@
 // How many packed query rows one CTA serves: the one rule that the decode dispatch
-// (csrc/decode_api.cpp) and the scheduler's part count (csrc/scheduler.cu) both follow.
+// (csrc/decode_api.cpp) and the scheduler's part count (hopper/schedule/scheduler.cu) both follow.
 #pragma once
 
 namespace flash_gla {

@@ -36,7 +36,9 @@
 #include <cuda_fp16.h>
 #include <cuda_fp8.h>
 
-#include "cache_writer.h"
+#include <cutlass/fast_math.h>
+
+#include "cache/run_cache_writer.h"
 #include "common/cuda_check.h"
 
 namespace flash_gla {
@@ -55,23 +57,6 @@ using Bits = std::conditional_t<
     kBytes == 16, uint4,
     std::conditional_t<kBytes == 8, uint2, std::conditional_t<kBytes == 4, uint32_t, uint16_t>>>;
 
-// n / d for 0 <= n < 2^31 and a divisor d fixed per launch, by a multiply-high, an add and a shift
-// (the multiplier found on the host, as CUTLASS's FastDivmod does): the GPU has no integer
-// divide, and a runtime `/` costs some 20 instructions.
-struct FastDivisor {
-  uint32_t divisor;
-  uint32_t multiplier;
-  uint32_t shift;
-
-  static FastDivisor of(uint32_t d) {
-    FastDivisor f{d, 0, 0};
-    while ((uint64_t{1} << f.shift) < d) { ++f.shift; }
-    f.multiplier = static_cast<uint32_t>((uint64_t{1} << 32) * ((uint64_t{1} << f.shift) - d) / d + 1);
-    return f;
-  }
-  __device__ __forceinline__ uint32_t div(uint32_t n) const { return (__umulhi(n, multiplier) + n) >> shift; }
-};
-
 // The copy's walk (see the file comment), in vectors of the op's kVec.
 struct VectorLayout {
   int64_t token_begin;  // first token of this launch's chunk
@@ -87,8 +72,8 @@ struct VectorLayout {
 struct GroupLayout {
   int64_t token_begin;          // first token of this launch's chunk
   int num_items;                // lanes of the chunk: chunk tokens * token_lanes
-  FastDivisor token_lanes;      // lanes per token (a multiple of group_lanes)
-  FastDivisor groups_per_row;   // scale groups per kv_cache row: ceil(kv_dim / kScaleGroup)
+  cutlass::FastDivmod token_lanes;     // lanes per token (a multiple of group_lanes)
+  cutlass::FastDivmod groups_per_row;  // scale groups per kv_cache row: ceil(kv_dim / kScaleGroup)
   int kv_groups;                // h_kv * groups_per_row
   int group_vecs;               // vectors a group spans (its lanes * kLaneVecs; a power of two)
   int group_lane_bits;          // log2 of a group's lanes: 0, 1 or 2 (groups are aligned lanes of one warp)
@@ -299,13 +284,18 @@ __device__ __forceinline__ void quantise_groups(const CacheWriteParams& p, const
   using Elem = typename Op::SrcElem;
   constexpr int kLaneVecs = Op::kLaneVecs;
   const uint32_t n = blockIdx.x * kThreads + threadIdx.x;  // the lane's index in the chunk
-  const uint32_t token = g.token_lanes.div(n);
+  int token, token_lane;
+  g.token_lanes(token, token_lane, static_cast<int>(n));
   const int group_lanes = 1 << g.group_lane_bits;
-  const int unit = static_cast<int>(n - token * g.token_lanes.divisor) >> g.group_lane_bits;
+  const int unit = token_lane >> g.group_lane_bits;
   const int lane = static_cast<int>(n) & (group_lanes - 1);
   const bool kv = unit < g.kv_groups;  // else a unit of the RoPE key
-  const int head = kv ? static_cast<int>(g.groups_per_row.div(unit)) : 0;
-  const int group = kv ? unit - head * static_cast<int>(g.groups_per_row.divisor) : unit - g.kv_groups;
+  int head, group;
+  g.groups_per_row(head, group, unit);
+  if (!kv) {
+    head = 0;
+    group = unit - g.kv_groups;
+  }
   const int first = group * g.group_vecs + lane;  // the lane's vectors: first + k * group_lanes
   const int vecs = kv ? g.kv_vecs : g.rope_vecs;   // past them: padding
   const int64_t t = g.token_begin + token;
@@ -415,9 +405,9 @@ GroupLayout group_layout(const CacheWriteParams& p) {
   g.group_vecs = std::max(g.group_vecs, Op::kLaneVecs);
   while ((Op::kLaneVecs << g.group_lane_bits) < g.group_vecs) { ++g.group_lane_bits; }
   const int groups_per_row = ceil_div(p.kv_dim, kScaleGroup);
-  g.groups_per_row = FastDivisor::of(groups_per_row);
+  g.groups_per_row = cutlass::FastDivmod(groups_per_row);
   g.kv_groups = p.num_heads * groups_per_row;
-  g.token_lanes = FastDivisor::of((g.kv_groups + ceil_div(g.rope_vecs, g.group_vecs)) << g.group_lane_bits);
+  g.token_lanes = cutlass::FastDivmod((g.kv_groups + ceil_div(g.rope_vecs, g.group_vecs)) << g.group_lane_bits);
   return g;
 }
 

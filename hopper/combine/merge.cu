@@ -8,7 +8,7 @@
 #include <cmath>
 
 #include "common/cuda_check.h"
-#include "merge.h"
+#include "combine/run_merge.h"
 
 namespace flash_gla {
 

@@ -1,6 +1,6 @@
 // The split-KV combine kernel: a warp merges packed query rows of one request.
 //
-// Grid (row blocks, batch). Most requests are usually not split (their rows were written by the
+// Grid (row blocks, requests). Most requests are usually not split (their rows were written by the
 // decode kernel), and a block of such a request returns at once, but even empty blocks cost
 // launch time. So each request gets only as many blocks as keep every SM busy when all
 // requests are split, and a warp walks rows blockIdx.x * kWarps + warp, + gridDim.x * kWarps, ...
@@ -14,7 +14,7 @@
 #include <algorithm>
 #include <cmath>
 
-#include "combine.h"
+#include "combine/run_combine.h"
 #include "common/cuda_check.h"
 #include "common/packed_rows.h"
 
@@ -48,9 +48,9 @@ __device__ __forceinline__ void store4(__half* dst, float4 v) {
   *reinterpret_cast<uint2*>(dst) = packed;
 }
 
-// Merges the n pieces of one packed query row (kv head, m) of request `batch`.
+// Merges the n pieces of one packed query row (kv head, m) of request `request`.
 template <class T>
-__device__ __forceinline__ void combine_row(const DecodeParams& p, int batch, int first, int n,
+__device__ __forceinline__ void combine_row(const DecodeParams& p, int request, int first, int n,
                                             int row, float* weights, int lane) {
   const int kv_head = row / p.rows_per_kv_head;
   const int m = row % p.rows_per_kv_head;
@@ -82,7 +82,7 @@ __device__ __forceinline__ void combine_row(const DecodeParams& p, int batch, in
   }
   __syncwarp();
 
-  T* out = static_cast<T*>(p.out) + batch * p.o_batch_stride +
+  T* out = static_cast<T*>(p.out) + request * p.o_batch_stride +
            rows.offset(m, p.o_seq_stride, p.o_head_stride);
   for (int col = lane * 4; col < p.head_dim_v; col += 32 * 4) {
     float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
@@ -96,22 +96,22 @@ __device__ __forceinline__ void combine_row(const DecodeParams& p, int batch, in
     }
     store4(out + col, acc);
   }
-  if (lane == 0) { p.lse[lse_index(p, batch, head, token)] = lse; }
+  if (lane == 0) { p.lse[lse_index(p, request, head, token)] = lse; }
   __syncwarp();  // the weights are rewritten for the warp's next row
 }
 
 template <class T>
 __global__ void __launch_bounds__(kWarps * 32) combine_kernel(const DecodeParams p) {
   __shared__ float weights[kWarps][kMaxSplitsPerRequest];
-  const int batch = blockIdx.y;
-  const int first = p.num_splits[batch];
-  const int n = p.num_splits[batch + 1] - first;
+  const int request = blockIdx.y;
+  const int first = p.num_splits[request];
+  const int n = p.num_splits[request + 1] - first;
   if (n <= 1) { return; }  // written directly by the decode kernel
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   for (int row = blockIdx.x * kWarps + warp; row < p.num_heads_kv * p.rows_per_kv_head;
        row += gridDim.x * kWarps) {  // over (kv head, packed row)
-    combine_row<T>(p, batch, first, n, row, weights[warp], lane);
+    combine_row<T>(p, request, first, n, row, weights[warp], lane);
   }
 }
 

@@ -13,7 +13,7 @@
 #include "common/cuda_check.h"
 #include "common/params.h"
 #include "common/tile_policy.h"
-#include "scheduler.h"
+#include "schedule/run_scheduler.h"
 
 namespace flash_gla {
 
@@ -27,7 +27,7 @@ __device__ __forceinline__ int pages_of(int seqlen) {
 }
 
 __global__ void scheduler_kernel(const int* __restrict__ cache_seqlens, int batch, int num_parts,
-                                 int* __restrict__ sched_meta, int* __restrict__ num_splits) {
+                                 PartPlan* __restrict__ plans, int* __restrict__ num_splits) {
   __shared__ int pages[kMaxCachedBatch];
   __shared__ int block_total[kThreads];
   const bool cached = batch <= kMaxCachedBatch;
@@ -50,10 +50,10 @@ __global__ void scheduler_kernel(const int* __restrict__ cache_seqlens, int batc
   int idx = 0, page = 0, split = 0, cum_splits = 0;
   num_splits[0] = 0;
   for (int part = 0; part < num_parts; ++part) {
-    int* meta = sched_meta + part * kMetaFields;
-    meta[kMetaBeginBatch] = idx;
-    meta[kMetaBeginPage] = page;
-    meta[kMetaBeginSplit] = split;
+    PartPlan plan{};
+    plan.begin_item = idx;
+    plan.begin_page = page;
+    plan.begin_split = split;
     const bool last = part == num_parts - 1;
     long long remain = payload;
     while (idx < batch) {
@@ -75,13 +75,13 @@ __global__ void scheduler_kernel(const int* __restrict__ cache_seqlens, int batc
       }
     }
     if (page > 0) {
-      meta[kMetaEndBatch] = idx;
-      meta[kMetaEndPage] = page;
-    } else {  // stopped at a request boundary; end_batch < begin_batch marks an idle part
-      meta[kMetaEndBatch] = idx - 1;
-      meta[kMetaEndPage] = idx > 0 ? (cached ? pages[idx - 1] : pages_of(cache_seqlens[idx - 1])) : 0;
+      plan.end_item = idx;
+      plan.end_page = page;
+    } else {  // stopped at a request boundary; end_item < begin_item marks an idle part
+      plan.end_item = idx - 1;
+      plan.end_page = idx > 0 ? (cached ? pages[idx - 1] : pages_of(cache_seqlens[idx - 1])) : 0;
     }
-    for (int f = kMetaBeginSplit + 1; f < kMetaFields; ++f) { meta[f] = 0; }
+    plans[part] = plan;
   }
 }
 
@@ -96,7 +96,7 @@ __device__ __forceinline__ int chunk_cost(int pages, int chunk) {
 }
 
 __global__ void invariant_scheduler_kernel(const int* __restrict__ cache_seqlens, int batch,
-                                           int num_parts, int* __restrict__ sched_meta,
+                                           int num_parts, PartPlan* __restrict__ plans,
                                            int* __restrict__ num_splits) {
   using Scan = cub::BlockScan<long long, kThreads>;
   __shared__ typename Scan::TempStorage scan_storage;
@@ -175,18 +175,20 @@ __global__ void invariant_scheduler_kernel(const int* __restrict__ cache_seqlens
   __syncthreads();
   const int total_slots = static_cast<int>(totals[0]);
   for (int q = threadIdx.x; q <= num_parts; q += kThreads) {
-    int* meta = sched_meta + q * kMetaFields;
-    for (int f = 0; f < kMetaFields; ++f) { meta[f] = 0; }
+    PartPlan plan{};
     if (q == num_parts) {  // the header row that marks the plan
-      meta[0] = kInvariantMaxChunks;
-      meta[1] = kInvariantChunkPages;
+      int* header = reinterpret_cast<int*>(&plans[q]);
+      for (int f = 0; f < kMetaFields; ++f) { header[f] = 0; }
+      header[0] = kInvariantMaxChunks;
+      header[1] = kInvariantChunkPages;
       continue;
     }
     const int begin = part_begin[q] < 0 ? total_slots : part_begin[q];
     int next = total_slots;  // the first slot of a later part
     if (q + 1 < num_parts && part_begin[q + 1] >= 0) { next = part_begin[q + 1]; }
-    meta[kMetaBeginBatch] = begin;
-    meta[kMetaEndBatch] = next - 1;
+    plan.begin_item = begin;
+    plan.end_item = next - 1;
+    plans[q] = plan;
   }
 }
 
@@ -207,14 +209,13 @@ int num_sm_parts(int num_sms, int num_q_tokens_per_head_k, int num_heads_k) {
   return parts_64 * std::max(1, parts_128 / parts_64);
 }
 
-void run_scheduler(const int* cache_seqlens, int batch, int num_parts, int* sched_meta,
+void run_scheduler(const int* cache_seqlens, int batch, int num_parts, PartPlan* plans,
                    int* num_splits, cudaStream_t stream, bool batch_invariant) {
   if (batch_invariant) {
-    invariant_scheduler_kernel<<<1, kThreads, 0, stream>>>(cache_seqlens, batch, num_parts,
-                                                            sched_meta, num_splits);
+    invariant_scheduler_kernel<<<1, kThreads, 0, stream>>>(cache_seqlens, batch, num_parts, plans,
+                                                            num_splits);
   } else {
-    scheduler_kernel<<<1, kThreads, 0, stream>>>(cache_seqlens, batch, num_parts, sched_meta,
-                                                  num_splits);
+    scheduler_kernel<<<1, kThreads, 0, stream>>>(cache_seqlens, batch, num_parts, plans, num_splits);
   }
   check_launch("scheduler");
 }
