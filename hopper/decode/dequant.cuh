@@ -172,8 +172,8 @@ struct DequantProducer {
   static constexpr int kChunksPerThread = kChunksPerRow / kThreadsPerToken;
   static constexpr int kRawStageStride = kBlockN * Traits::kKVWidth;                      // bytes
   static constexpr int kStageStride = kBlockN * Traits::kKVWidth * int(sizeof(Element));  // bytes
-  // A group's reads are issued together with precomputed addresses, which takes registers (with
-  // 56 a producer had to go a chunk at a time: 2,716 against 2,419 us at s_q 2, 32K; traits.h).
+  // A group's reads are issued together with precomputed addresses, which takes registers: with
+  // fewer, a producer would convert a chunk at a time, its reads no longer in flight together.
   static_assert(Traits::kProducerRegs >= 88, "the producer keeps a group's chunks and their addresses");
 
   // Shared-memory addresses of a thread's chunks in raw stage 0 and Element stage 0 (its low 8

@@ -2,7 +2,7 @@
 //
 // A request handled by one piece gets its bf16/fp16 O rows and LSE written here; a request
 // split over several pieces gets fp32 partials (O normalised over the piece's keys, and its
-// LSE) that csrc/combine.cu merges.
+// LSE) that hopper/combine/combine.cu merges.
 #pragma once
 
 #include <cute/tensor.hpp>
@@ -47,7 +47,7 @@ struct Epilogue {
         p.lse_accum[accum_row(p, w.slot, rows.kv_head, m)] = lse[i];
       } else {
         // A row that saw no key reports +inf, so that a later merge ignores it.
-        p.lse[lse_index(p, w.batch, head, token)] = lse[i] == -INFINITY ? INFINITY : lse[i];
+        p.lse[lse_index(p, w.request, head, token)] = lse[i] == -INFINITY ? INFINITY : lse[i];
       }
     }
     if (w.is_split) {
@@ -111,7 +111,7 @@ struct Epilogue {
       const int r = idx / kChunksPerRow, col = (idx % kChunksPerRow) * kChunk;
       const int m = wg.row_base + r;
       if (m >= p.rows_per_kv_head) { continue; }
-      Element* dst = static_cast<Element*>(p.out) + w.batch * p.o_batch_stride +
+      Element* dst = static_cast<Element*>(p.out) + w.request * p.o_batch_stride +
                      rows.offset(m, p.o_seq_stride, p.o_head_stride) + wg.col_wg * kOutCols + col;
       *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(&sO(r, col));
     }

@@ -2,7 +2,7 @@
 //
 // Grid: (m-blocks of 64 or 128 packed query rows, KV heads, up to the scheduler's parts). Each
 // CTA is persistent over the parts blockIdx.z, + gridDim.z, ... and the request pieces that
-// csrc/scheduler.cu assigned to them (schedule.cuh); for each piece it computes
+// hopper/schedule/scheduler.cu assigned to them (schedule.cuh); for each piece it computes
 // softmax(Q K^T * scale) V over that piece's KV pages.
 //
 // Roles (warp-specialised):
@@ -11,7 +11,7 @@
 //     mbarriers. It starts once the first Q tile's loads are issued.
 //   consumers (warpgroups 0..; consumer.cuh): per piece, load the Q tile, then per page
 //     S = Q K^T, online softmax, O += P V with wgmma, and release the stage; then the epilogue
-//     (epilogue.cuh) writes O and LSE, or fp32 partials that csrc/combine.cu merges.
+//     (epilogue.cuh) writes O and LSE, or fp32 partials that hopper/combine/combine.cu merges.
 //
 // Shared memory (traits.h): Q (64 or 128 rows x d_qk, or x d_nope with its RoPE columns in
 // registers) + kStages pages (64 x kv_width), 128B-swizzled K-major [+ kStages shared RoPE

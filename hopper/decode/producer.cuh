@@ -1,5 +1,5 @@
 // The producer role: one thread TMA-loads whole KV pages of its CTA's KV head into the ring
-// of shared-memory stages, in the order the consumers walk them.
+// of shared-memory stages, in the order the consumers walk them (PieceWalk).
 #pragma once
 
 #include <cute/tensor.hpp>
@@ -34,12 +34,12 @@ struct Producer {
     auto [tRgR, tRsR] = tma_partition(tma_rope, Int<0>{}, Layout<_1>{},
                                       group_modes<0, 2>(sR), group_modes<0, 2>(mR));
     auto state = cutlass::make_producer_start_state<Pipeline>();
-    for (int part = blockIdx.z; part < p.num_parts; part += gridDim.z) {
-      const PartSchedule sched = PartSchedule::load(p, part);
-      for (int idx = sched.begin_batch; idx <= sched.end_batch; ++idx) {
-        const int batch = PartSchedule::request_of(p, idx);
-        const WorkPiece w = sched.piece(p, idx, batch);
-        const int* pages = p.block_table + batch * p.block_table_batch_stride;
+    PieceWalk</*kReload=*/false> walk;
+    for (walk.first_part(); walk.in_parts(p); walk.next_part()) {
+      for (walk.first_item(p); walk.in_part(p); walk.next_item()) {
+        const int request = walk.request(p);
+        const WorkPiece w = walk.piece(p, request);
+        const int* pages = p.block_table + request * p.block_table_batch_stride;
         for (int page = w.page_begin; page < w.page_end; ++page) {
           const int physical_page = pages[page];
           pipeline.producer_acquire(state);

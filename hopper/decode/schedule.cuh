@@ -1,9 +1,11 @@
-// The persistent schedule: which request pieces (request, page range) a CTA walks.
+// The persistent schedule: the one order in which a CTA walks its work, which the producer
+// (loading pages) and the consumers (computing them) both follow, page for page.
 //
-// A CTA takes scheduler parts blockIdx.z, + gridDim.z, ... (csrc/scheduler.cu assigned each
-// part a run of requests, the first and last possibly cut); for each request of a part it
-// handles one piece. In the batch-invariant plan a part is a run of slots instead, each slot
-// one chunk of a request, and each slot is one piece.
+// A CTA takes scheduler parts blockIdx.z, + gridDim.z, ... (hopper/schedule/scheduler.cu gave
+// each part a PartPlan: a run of requests, the first and last possibly cut); each request of a
+// part is one piece. In the batch-invariant plan a part is a run of slots instead, each slot
+// one chunk of a request and one piece. PieceWalk visits every piece, empty ones too (a
+// consumer still writes their output); PageWalk walks the pages of the non-empty ones.
 #pragma once
 
 #include "common/params.h"
@@ -12,8 +14,8 @@ namespace flash_gla::hopper {
 
 // One request's share of one scheduler part.
 struct WorkPiece {
-  int batch;
-  int seqlen;      // cache_seqlens[batch], clamped to what the block table can address
+  int request;     // index into the batch
+  int seqlen;      // cache_seqlens[request], clamped to what the block table can address
   int num_pages;   // pages holding the request's keys
   int page_begin;  // this piece's pages: [page_begin, page_end)
   int page_end;
@@ -21,119 +23,150 @@ struct WorkPiece {
   bool is_split;   // the request is spread over several pieces (needs the combine kernel)
 };
 
-struct PartSchedule {
-  int begin_batch, begin_page, end_batch, end_page, begin_split;
+// A CTA's pieces, part by part and item by item. The order is set by the six steps below
+// (first_part / in_parts / next_part over the CTA's parts, first_item / in_part / next_item
+// over a part's items); a caller either nests the two loops or walks flat (begin / done /
+// next). The producer and the consumers nest them: with one flat loop, ptxas spills the
+// consumers' piece state at the setmaxnreg limit.
+//
+// kReload: read the part's plan from global memory (an L1 hit) whenever it is needed, instead
+// of letting the compiler keep its fields live across a consumer's page loop, where registers
+// are at the setmaxnreg limit (they were spilled otherwise). Without it the plan is read once
+// per part and kept.
+template <bool kReload>
+struct PieceWalk {
+  int part;  // the scheduler part
+  int item;  // its current item: a request, or a slot in the batch-invariant plan
+  PartPlan kept;  // without kReload: the part's plan, read once per part
 
-  // kReload: read every field from global memory (an L1 hit) each time, instead of letting
-  // the compiler keep five values live across a consumer's page loop, where registers are
-  // at the setmaxnreg limit (they were spilled otherwise).
-  template <bool kReload = false>
-  __device__ static PartSchedule load(const DecodeParams& p, int part) {
-    const int* m = p.sched_meta + part * kMetaFields;
-    auto field = [&](int f) {
-      if constexpr (kReload) {
-        int v;
-        asm volatile("ld.global.nc.b32 %0, [%1];" : "=r"(v) : "l"(m + f));
-        return v;
-      } else {
-        return m[f];
-      }
-    };
-    return {field(kMetaBeginBatch), field(kMetaBeginPage), field(kMetaEndBatch),
-            field(kMetaEndPage), field(kMetaBeginSplit)};
+  __device__ void first_part() { part = blockIdx.z; }
+  __device__ bool in_parts(const DecodeParams& p) const { return part < p.num_parts; }
+  __device__ void next_part() { part += gridDim.z; }
+  __device__ void first_item(const DecodeParams& p) {
+    if constexpr (!kReload) { kept = p.sched_meta[part]; }
+    item = plan(p).begin_item;
+  }
+  __device__ bool in_part(const DecodeParams& p) const { return item <= plan(p).end_item; }
+  __device__ void next_item() { ++item; }
+
+  // The same order as one flat walk over the pieces.
+  __device__ void begin(const DecodeParams& p) {
+    first_part();
+    if (in_parts(p)) { first_item(p); }
+    settle(p);
+  }
+  __device__ bool done(const DecodeParams& p) const { return !in_parts(p); }
+  __device__ void next(const DecodeParams& p) {
+    next_item();
+    settle(p);
   }
 
-  // The request of the part's idx-th item, idx in [begin_batch, end_batch]: idx itself, or
-  // in the batch-invariant plan (whose parts walk slots) the request owning slot idx, found by
-  // binary search in num_splits (every request has at least one slot, so exactly one
-  // request r has num_splits[r] <= idx < num_splits[r + 1]).
-  __device__ static int request_of(const DecodeParams& p, int idx) {
-    if (!p.batch_invariant) { return idx; }
+  // The request of the current item: the item itself, or in the batch-invariant plan the
+  // request owning slot `item`, found by binary search in num_splits (every request has at
+  // least one slot, so exactly one request r has num_splits[r] <= item < num_splits[r + 1]).
+  __device__ int request(const DecodeParams& p) const {
+    if (!p.batch_invariant) { return item; }
     int lo = 0, hi = p.batch - 1;
     while (lo < hi) {
       const int mid = (lo + hi + 1) / 2;
-      if (__ldg(p.num_splits + mid) <= idx) { lo = mid; } else { hi = mid - 1; }
+      if (__ldg(p.num_splits + mid) <= item) { lo = mid; } else { hi = mid - 1; }
     }
     return lo;
   }
 
-  // The piece of item idx, whose request is `batch` (request_of(p, idx)).
-  __device__ WorkPiece piece(const DecodeParams& p, int idx, int batch) const {
+  // The current piece, whose request is `request` (request(p)).
+  __device__ WorkPiece piece(const DecodeParams& p, int request) const {
+    const PartPlan plan = this->plan(p);
     WorkPiece w;
-    w.batch = batch;
+    w.request = request;
     const int capacity = p.max_pages_per_seq * kPageSize;
-    const int length = p.cache_seqlens[batch];
+    const int length = p.cache_seqlens[request];
     w.seqlen = max(0, min(length, capacity));
     w.num_pages = (w.seqlen + kPageSize - 1) / kPageSize;
-    const int first_slot = p.num_splits[batch];
-    w.is_split = p.num_splits[batch + 1] - first_slot > 1;
-    if (p.batch_invariant) {  // chunk idx - first_slot, cut by the request's own length
+    const int first_slot = p.num_splits[request];
+    w.is_split = p.num_splits[request + 1] - first_slot > 1;
+    if (p.batch_invariant) {  // chunk item - first_slot, cut by the request's own length
       const int step = invariant_chunk_pages((max(length, 0) + kPageSize - 1) / kPageSize);
-      const int chunk = idx - first_slot;
+      const int chunk = item - first_slot;
       w.page_begin = min(chunk * step, w.num_pages);
       w.page_end = min(w.page_begin + step, w.num_pages);
-      w.slot = idx;
+      w.slot = item;
       return w;
     }
-    w.page_end = min(batch == end_batch ? end_page : w.num_pages, w.num_pages);
-    w.page_begin = min(batch == begin_batch ? begin_page : 0, w.page_end);
-    w.slot = first_slot + (batch == begin_batch ? begin_split : 0);
+    w.page_end = min(request == plan.end_item ? plan.end_page : w.num_pages, w.num_pages);
+    w.page_begin = min(request == plan.begin_item ? plan.begin_page : 0, w.page_end);
+    w.slot = first_slot + (request == plan.begin_item ? plan.begin_split : 0);
     return w;
+  }
+
+ private:
+  __device__ PartPlan plan(const DecodeParams& p) const {
+    const PartPlan* row = p.sched_meta + part;
+    if constexpr (kReload) {
+      auto field = [](const int* f) {
+        int v;
+        asm volatile("ld.global.nc.b32 %0, [%1];" : "=r"(v) : "l"(f));
+        return v;
+      };
+      PartPlan v;
+      v.begin_item = field(&row->begin_item);
+      v.begin_page = field(&row->begin_page);
+      v.end_item = field(&row->end_item);
+      v.end_page = field(&row->end_page);
+      v.begin_split = field(&row->begin_split);
+      return v;
+    } else {
+      return kept;
+    }
+  }
+  // From (part, item) on, the first item that lies inside its part (parts may be empty).
+  __device__ void settle(const DecodeParams& p) {
+    while (in_parts(p) && !in_part(p)) {
+      next_part();
+      if (in_parts(p)) { first_item(p); }
+    }
   }
 };
 
-// A CTA's pages in the order its consumers walk them (parts blockIdx.z, + gridDim.z, ...; their
-// pieces; their pages), for a producer that must run ahead of the consumers across pieces.
+// A CTA's pages in the order its consumers walk them (the non-empty pieces of PieceWalk, page
+// by page), for a producer that loads them, possibly running ahead across pieces.
 struct PageWalk {
-  int part, idx, page, page_end;
+  PieceWalk<false> pieces;
+  int page, page_end;
   const int* pages;   // the block-table row of the current piece's request
   int physical_page;  // pages[page], read as soon as the walk gets there: its latency then
                       // passes while the caller does other work
   bool done;
 
   __device__ void begin(const DecodeParams& p) {
-    part = blockIdx.z;
-    idx = -1;
-    enter_part(p);
+    pieces.begin(p);
+    enter_piece(p);
   }
   __device__ void next(const DecodeParams& p) {
     if (++page < page_end) {
       physical_page = pages[page];
       return;
     }
-    if (!next_piece(p)) {
-      part += gridDim.z;
-      enter_part(p);
-    }
+    pieces.next(p);
+    enter_piece(p);
   }
 
  private:
-  // The first part from `part` on with a non-empty piece.
-  __device__ void enter_part(const DecodeParams& p) {
-    for (; part < p.num_parts; part += gridDim.z) {
-      idx = PartSchedule::load(p, part).begin_batch - 1;
-      if (next_piece(p)) {
+  // The first non-empty piece from the current one on.
+  __device__ void enter_piece(const DecodeParams& p) {
+    for (; !pieces.done(p); pieces.next(p)) {
+      const int request = pieces.request(p);
+      const WorkPiece w = pieces.piece(p, request);
+      if (w.page_begin < w.page_end) {
+        page = w.page_begin;
+        page_end = w.page_end;
+        pages = p.block_table + request * p.block_table_batch_stride;
+        physical_page = pages[page];
         done = false;
         return;
       }
     }
     done = true;
-  }
-  // Moves to the part's next non-empty piece after idx; false past its last.
-  __device__ bool next_piece(const DecodeParams& p) {
-    const PartSchedule sched = PartSchedule::load(p, part);
-    for (++idx; idx <= sched.end_batch; ++idx) {
-      const int batch = PartSchedule::request_of(p, idx);
-      const WorkPiece w = sched.piece(p, idx, batch);
-      if (w.page_begin < w.page_end) {
-        page = w.page_begin;
-        page_end = w.page_end;
-        pages = p.block_table + batch * p.block_table_batch_stride;
-        physical_page = pages[page];
-        return true;
-      }
-    }
-    return false;
   }
 };
 

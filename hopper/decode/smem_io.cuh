@@ -23,10 +23,10 @@ struct SmemIO {
   // Starts copying the piece's packed query rows into shared memory (zeros for padding rows)
   // with cp.async: every 16-byte load of the tile is in flight at once, instead of one
   // load-to-store round trip per vector. The caller waits with cp.async.wait_group 0.
-  static __device__ void load_q(const DecodeParams& p, SharedStorage& smem, int batch,
+  static __device__ void load_q(const DecodeParams& p, SharedStorage& smem, int request,
                                 PackedRows const& rows, int m_block, int consumer_tid) {
     Tensor sQ = make_tensor(make_smem_ptr(smem.q.data()), typename Traits::SmemLayoutQ{});
-    const Element* q = static_cast<const Element*>(p.q) + batch * p.q_batch_stride;
+    const Element* q = static_cast<const Element*>(p.q) + request * p.q_batch_stride;
     constexpr int kChunksPerRow = Traits::kQSmemCols / kChunk;
     for (int idx = consumer_tid; idx < kBlockM * kChunksPerRow; idx += kConsumerThreads) {
       const int row = idx / kChunksPerRow;
@@ -47,9 +47,9 @@ struct SmemIO {
   // A-operand registers of the RoPE wgmma (Traits::kQRopeInRegisters); padding rows are 0.
   // The fragment's first mode is a pair of adjacent columns: one 32-bit load per pair.
   template <class TensorQ, class TensorC>
-  static __device__ void load_q_rope(const DecodeParams& p, int batch, PackedRows const& rows,
+  static __device__ void load_q_rope(const DecodeParams& p, int request, PackedRows const& rows,
                                      int row_base, TensorQ& tQr, TensorC const& coord) {
-    const Element* q = static_cast<const Element*>(p.q) + batch * p.q_batch_stride +
+    const Element* q = static_cast<const Element*>(p.q) + request * p.q_batch_stride +
                        Traits::kHeadDimNope;
     CUTLASS_PRAGMA_UNROLL
     for (int i = 0; i < size(tQr); i += 2) {

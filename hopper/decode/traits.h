@@ -93,9 +93,8 @@ struct DecodeTraits {
   // They come out of what the CTA was launched with (384 threads x 168), or setmaxnreg.inc
   // waits forever: 2 x 128 x 240 + 128 x 24 = 64,512 with two consumer warpgroups; FP8 with
   // two consumer warpgroups: 208 and 88, the most the page-by-page consumers give up without
-  // spilling (200 spills), so that the producer dequantises four chunks at a time (with 56
-  // registers it went one chunk at a time: s_q 2 at 32K took 2,716 against 2,419 us); FP8
-  // with one consumer and two producer warpgroups: 128 x 240 + 256 x 128 = 63,488.
+  // spilling, so that the producer can keep a whole scale group's chunks in flight; FP8 with
+  // one consumer and two producer warpgroups: 128 x 240 + 256 x 128 = 63,488.
   static constexpr bool kReallocRegs = kNumConsumerWGs + kNumProducerWGs > 2;
   static constexpr uint32_t kProducerRegs = !kFP8 ? 24 : kNumProducerWGs > 1 ? 128 : 88;
   static constexpr uint32_t kConsumerRegs = kFP8 && kNumConsumerWGs > 1 ? 208 : 240;
@@ -118,8 +117,8 @@ struct DecodeTraits {
   // kRawStages - 1 pages ahead; the consumers' Element stages are written by the producer
   // warpgroup. The overlapped consumer holds two Element stages, so it needs three, plus three
   // raw stages for two loads in flight: for GLA's 64-row tile that fits only with Q's RoPE
-  // columns in registers. (Running FP8's consumers page by page on two Element stages instead,
-  // with four raw stages, measured 9 % slower: benchmarks/NOTES.md.)
+  // columns in registers: overlapping the consumers' pages is worth more than a fourth raw
+  // stage.
   static constexpr int kScaleGroups = ceil_div(kKVWidth, kScaleGroup);
   static constexpr int kRopePageBytes = kSharedRope ? kBlockN * kHeadDimRope * sizeof(Element) : 0;
   static constexpr int kStageBytes = kBlockN * kKVWidth * sizeof(Element) + kRopePageBytes;  // one Element stage

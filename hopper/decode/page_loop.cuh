@@ -1,0 +1,310 @@
+// The consumers' page loop over one request piece, and its steps.
+//
+// Per page: S = Q K^T (wgmma, both operands in shared memory, or Q's RoPE columns from
+// registers), scale + mask + online softmax in registers, O += P V (wgmma, P from registers,
+// V = the same page viewed MN-major), then the stage is released. With Traits::kOverlapPV,
+// page n's S and page n-1's P V are issued back to back, so that page n's softmax runs while
+// the tensor cores finish page n-1's P V. With split scores (dv 512: two column warpgroups)
+// each warpgroup scores its share of the page's tokens, the row maxima and P meet in shared
+// memory, and no QK^T is computed twice.
+//
+// A step takes the named parts it works on: the PageContext (pipeline position, shared memory,
+// who this warpgroup is), the Gemms, their Operands and the Accumulators.
+#pragma once
+
+#include <cute/tensor.hpp>
+#include <cutlass/arch/barrier.h>
+#include <cutlass/pipeline/sm90_pipeline.hpp>
+
+#include "common/params.h"
+#include "decode/fragment_utils.cuh"
+#include "decode/roles.cuh"
+#include "decode/schedule.cuh"
+#include "decode/smem_io.cuh"
+#include "decode/softmax.cuh"
+
+namespace flash_gla::hopper {
+
+using namespace cute;
+
+// Causal bounds of one piece for one thread's rows: keys past row_last_key[i] are masked, and
+// pages that end before mask_from need no per-element check.
+template <int kRows>
+struct PieceMask {
+  int mask_from;
+  int row_last_key[kRows];
+};
+
+// Where the consumers stand: the pipeline and its position, shared memory, and this thread's
+// warpgroup.
+template <class Traits>
+struct PageContext {
+  const DecodeParams& params;
+  typename Traits::SharedStorage& smem;
+  typename Traits::Pipeline& pipeline;
+  typename Traits::Pipeline::PipelineState& state;
+  WarpgroupRole const& wg;
+  int consumer_tid;
+};
+
+// This warpgroup's GEMMs: S = Q K^T with Q from shared memory, its RoPE k-blocks with Q's RoPE
+// columns from registers (Traits::kQRopeInRegisters), and O += P V.
+template <class MmaS, class MmaRope, class MmaO, class ThrO>
+struct Gemms {
+  MmaS& s;
+  MmaRope& rope;
+  MmaO& o;
+  ThrO const& thr_o;
+};
+
+// What the GEMMs read: Q (shared-memory descriptors, and its RoPE columns in registers); by
+// stage, the page's keys and the RoPE keys (inline: the page's next k-blocks; shared: the
+// stage's rope tile), each also as the B operand of the register-A RoPE wgmma; V; and with
+// split scores the shared P and this warpgroup's columns of it.
+template <class Q, class QRope, class K, class KForRope, class Rope, class RopeForRope, class V, class SmemP,
+          class PShare>
+struct Operands {
+  Q const& q;
+  QRope const& q_rope;
+  K const& k;
+  KForRope const& k_for_rope;
+  Rope const& rope;
+  RopeForRope const& rope_for_rope;
+  V const& v;
+  SmemP const& smem_p;
+  PShare& p_share;
+};
+
+// The page's scores (with row/column views and their coordinates), the piece's running O, the
+// 16-bit P of the page whose P V is next, and the running softmax.
+template <class S, class SRowCol, class SCoord, class O, class ORowCol, class P, class Softmax>
+struct Accumulators {
+  S& s;
+  SRowCol& s_rc;
+  SCoord const& s_coord;
+  O& o;
+  ORowCol& o_rc;
+  P& p;
+  Softmax& softmax;
+};
+
+template <class Traits>
+struct PageLoop {
+  using Element = typename Traits::Element;
+  using Context = PageContext<Traits>;
+  static constexpr int kBlockN = Traits::kBlockN;
+  static constexpr int kWGRows = Traits::kWGRows;
+  static constexpr int kScoreCols = Traits::kScoreCols;
+  static constexpr bool kSplit = Traits::kSplitScores;
+  static constexpr int kConsumerThreads = Traits::kNumConsumerThreads;
+
+  // The piece's pages, in series or overlapped (Traits::kOverlapPV).
+  template <class G, class In, class Acc, int kRows>
+  static __device__ void run(Context& ctx, G& gemms, In& in, Acc& acc, const WorkPiece& w,
+                             PieceMask<kRows> const& mask) {
+    if constexpr (Traits::kOverlapPV) {
+      overlapped(ctx, gemms, in, acc, w, mask);
+    } else {
+      in_series(ctx, gemms, in, acc, w, mask);
+    }
+  }
+
+  // Page by page, one wgmma batch in flight at a time.
+  template <class G, class In, class Acc, int kRows>
+  static __device__ void in_series(Context& ctx, G& gemms, In& in, Acc& acc, const WorkPiece& w,
+                                   PieceMask<kRows> const& mask) {
+    for (int page = w.page_begin; page < w.page_end; ++page) {
+      float rescale[kRows];
+      const int stage = wait_page(ctx, w.seqlen, page);
+      warpgroup_fence_operand(acc.s);
+      issue_scores(gemms, in, acc, stage);
+      warpgroup_wait<0>();
+      warpgroup_fence_operand(acc.s);
+      softmax_page(ctx, acc, mask, page, rescale);
+      rescale_o_and_stage_p(in, acc, rescale);
+      if constexpr (!kSplit) { warpgroup_fence_operand(acc.p); }
+      warpgroup_fence_operand(acc.o);
+      issue_pv(gemms, in, acc, stage);
+      warpgroup_wait<0>();
+      warpgroup_fence_operand(acc.o);
+      ctx.pipeline.consumer_release(ctx.state);
+      ++ctx.state;
+    }
+  }
+
+  // A software pipeline over the pages: page n's S = Q K^T and page n-1's O += P V are issued
+  // back to back, and page n's softmax runs while the tensor cores finish page n-1's P V; P
+  // waits in registers for the next iteration. The first page has no predecessor and is
+  // peeled off, so that no branch sits between two open wgmma batches (ptxas would serialise
+  // every wgmma).
+  template <class G, class In, class Acc, int kRows>
+  static __device__ void overlapped(Context& ctx, G& gemms, In& in, Acc& acc, const WorkPiece& w,
+                                    PieceMask<kRows> const& mask) {
+    if (w.page_begin >= w.page_end) { return; }
+    float rescale[kRows];
+    warpgroup_fence_operand(acc.s);
+    issue_scores(gemms, in, acc, wait_page(ctx, w.seqlen, w.page_begin));
+    warpgroup_wait<0>();
+    warpgroup_fence_operand(acc.s);
+    softmax_page(ctx, acc, mask, w.page_begin, rescale);
+    rescale_o_and_stage_p(in, acc, rescale);
+    auto prev_state = ctx.state;
+    ++ctx.state;
+    for (int page = w.page_begin + 1; page < w.page_end; ++page) {
+      const int stage = wait_page(ctx, w.seqlen, page);
+      warpgroup_fence_operand(acc.s);
+      warpgroup_fence_operand(acc.p);
+      warpgroup_fence_operand(acc.o);
+      issue_scores(gemms, in, acc, stage);
+      issue_pv(gemms, in, acc, prev_state.index());
+      warpgroup_wait<1>();
+      warpgroup_fence_operand(acc.s);
+      softmax_page(ctx, acc, mask, page, rescale);
+      warpgroup_wait<0>();  // page n-1's P V is in O; its stage can be refilled
+      warpgroup_fence_operand(acc.o);
+      warpgroup_fence_operand(acc.p);
+      ctx.pipeline.consumer_release(prev_state);
+      rescale_o_and_stage_p(in, acc, rescale);
+      prev_state = ctx.state;
+      ++ctx.state;
+    }
+    warpgroup_fence_operand(acc.p);
+    warpgroup_fence_operand(acc.o);
+    issue_pv(gemms, in, acc, prev_state.index());
+    warpgroup_wait<0>();
+    warpgroup_fence_operand(acc.o);
+    ctx.pipeline.consumer_release(prev_state);
+  }
+
+  // ------------------------------------------------------------------ page steps
+  // Waits for a page's stage and zeroes its rows past the sequence end; returns the stage.
+  static __device__ int wait_page(Context& ctx, int seqlen, int page) {
+    ctx.pipeline.consumer_wait(ctx.state);
+    const int stage = ctx.state.index();
+    const int valid_rows = seqlen - page * kBlockN;
+    if (valid_rows < kBlockN) {
+      SmemIO<Traits>::zero_rows_past_end(ctx.smem, stage, valid_rows, ctx.consumer_tid);
+      cutlass::arch::fence_view_async_shared();
+      consumer_sync(kConsumerThreads, ConsumerBarrier::kPageMasked);
+    }
+    return stage;
+  }
+
+  // Issues S = Q[:, :d_nope] K_nope^T + Q[:, d_nope:] R^T as one wgmma batch; R is the page's
+  // next k-blocks (inline) or the stage's rope tile (shared).
+  template <class G, class In, class Acc>
+  static __device__ void issue_scores(G& gemms, In const& in, Acc& acc, int stage) {
+    constexpr int kNope = Traits::kNopeBlocks, kRope = Traits::kRopeBlocks;
+    constexpr int kRopeB = Traits::kRopeFirstBlockB;
+    warpgroup_arrive();
+    gemms.s.accumulate_ = GMMA::ScaleOut::Zero;
+    gemm_k_blocks<0, 0, kNope>(gemms.s, in.q, in.k(_, _, _, stage), acc.s);
+    if constexpr (Traits::kQRopeInRegisters) {
+      gemms.rope.accumulate_ = GMMA::ScaleOut::One;
+      if constexpr (Traits::kSharedRope) {
+        gemm_k_blocks<0, kRopeB, kRope>(gemms.rope, in.q_rope, in.rope_for_rope(_, _, _, stage), acc.s);
+      } else {
+        gemm_k_blocks<0, kRopeB, kRope>(gemms.rope, in.q_rope, in.k_for_rope(_, _, _, stage), acc.s);
+      }
+    } else if constexpr (Traits::kSharedRope) {
+      gemm_k_blocks<kNope, kRopeB, kRope>(gemms.s, in.q, in.rope(_, _, _, stage), acc.s);
+    } else {
+      gemm_k_blocks<kNope, kRopeB, kRope>(gemms.s, in.q, in.k(_, _, _, stage), acc.s);
+    }
+    warpgroup_commit_batch();
+  }
+
+  // Scales and masks the page's scores, updates the running softmax and turns the scores into
+  // probabilities in place; rescale[i] is what O's row i must be multiplied by.
+  template <class Acc, int kRows>
+  static __device__ void softmax_page(Context& ctx, Acc& acc, PieceMask<kRows> const& mask, int page,
+                                      float (&rescale)[kRows]) {
+    const int first_key = page * kBlockN + ctx.wg.col_wg * kScoreCols;  // of this warpgroup's share
+    const bool needs_mask = page * kBlockN + kBlockN > mask.mask_from;
+    CUTLASS_PRAGMA_UNROLL
+    for (int i = 0; i < kRows; ++i) {
+      CUTLASS_PRAGMA_UNROLL
+      for (int j = 0; j < size<1>(acc.s_rc); ++j) {
+        const float s = acc.s_rc(i, j) * ctx.params.scale_log2;
+        const int key = first_key + get<1>(acc.s_coord(i, j));
+        const bool masked = needs_mask && key > mask.row_last_key[i];
+        acc.s_rc(i, j) = masked ? -INFINITY : s;
+      }
+    }
+    float row_page_max[kRows];
+    acc.softmax.page_max(acc.s_rc, row_page_max);
+    if constexpr (kSplit) {  // the row maximum over every warpgroup's tokens
+      combine_across_warpgroups</*kMax=*/true>(ctx.smem.row_max, row_page_max, acc.s_coord, ctx.wg,
+                                               ConsumerBarrier::kScoresMax);
+    }
+    acc.softmax.update(acc.s_rc, row_page_max, rescale);
+  }
+
+  // Rescales O and stages the page's P for its P V (issued with the next page's S).
+  template <class In, class Acc, int kRows>
+  static __device__ void rescale_o_and_stage_p(In& in, Acc& acc, float const (&rescale)[kRows]) {
+    // Once the running maxima settle, most pages leave every row's factor at exactly 1: a warp
+    // whose rows all kept their maximum skips the multiplies.
+    bool changed = false;
+    CUTLASS_PRAGMA_UNROLL
+    for (int i = 0; i < kRows; ++i) { changed |= rescale[i] != 1.f; }
+    if (__any_sync(0xffffffff, changed)) {
+      CUTLASS_PRAGMA_UNROLL
+      for (int i = 0; i < kRows; ++i) {
+        CUTLASS_PRAGMA_UNROLL
+        for (int j = 0; j < size<1>(acc.o_rc); ++j) { acc.o_rc(i, j) *= rescale[i]; }
+      }
+    }
+    if constexpr (kSplit) {
+      // Every warpgroup writes its tokens' probabilities; all then read the whole P. The
+      // shared P is free: both warpgroups finished the previous page's P V before kScoresMax.
+      copy(convert_fragment<Element>(acc.s), in.p_share);
+      cutlass::arch::fence_view_async_shared();  // P written by threads, read by wgmma
+      consumer_sync(kConsumerThreads, ConsumerBarrier::kPReady);
+    } else {
+      copy(convert_fragment<Element>(acc.s), acc.p);
+    }
+  }
+
+  // Issues O += P V for one stage as one wgmma batch, not waited for: P from registers, or
+  // from shared memory when the scores are split over warpgroups. The caller fences P and O
+  // before the batch that precedes this one: an operand fence between two open batches counts
+  // as a write to a wgmma input, and ptxas would then serialise every wgmma.
+  template <class G, class In, class Acc>
+  static __device__ void issue_pv(G& gemms, In const& in, Acc& acc, int stage) {
+    warpgroup_arrive();
+    if constexpr (kSplit) {
+      Tensor tOsP = gemms.thr_o.partition_fragment_A(in.smem_p);
+      gemm_k_blocks<0, 0, decltype(size<2>(tOsP))::value>(gemms.o, tOsP, in.v(_, _, _, stage), acc.o);
+    } else {
+      Tensor tOrP_a = make_tensor(acc.p.data(), accumulator_as_operand_a(acc.p.layout()));
+      gemm_k_blocks<0, 0, decltype(size<2>(tOrP_a))::value>(gemms.o, tOrP_a, in.v(_, _, _, stage), acc.o);
+    }
+    warpgroup_commit_batch();
+  }
+
+  // Split scores: combines a per-row statistic of this thread's rows (max or sum) with the
+  // other consumer warpgroups' values for the same rows, through `exchange` in shared memory.
+  template <bool kMax, int kRows, class TensorC>
+  static __device__ void combine_across_warpgroups(float (&exchange)[Traits::kNumColWGs][kWGRows],
+                                                   float (&value)[kRows], TensorC const& coord,
+                                                   WarpgroupRole const& wg, ConsumerBarrier id) {
+    if (wg.wg_tid % 4 == 0) {  // one lane of each row's quad publishes
+      CUTLASS_PRAGMA_UNROLL
+      for (int i = 0; i < kRows; ++i) { exchange[wg.col_wg][get<0>(coord(i, 0))] = value[i]; }
+    }
+    consumer_sync(kConsumerThreads, id);
+    CUTLASS_PRAGMA_UNROLL
+    for (int i = 0; i < kRows; ++i) {
+      const int row = get<0>(coord(i, 0));
+      float combined = exchange[0][row];
+      CUTLASS_PRAGMA_UNROLL
+      for (int other = 1; other < Traits::kNumColWGs; ++other) {
+        combined = kMax ? fmaxf(combined, exchange[other][row]) : combined + exchange[other][row];
+      }
+      value[i] = combined;
+    }
+  }
+};
+
+}  // namespace flash_gla::hopper
