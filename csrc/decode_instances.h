@@ -6,15 +6,6 @@
 
 namespace flash_gla {
 
-struct DecodeInstance {
-  DType dtype;
-  int head_dim_v, head_dim_nope, head_dim_rope;
-  bool shared_rope;
-  int row_warpgroups;
-  bool kv_fp8;  // e4m3 cache + float32 scales
-  void (*run)(const DecodeParams&, cudaStream_t);
-};
-
 inline constexpr DecodeInstance kDecodeInstances[] = {
     {DType::kBF16, 512, 512, 64, false, 1, false, &hopper::run_decode<DType::kBF16, 512, 512, 64, hopper::RopeCache::kInline, 1, hopper::KVCache::kSameAsQ>},  // mla bf16
     {DType::kFP16, 512, 512, 64, false, 1, false, &hopper::run_decode<DType::kFP16, 512, 512, 64, hopper::RopeCache::kInline, 1, hopper::KVCache::kSameAsQ>},  // mla fp16

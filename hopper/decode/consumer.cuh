@@ -23,20 +23,14 @@ using namespace cute;
 
 template <class Traits>
 struct Consumer {
-  using Element = typename Traits::Element;
-  using Pipeline = typename Traits::Pipeline;
-  using PipelineState = typename Pipeline::PipelineState;
-  using SharedStorage = typename Traits::SharedStorage;
-  static constexpr int kBlockM = Traits::kBlockM;
-  static constexpr int kBlockN = Traits::kBlockN;
   static constexpr int kWGRows = Traits::kWGRows;
   static constexpr int kScoreCols = Traits::kScoreCols;
   static constexpr int kOutCols = Traits::kOutColsPerWG;
   static constexpr int kHeadDimRope = Traits::kHeadDimRope;
-  static constexpr bool kSplit = Traits::kSplitScores;
   static constexpr int kConsumerThreads = Traits::kNumConsumerThreads;
 
-  static __device__ void run(const DecodeParams& p, SharedStorage& smem, Pipeline& pipeline,
+  static __device__ void run(const DecodeParams& p, typename Traits::SharedStorage& smem,
+                             typename Traits::Pipeline& pipeline,
                              int kv_head, int m_block, int consumer_tid) {
     // Read through a shuffle so that ptxas knows the index is warp-uniform: the shared-memory
     // descriptors derived from it then live in uniform registers instead of 2 general
@@ -45,7 +39,7 @@ struct Consumer {
     WarpgroupRole wg;
     wg.col_wg = Traits::kNumColWGs == 1 ? 0 : warpgroup % Traits::kNumColWGs;
     wg.row_wg = Traits::kNumRowWGs == 1 ? 0 : warpgroup / Traits::kNumColWGs;
-    wg.row_base = m_block * kBlockM + wg.row_wg * kWGRows;
+    wg.row_base = m_block * Traits::kBlockM + wg.row_wg * kWGRows;
     wg.wg_tid = consumer_tid % 128;
 
     typename Traits::TiledMmaS mma_s;
@@ -66,7 +60,7 @@ struct Consumer {
     Tensor sQw = flat_divide(sQ, Shape<Int<kWGRows>, Int<Traits::kQSmemCols>>{})(_, _, wg.row_wg, 0);
     Tensor sKw = flat_divide(sK, Shape<Int<kScoreCols>, Int<Traits::kKVWidth>>{})(_, _, wg.col_wg, 0, _);
     Tensor sRw = flat_divide(sR, Shape<Int<kScoreCols>, Int<kHeadDimRope>>{})(_, _, wg.col_wg, 0, _);
-    Tensor sVw = flat_divide(sV, Shape<Int<kOutCols>, Int<kBlockN>>{})(_, _, wg.col_wg, 0, _);
+    Tensor sVw = flat_divide(sV, Shape<Int<kOutCols>, Int<Traits::kBlockN>>{})(_, _, wg.col_wg, 0, _);
 
     Tensor tSrQ = thr_s.partition_fragment_A(sQw);  // (MMA, 1, k-blocks) descriptors
     Tensor tSrK = thr_s.partition_fragment_B(sKw);  // (MMA, 1, kv_width/16, stage)
@@ -83,7 +77,7 @@ struct Consumer {
     Tensor tOrO = partition_fragment_C(mma_o, Shape<Int<kWGRows>, Int<kOutCols>>{});
     // P of the page whose P V is next, 16-bit in the accumulator's layout (split scores keep
     // P in shared memory instead: this warpgroup's columns of it are tSsP).
-    Tensor tOrP = make_tensor<Element>(tSrS.layout());
+    Tensor tOrP = make_tensor<typename Traits::Element>(tSrS.layout());
     Tensor tSsP = thr_s.partition_C(flat_divide(sP, Shape<Int<kWGRows>, Int<kScoreCols>>{})(_, _, 0, wg.col_wg));
 
     // Row/column views and the (row, col) coordinate of every accumulator element.
@@ -97,7 +91,7 @@ struct Consumer {
     static_assert(kRows == decltype(size<0>(tOrO_rc))::value, "S and O rows must coincide");
 
     OnlineSoftmax<kRows> softmax;
-    PipelineState state;  // consumers start at stage 0, phase 0
+    typename Traits::Pipeline::PipelineState state;  // consumers start at stage 0, phase 0
     PageContext<Traits> ctx{p, smem, pipeline, state, wg, consumer_tid};
     Gemms gemms{mma_s, mma_r, mma_o, thr_o};
     Operands in{tSrQ, tSrQr, tSrK, tSrKr, tSrR, tSrRr, tOrV, sP, tSsP};
@@ -145,7 +139,7 @@ struct Consumer {
 
         float row_total[kRows], inv_sum[kRows], lse[kRows];
         softmax.quad_sums(row_total);
-        if constexpr (kSplit) {  // each warpgroup summed only its own tokens
+        if constexpr (Traits::kSplitScores) {  // each warpgroup summed only its own tokens
           PageLoop<Traits>::template combine_across_warpgroups</*kMax=*/false>(
               smem.row_sum, row_total, tScS_rc, wg, ConsumerBarrier::kRowSums);
         }

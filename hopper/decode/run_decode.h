@@ -24,3 +24,18 @@ template <DType kDType, int kHeadDimV, int kHeadDimNope, int kHeadDimRope, RopeC
 void run_decode(const DecodeParams& params, cudaStream_t stream);
 
 }  // namespace flash_gla::hopper
+
+namespace flash_gla {
+
+// One compiled instance, as the host's dispatch sees it: the shapes it serves and its launcher
+// (csrc/decode_instances.h lists them all, generated from hopper/decode/instances/generate.py).
+struct DecodeInstance {
+  DType dtype;
+  int head_dim_v, head_dim_nope, head_dim_rope;
+  bool shared_rope;
+  int row_warpgroups;
+  bool kv_fp8;  // e4m3 cache + float32 scales
+  void (*run)(const DecodeParams&, cudaStream_t);
+};
+
+}  // namespace flash_gla

@@ -15,9 +15,6 @@ template <class Traits>
 struct SmemIO {
   using Element = typename Traits::Element;
   using SharedStorage = typename Traits::SharedStorage;
-  static constexpr int kBlockM = Traits::kBlockM;
-  static constexpr int kBlockN = Traits::kBlockN;
-  static constexpr int kConsumerThreads = Traits::kNumConsumerThreads;
   static constexpr int kChunk = 16 / sizeof(Element);  // elements per 16-byte vector
 
   // Starts copying the piece's packed query rows into shared memory (zeros for padding rows)
@@ -28,10 +25,10 @@ struct SmemIO {
     Tensor sQ = make_tensor(make_smem_ptr(smem.q.data()), typename Traits::SmemLayoutQ{});
     const Element* q = static_cast<const Element*>(p.q) + request * p.q_batch_stride;
     constexpr int kChunksPerRow = Traits::kQSmemCols / kChunk;
-    for (int idx = consumer_tid; idx < kBlockM * kChunksPerRow; idx += kConsumerThreads) {
+    for (int idx = consumer_tid; idx < Traits::kBlockM * kChunksPerRow; idx += Traits::kNumConsumerThreads) {
       const int row = idx / kChunksPerRow;
       const int col = (idx % kChunksPerRow) * kChunk;
-      const int m = m_block * kBlockM + row;
+      const int m = m_block * Traits::kBlockM + row;
       const bool valid = m < p.rows_per_kv_head;
       const Element* src = q;  // any valid address: a padding row reads 0 bytes
       if (valid) { src = q + rows.offset(m, p.q_seq_stride, p.q_head_stride) + col; }
@@ -84,8 +81,8 @@ struct SmemIO {
   template <int kCols, class TensorS>
   static __device__ void zero_rows(TensorS&& tile, int stage, int first_row, int consumer_tid) {
     constexpr int kChunksPerRow = kCols / kChunk;
-    const int count = (kBlockN - first_row) * kChunksPerRow;
-    for (int idx = consumer_tid; idx < count; idx += kConsumerThreads) {
+    const int count = (Traits::kBlockN - first_row) * kChunksPerRow;
+    for (int idx = consumer_tid; idx < count; idx += Traits::kNumConsumerThreads) {
       const int row = first_row + idx / kChunksPerRow;
       const int col = (idx % kChunksPerRow) * kChunk;
       *reinterpret_cast<uint4*>(&tile(row, col, stage)) = make_uint4(0, 0, 0, 0);

@@ -113,15 +113,6 @@ def dispatch_header() -> str:
 
 namespace flash_gla {{
 
-struct DecodeInstance {{
-  DType dtype;
-  int head_dim_v, head_dim_nope, head_dim_rope;
-  bool shared_rope;
-  int row_warpgroups;
-  bool kv_fp8;  // e4m3 cache + float32 scales
-  void (*run)(const DecodeParams&, cudaStream_t);
-}};
-
 inline constexpr DecodeInstance kDecodeInstances[] = {{
 {body}
 }};
