@@ -14,7 +14,8 @@
 // per token; producer thread t: token t % 64, parity t / 64): each chunk is one 16-byte read
 // and two 16-byte writes, and the 8 threads of a quarter-warp touch 8 tokens of one swizzle
 // atom, so neither side has bank conflicts. The RoPE rows are copied as they are (both rings
-// use the same swizzled layout).
+// use the same swizzled layout). Rows past the sequence end are written as zeros, so that the
+// consumers read the stage as it comes and never write to it.
 #pragma once
 
 #include <cuda_fp8.h>
@@ -96,11 +97,15 @@ struct DequantProducer {
 
     // Loads the walk's next page into raw stage `slot`: the leader's TMAs of the e4m3 page and
     // its RoPE rows, and (threads of parity 0) the token's scales, each copying thread arriving
-    // on the stage's barrier once its copies have landed.
+    // on the stage's barrier once its copies have landed. Every thread notes in bit `slot` of
+    // token_live whether its token lies before the sequence end on that page.
     PageWalk walk;
     walk.begin(p);
+    uint32_t token_live = 0;
+    static_assert(kRawStages <= 32, "a raw stage is one bit of token_live");
     auto fetch = [&](int slot) {
       const int physical_page = walk.physical_page;
+      token_live = (token_live & ~(1u << slot)) | (uint32_t(token < walk.valid_rows()) << slot);
       uint64_t& full = smem.raw.full[slot];
       if (leader) {
         reinterpret_cast<RawBarrier&>(full).arrive_and_expect_tx(Traits::kRawPageBytes + Traits::kRopePageBytes);
@@ -131,8 +136,9 @@ struct DequantProducer {
       const int slot = n % kRawStages;
       reinterpret_cast<RawBarrier&>(smem.raw.full[slot]).wait((n / kRawStages) % 2);
       pipeline.producer_acquire(state);  // every thread waits for the Element stage to be free
-      convert_page(smem, at, slot, state.index(), token);
-      copy_rope(smem, slot, state.index(), ptid);
+      const bool live = (token_live >> slot) & 1u;
+      convert_page(smem, at, slot, state.index(), token, live);
+      copy_rope(smem, slot, state.index(), token, parity, live);
       cutlass::arch::fence_view_async_shared();  // written by threads, read by wgmma
       __syncwarp();
       auto* stage_full = pipeline.producer_get_barrier(state);
@@ -149,20 +155,26 @@ struct DequantProducer {
     }
   }
 
-  // The page's RoPE rows, raw stage -> Element stage: the same bytes, 16 at a time.
-  static __device__ void copy_rope(typename Traits::SharedStorage& smem, int slot, int stage, int ptid) {
-    constexpr int kVectors = Traits::kRopePageBytes / 16;
-    const uint4* src = reinterpret_cast<const uint4*>(smem.raw.rope.data()) + slot * kVectors;
-    const uint32_t dst = cute::cast_smem_ptr_to_uint(smem.rope.data()) + stage * Traits::kRopePageBytes;
-    static_assert(kVectors % kThreads == 0, "every thread copies as many vectors");
+  // The thread's share of its token's RoPE row (16-byte vectors parity, + kThreadsPerToken, ...),
+  // raw stage -> Element stage, or zeros past the sequence end. A quarter-warp's 8 tokens are 8
+  // rows of one swizzle atom: their vectors fall in 8 different bank groups.
+  static __device__ void copy_rope(typename Traits::SharedStorage& smem, int slot, int stage, int token,
+                                   int parity, bool live) {
+    Tensor raw = make_tensor(make_smem_ptr(smem.raw.rope.data()), typename Traits::SmemLayoutRawRope{});
+    Tensor out = make_tensor(make_smem_ptr(smem.rope.data()), typename Traits::SmemLayoutRope{});
+    constexpr int kVector = 16 / int(sizeof(Element));
+    constexpr int kVectorsPerRow = Traits::kHeadDimRope / kVector;
+    static_assert(kVectorsPerRow % kThreadsPerToken == 0, "a token's RoPE vectors split evenly");
     CUTLASS_PRAGMA_UNROLL
-    for (int k = 0; k < kVectors / kThreads; ++k) {
-      const int i = ptid + k * kThreads;
-      uint32_t v[4];
-      asm volatile("ld.shared.v4.b32 {%0, %1, %2, %3}, [%4];\n"
-                   : "=r"(v[0]), "=r"(v[1]), "=r"(v[2]), "=r"(v[3])
-                   : "r"(cute::cast_smem_ptr_to_uint(src + i)));
-      store_shared(dst + i * 16, v);
+    for (int k = 0; k < kVectorsPerRow / kThreadsPerToken; ++k) {
+      const int col = (parity + k * kThreadsPerToken) * kVector;
+      uint32_t v[4] = {0, 0, 0, 0};
+      if (live) {
+        asm volatile("ld.shared.v4.b32 {%0, %1, %2, %3}, [%4];\n"
+                     : "=r"(v[0]), "=r"(v[1]), "=r"(v[2]), "=r"(v[3])
+                     : "r"(cute::cast_smem_ptr_to_uint(&raw(token, col, slot))));
+      }
+      store_shared(cute::cast_smem_ptr_to_uint(&out(token, col, stage)), v);
     }
   }
 
@@ -191,10 +203,21 @@ struct DequantProducer {
     lo = cute::cast_smem_ptr_to_uint(&sK(token, col, 0));
   }
 
-  // One thread's share of a page: e4m3 chunks of its token -> Element, times their scales.
+  // One thread's share of a page: e4m3 chunks of its token -> Element, times their scales; zeros
+  // for a token past the sequence end (its bytes and scale may be anything, NaN included, and
+  // 0 * NaN would poison P V). So the consumers never write a stage that the producers fill.
   static __device__ void convert_page(typename Traits::SharedStorage& smem, ChunkAddresses const& at,
-                                      int slot, int stage, int token) {
+                                      int slot, int stage, int token, bool live) {
     const uint32_t raw_offset = slot * kRawStageStride, out_offset = stage * kStageStride;
+    if (!live) {
+      const uint32_t zero[4] = {0, 0, 0, 0};
+      CUTLASS_PRAGMA_UNROLL
+      for (int c = 0; c < kChunksPerThread; ++c) {
+        store_shared(at.lo[c] + out_offset, zero);
+        store_shared((at.lo[c] + out_offset) ^ 16u, zero);
+      }
+      return;
+    }
     CUTLASS_PRAGMA_UNROLL
     for (int g = 0; g < kGroups; ++g) {
       const float s = smem.raw.scale[slot][token][g];

@@ -177,12 +177,19 @@ struct PageLoop {
   }
 
   // ------------------------------------------------------------------ page steps
-  // Waits for a page's stage and zeroes its rows past the sequence end; returns the stage.
+  // Waits for a page's stage and zeroes its rows past the sequence end; returns the stage. An
+  // FP8 stage comes with those rows zeroed by the producers that wrote it (dequant.cuh), so the
+  // consumers never write to it; there the branch only re-converges the warp, which keeps ptxas
+  // from spilling the 208-register consumers of the 128-row instance.
   static __device__ int wait_page(Context& ctx, int seqlen, int page) {
     ctx.pipeline.consumer_wait(ctx.state);
     const int stage = ctx.state.index();
     const int valid_rows = seqlen - page * kBlockN;
     if (valid_rows < kBlockN) {
+      if constexpr (Traits::kFP8) {
+        __syncwarp();
+        return stage;
+      }
       SmemIO<Traits>::zero_rows_past_end(ctx.smem, stage, valid_rows, ctx.consumer_tid);
       cutlass::arch::fence_view_async_shared();
       consumer_sync(kConsumerThreads, ConsumerBarrier::kPageMasked);

@@ -136,7 +136,11 @@ struct PageWalk {
   const int* pages;   // the block-table row of the current piece's request
   int physical_page;  // pages[page], read as soon as the walk gets there: its latency then
                       // passes while the caller does other work
+  int seqlen;         // the current piece's WorkPiece::seqlen
   bool done;
+
+  // Rows of the current page that hold keys (the rest lie past the sequence end).
+  __device__ int valid_rows() const { return min(kPageSize, seqlen - page * kPageSize); }
 
   __device__ void begin(const DecodeParams& p) {
     pieces.begin(p);
@@ -162,6 +166,7 @@ struct PageWalk {
         page_end = w.page_end;
         pages = p.block_table + request * p.block_table_batch_stride;
         physical_page = pages[page];
+        seqlen = w.seqlen;
         done = false;
         return;
       }
