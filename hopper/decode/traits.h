@@ -119,7 +119,7 @@ struct DecodeTraits {
   // warpgroup. The overlapped consumer holds two Element stages, so it needs three, plus three
   // raw stages for two loads in flight: for GLA's 64-row tile that fits only with Q's RoPE
   // columns in registers. (Running FP8's consumers page by page on two Element stages instead,
-  // with four raw stages, measured 9 % slower: benchmarks/NOTES.md.)
+  // with four raw stages, measured 9 % slower: docs/history/NOTES.md.)
   static constexpr int kScaleGroups = ceil_div(kKVWidth, kScaleGroup);
   static constexpr int kRopePageBytes = kSharedRope ? kBlockN * kHeadDimRope * sizeof(Element) : 0;
   static constexpr int kStageBytes = kBlockN * kKVWidth * sizeof(Element) + kRopePageBytes;  // one Element stage
