@@ -6,7 +6,7 @@
 // a padding token; too large: a bad input, which must not write out of bounds). Strides are in
 // elements of the tensor they describe; every tensor's last dim but kv_scale's is contiguous.
 //
-// The FP8 layout (issue #13; flash_gla/reference.py quantize_kv_ref is its definition): the
+// The FP8 layout (flash_gla/reference.py quantize_kv_ref is its definition): the
 // cache holds float8_e4m3fn values and kv_scale one float32 per token, KV head and group of
 // kScaleGroup values along d, value i = kv_cache[..., i] * kv_scale[..., i / kScaleGroup]; the
 // RoPE keys stay in the tokens' dtype, in a rope_cache (no inline RoPE in FP8).
