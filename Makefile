@@ -1,11 +1,11 @@
 # The project's verbs. Each target is one command you could also type yourself; a bare
 # `make` only lists them (it must not start a five-minute build by accident).
 PYTHON    ?= python3
-OUT       ?= bench_out/h100
+OUT       ?= bench_out/gpu-check
 BENCH_OUT ?= bench_out
 
 .DEFAULT_GOAL := help
-.PHONY: help install develop wheel test quickstart layer bench serving sass h100 clean
+.PHONY: help install develop wheel test quickstart layer bench serving sass gpu-check clean
 
 help:
 	@echo "flash_gla: make VERB, where VERB is one of"
@@ -16,11 +16,11 @@ help:
 	@echo "  make test        run the test suite (the kernel tests need an sm_90 GPU)"
 	@echo "  make quickstart  run examples/quickstart.py (kernels vs. reference; reference only without a GPU)"
 	@echo "  make layer       run examples/gla_decode_layer.py (an engine's GLA-2 decode step vs. a float32 model)"
-	@echo "  make bench       run the decode benchmark on an H100; table on stdout, $(BENCH_OUT)/bench.json and .png"
+	@echo "  make bench       run the decode benchmark (Hopper GPU); table on stdout, $(BENCH_OUT)/bench.json and .png"
 	@echo "  make serving     60-layer decode steps of 64 requests (GLA-2 vs. MLA); $(BENCH_OUT)/serving.json and .png"
 	@echo "  make sass        registers / smem / HGMMA / spill summary of the built extension"
-	@echo "  make h100        build + sass + test + bench on an H100, logs in $(OUT) (scripts/h100.sh;"
-	@echo "                   WHEEL=dist/flash_gla-...whl installs that wheel instead of building)"
+	@echo "  make gpu-check   build + sass + test + bench on a Hopper GPU (H100 or H200), logs in $(OUT)"
+	@echo "                   (scripts/gpu_check.sh; WHEEL=dist/flash_gla-...whl installs that wheel instead of building)"
 	@echo "  make clean       remove build outputs"
 
 install:
@@ -52,8 +52,8 @@ serving:
 sass:
 	bash scripts/sass_report.sh
 
-h100:
-	bash scripts/h100.sh $(OUT)
+gpu-check:
+	bash scripts/gpu_check.sh $(OUT)
 
 clean:
 	rm -rf build dist *.egg-info flash_gla/_C*.so flash_gla/_build_info.py .pytest_cache

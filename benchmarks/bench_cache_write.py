@@ -12,7 +12,7 @@ bf16 and writing about half as many bytes.
 
 Reported: µs per call, GB/s (bytes read + written: kv, rope and slot_mapping read once, cache
 rows, scales and RoPE keys written) and % of the copy bandwidth, measured in the same run as a device-to-device
-``torch.Tensor.copy_`` of a 1 GiB buffer (read + written bytes / time). Target (issue #12):
+``torch.Tensor.copy_`` of a 1 GiB buffer (read + written bytes / time). Target:
 >= 80 % of the copy bandwidth for T >= 4096. For scale, each row also times a ``copy_`` that
 reads and writes as many bytes as the call, replayed the same way (its µs, and its time as a
 % of the writer's): small calls are bound by launch and memory latency, not bandwidth.

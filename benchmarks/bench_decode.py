@@ -26,7 +26,7 @@ import time
 
 import torch
 
-ROOF_GBPS = 3000.0  # sustained HBM read rate measured on an H100 80GB HBM3 (benchmarks/NOTES.md)
+ROOF_GBPS = 3000.0  # sustained HBM read rate measured on an H100 80GB HBM3 (docs/history/NOTES.md)
 PAGE = 64
 L2_BYTES = 50 * 2**20
 

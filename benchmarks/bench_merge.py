@@ -1,4 +1,4 @@
-"""merge_attention's bandwidth against a plain device copy (issue #15: >= 80 % of copy bandwidth).
+"""merge_attention's bandwidth against a plain device copy (target: >= 80 % of copy bandwidth).
 
     python benchmarks/bench_merge.py              # b 128, h_q 128, dv 512, s_q 1 and 2, bf16
     python benchmarks/bench_merge.py --out DIR    # also DIR/merge.json

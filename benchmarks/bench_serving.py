@@ -29,7 +29,7 @@ allocation per configuration, sized for the lengths set (the output says how muc
 layer still reads its requests' whole cache (about 0.9 GB, far more than the 50 MB L2), so
 sharing does not make the reads cheaper.
 
-Targets (issue #12, for information): GLA-2 >= 1.3x FlashMLA's MLA tokens/s at s_q 1 and
+Targets (for information): GLA-2 >= 1.3x FlashMLA's MLA tokens/s at s_q 1 and
 >= 1.9x at s_q 2 on the imbalanced set. Without an sm_90 GPU the script says so in one line
 and exits 0.
 """

@@ -32,7 +32,7 @@ to mean --length, clipped to 64 .. 8 x --length, fixed seed), b requests (--batc
 served by every GPU; the lengths count the step's s_q new tokens. FlashMLA (optional, when
 importable) is timed on the MLA configurations' attention with the same inputs.
 
-Targets (issue #15, two H100s, b 128, 32K): GLA-2 TP-2 attention <= 0.6x MLA TP-2's at s_q 1 and
+Targets (two GPUs, b 128, 32K): GLA-2 TP-2 attention <= 0.6x MLA TP-2's at s_q 1 and
 <= 0.45x at s_q 2; GLA-2 TP-2 total faster than MLA DCP-2's at s_q 1 and 2. Without sm_90 GPUs
 the script says so in one line and exits 0.
 """

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Nsight Compute sections for one decode kernel launch per configuration (on the H100, after
-# scripts/h100.sh built the extension): speed of light, compute and memory workload, warp
+# Nsight Compute sections for one decode kernel launch per configuration (on a Hopper GPU, after
+# scripts/gpu_check.sh built the extension): speed of light, compute and memory workload, warp
 # stalls, and the busy share of the pipes that bound a decode kernel (tensor, ALU, FMA, issue
 # slots; shared memory is in the memory section's "Mem Busy"). The SM clock is left as the
 # benchmark sees it (--clock-control none), so durations compare with bench_decode.py's.

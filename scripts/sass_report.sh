@@ -11,7 +11,7 @@
 #   CUOBJDUMP=PATH cuobjdump to use (default: $CUDA_HOME/bin, /usr/local/cuda/bin, PATH,
 #                  then the copy in Triton's wheel, triton/backends/nvidia/bin)
 #   NAME_WIDTH=N   cut demangled names to N characters (default 100)
-# The last line, "sass summary: ...", is what scripts/h100.sh quotes.
+# The last line, "sass summary: ...", is what scripts/gpu_check.sh quotes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}

@@ -5,7 +5,7 @@
   some NaN) left bitwise unchanged.
 * Every bad input gets a Python exception naming the argument, the expected and the actual
   value. The device check runs last, so a valid set of CPU inputs fails only with it.
-* The FP8 layout (issue #13): quantize_kv_ref / dequantize_kv round trip within e4m3's
+* The FP8 layout: quantize_kv_ref / dequantize_kv round trip within e4m3's
   precision, scales (amax / 448, at least 2^-126, 1 for zero groups, one per 128 values), saturation,
   non-finite groups; the FP8 writer reference against a naive per-group loop; the reference
   decode on an FP8 cache equals the decode on its dequantised values.

@@ -142,7 +142,7 @@ def test_expected_allocations_sees_the_views():
 
 
 # ------------------------------------------------------------------------------------------
-# FP8 caches (issue #13): the quantising writer
+# FP8 caches: the quantising writer
 # ------------------------------------------------------------------------------------------
 
 

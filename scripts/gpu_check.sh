@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# Build (or install a wheel), inspect, test and benchmark flash_gla on an H100 machine in one command.
+# Build (or install a wheel), inspect, test and benchmark flash_gla on a Hopper GPU (H100 or H200)
+# in one command.
 #
-# usage: scripts/h100.sh OUT_DIR          (from anywhere; it works in the checkout's root)
-#        WHEEL=path/to/flash_gla-...-cp310-abi3-linux_x86_64.whl scripts/h100.sh OUT_DIR
+# usage: scripts/gpu_check.sh OUT_DIR      (from anywhere; it works in the checkout's root)
+#        WHEEL=path/to/flash_gla-...-cp310-abi3-linux_x86_64.whl scripts/gpu_check.sh OUT_DIR
+#        make gpu-check                    (OUT_DIR bench_out/gpu-check; WHEEL=... as above)
 #
 # With WHEEL, nothing is compiled here: the install stage installs that wheel (built elsewhere,
 # e.g. `make wheel` on a CPU machine with any torch >= 2.10; pip install --no-deps --no-index, so
@@ -23,10 +25,10 @@
 #   STAGES="build sass test bench"  stages to run, in this order (default: all four; with WHEEL
 #                                   "install sass test bench"); a stage left out reuses what an
 #                                   earlier call left behind
-#   BUDGET_S=570                    the whole script's time budget: test and bench get what
-#                                   is left (minus a margin for the summary), so a run under
-#                                   an outside time limit (e.g. a 10-minute job) still ends
-#                                   with its summary
+#   BUDGET_S=570                    time budget of the whole run, in seconds: build, test and
+#                                   bench each get what is left (less a 20 s margin) and are
+#                                   stopped when it runs out, so the summary always prints within
+#                                   BUDGET_S; raise it if a stage is cut short
 #   MAX_JOBS=16                     parallel compile jobs (about 2.3 GB of memory each)
 #   PYTEST_ARGS="..."               extra pytest arguments (e.g. -k gla2)
 #   BENCH_ARGS="..."                extra benchmark arguments (e.g. --configs gta8 --sq 1)
@@ -35,13 +37,13 @@
 #   TEST_TIMEOUT_S=300              per-test limit, where pytest-timeout is installed
 #
 # Files in OUT_DIR:
-#   h100.log    everything printed here: device, stage results, sass report, summary
-#   build.log   the compiler's output, with ptxas register / spill reports
-#   test.log    pytest's output;  junit.xml  per-test results
-#   bench.log   the benchmark's output, plus bench.json and bench.png (its --out OUT_DIR)
+#   gpu_check.log  everything printed here: device, stage results, sass report, summary
+#   build.log      the compiler's output, with ptxas register / spill reports
+#   test.log       pytest's output;  junit.xml  per-test results
+#   bench.log      the benchmark's output, plus bench.json and bench.png (its --out OUT_DIR)
 set -uo pipefail
 
-OUT_DIR=${1:?usage: scripts/h100.sh OUT_DIR}
+OUT_DIR=${1:?usage: scripts/gpu_check.sh OUT_DIR}
 mkdir -p "$OUT_DIR"
 OUT_DIR=$(cd "$OUT_DIR" && pwd)
 cd "$(dirname "$0")/.."
@@ -63,7 +65,7 @@ BUDGET_S=${BUDGET_S:-570}
 DEADLINE=$(($(date +%s) + BUDGET_S))
 export PYTHONUNBUFFERED=1 PIP_ROOT_USER_ACTION=ignore PIP_DISABLE_PIP_VERSION_CHECK=1
 export MAX_JOBS=${MAX_JOBS:-16}
-# On the H100 a kernel test must run, never skip: a broken build must not pass as "all skipped".
+# On the GPU a kernel test must run, never skip: a broken build must not pass as "all skipped".
 export FLASH_GLA_REQUIRE_GPU=1
 
 want() { [[ " $STAGES " == *" $1 "* ]]; }
@@ -230,4 +232,4 @@ EOF
     return $rc
 }
 
-main 2>&1 | tee "$OUT_DIR/h100.log"
+main 2>&1 | tee "$OUT_DIR/gpu_check.log"
