@@ -52,7 +52,7 @@ def bench(b, s_q, h_q, dv, dtype, iters):
         for s, d in zip(srcs, dsts):
             d.copy_(s)
 
-    merge_us, copy_us = (t / copies for t in time_graphs([merges, copies_], iters))
+    merge_us, copy_us = (t / copies for t in time_graphs([merges, copies_], iters)[0])
     copy_bytes = 2 * copy_elems * 2
     merge_gbps, copy_gbps = merge_bytes / merge_us / 1e3, copy_bytes / copy_us / 1e3
     return dict(b=b, s_q=s_q, h_q=h_q, dv=dv, dtype=str(dtype).replace("torch.", ""), merge_us=merge_us,

@@ -119,7 +119,7 @@ def bench(lengths, s_q, names, args, flashmla, gen):
             cases[bench_cfg] = make_case(CONFIGS[bench_cfg], args.batch, lengths, s_q, torch.bfloat16, 1, gen, "cuda")
         steps.append(decode_step(name, CONFIGS[bench_cfg], cases[bench_cfg], s_q, args.layers, flashmla))
     gb = {name: cache_gb(cases[SERVING_CONFIGS[name][0]]) for name in names}
-    times = time_graphs(steps, args.iters, warmup=3)
+    times, _ = time_graphs(steps, args.iters, warmup=3)
     del cases, steps
     torch.cuda.empty_cache()
     return dict(zip(names, times)), gb

@@ -25,7 +25,7 @@ capture fails, that part is timed eagerly and the table says so), replayed ``--i
 warm-up, all ranks replaying the same graphs in the same order; reported: the slowest rank's
 median. ``get_metadata`` runs once per step for all layers and is not counted. Also per rank: KV
 bytes per token and layer, the attention's effective bandwidth (cache bytes read / attention time)
-and % of ROOF_GBPS, and how many 32K-token requests fit in 60 GiB of cache for a 60-layer model.
+and % of the card's measured read bandwidth, and how many 32K-token requests fit in 60 GiB of cache for a 60-layer model.
 
 Lengths: ``balanced`` (every request at --length) and ``imbalanced`` (log-normal, sigma 1, scaled
 to mean --length, clipped to 64 .. 8 x --length, fixed seed), b requests (--batch, default 128)
@@ -55,7 +55,7 @@ sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(os.path.dirname(HERE), "examples"))
 if importlib.util.find_spec("flash_gla") is None:  # a checkout built in place, not installed
     sys.path.insert(0, os.path.dirname(HERE))
-from bench_decode import ROOF_GBPS, capture, load_flashmla, unavailable_reason  # noqa: E402
+from bench_decode import capture, card_ceilings, load_flashmla, unavailable_reason  # noqa: E402
 import gla_tp_layer as tp  # noqa: E402
 from gla_decode_layer import Config, Weights  # noqa: E402
 
@@ -178,7 +178,7 @@ def bench_case(name, layer, shard, cfg, rope_once, comm, lengths, s_q, args, fla
                **{f"{p}_us": times[p] for p in PARTS}, sum_of_parts_us=sum(times[p] for p in PARTS[:3]),
                attention_flashmla_us=times.get("attention_flashmla"),
                attention_gbps=kv_bytes_read / times["attention"] / 1e3,
-               attention_pct_roof=100 * kv_bytes_read / ROOF_GBPS / 1e3 / times["attention"],
+               attention_pct_roof=100 * kv_bytes_read / card_ceilings()[0] / 1e3 / times["attention"],
                kv_bytes_per_token_gpu=bytes_per_token_gpu,
                requests_32k_per_gpu=math.floor(CACHE_GIB * 2**30 / (REQUEST_TOKENS * bytes_per_token_gpu
                                                                      * MODEL_LAYERS)),
@@ -270,7 +270,7 @@ def main():
             meta = dict(device=torch.cuda.get_device_name(), gpus=world, torch=torch.__version__,
                         nccl=".".join(map(str, torch.cuda.nccl.version())), date=time.strftime("%Y-%m-%d"),
                         commit=os.environ.get("FLASH_GLA_COMMIT", ""), batch=args.batch, length=args.length,
-                        iters=args.iters, flashmla=flashmla is not None, roof_gbps=ROOF_GBPS,
+                        iters=args.iters, flashmla=flashmla is not None, roof_gbps=card_ceilings()[0],
                         lengths={k: list(v) for k, v in sets.items()},
                         env={k: os.environ.get(k) for k in ("NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST")})
             with open(os.path.join(args.out, "tp.json"), "w") as f:
