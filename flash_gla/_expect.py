@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from flash_gla import _library
+from flash_gla._instances import FP8_GROUP, PAGE_SIZE
 
 TMA_ALIGN_BYTES = 16  # TMA: global address and every non-unit stride 16-byte aligned
 #: The FP8 cache dtype (values; a float32 kv_scale per 128 of them, the RoPE key unquantised).
@@ -35,32 +36,6 @@ def reject_unsupported(**kwargs: Any) -> None:
             shown = f"a {type(value).__name__}" if isinstance(value, torch.Tensor) else repr(value)
             why = FP8_FLAG_HINT if name == "is_fp8_kvcache" else "not supported by flash_gla yet"
             raise ValueError(f"{name} must be {default} ({why}), got {shown}")
-
-
-def check_kv_format(kv_cache: torch.Tensor, rope_cache: Any, kv_scale: Any) -> bool:
-    """A decode call's cache format: whether ``kv_cache`` is FP8 (float8_e4m3fn); the arguments an
-    FP8 cache needs (its ``kv_scale``, a ``rope_cache``) and a bf16 / fp16 one refuses (``kv_scale``)."""
-    if kv_cache.dtype != FP8_DTYPE and kv_cache.dtype.is_floating_point and kv_cache.dtype.itemsize == 1:
-        raise TypeError(
-            f"kv_cache.dtype must be {FP8_DTYPE} for an FP8 cache (else q's dtype), got {kv_cache.dtype}: "
-            "FP8 caches are e4m3 only"
-        )
-    fp8 = kv_cache.dtype == FP8_DTYPE
-    if fp8 and rope_cache is None:
-        raise ValueError(
-            f"an FP8 kv_cache ({FP8_DTYPE}) needs the RoPE key stored once, unquantised, in a rope_cache "
-            "(num_blocks, 64, 1, d_rope) of q's dtype, kv_cache holding only the latents: inline-RoPE FP8 is not "
-            "supported (write_kvcache(..., rope_cache=, kv_scale=) writes that layout; then call "
-            "gla_with_kvcache(..., rope_cache=, kv_scale=))"
-        )
-    if fp8:
-        expect_tensor("kv_scale", kv_scale, hint="(num_blocks, 64, h_kv, ceil(d / 128)) float32 (required with an "
-                      "FP8 kv_cache: its scales)")
-    elif kv_scale is not None:
-        shown = f"a {type(kv_scale).__name__}" if isinstance(kv_scale, torch.Tensor) else repr(kv_scale)
-        raise ValueError(f"kv_scale must be None with a {kv_cache.dtype} kv_cache (kv_scale holds the scales of an "
-                         f"FP8 kv_cache, {FP8_DTYPE}), got {shown}")
-    return fp8
 
 
 def expect_tensor(name: str, x: Any, hint: str = "") -> None:
@@ -118,3 +93,32 @@ def expect_tma_compatible(name: str, x: torch.Tensor) -> None:
             f"{name}.data_ptr() must be {TMA_ALIGN_BYTES}-byte aligned (for TMA), got address "
             f"{x.data_ptr():#x} (offset {x.data_ptr() % TMA_ALIGN_BYTES})"
         )
+
+
+def expect_paged_cache(kv_cache: torch.Tensor) -> None:
+    """A paged cache (num_blocks, page size, h_kv, d): at least one page, of PAGE_SIZE rows, and one head."""
+    num_blocks, page_size, h_kv, _ = kv_cache.shape
+    expect_at_least("kv_cache.shape[0] (num_blocks)", num_blocks, 1)
+    if page_size != PAGE_SIZE:
+        raise ValueError(f"kv_cache.shape[1] (page size) must be {PAGE_SIZE}, got {page_size}")
+    expect_at_least("kv_cache.shape[2] (h_kv)", h_kv, 1)
+
+
+def expect_kv_scale(kv_scale: Any, kv_cache: torch.Tensor, fp8: bool) -> None:
+    """``kv_scale`` is a tensor with an FP8 ``kv_cache`` (``fp8``: its scales), else None."""
+    if fp8:
+        expect_tensor("kv_scale", kv_scale, hint="(num_blocks, 64, h_kv, ceil(d / 128)) float32 (required with an "
+                      "FP8 kv_cache: its scales)")
+    elif kv_scale is not None:
+        shown = f"a {type(kv_scale).__name__}" if isinstance(kv_scale, torch.Tensor) else repr(kv_scale)
+        raise ValueError(f"kv_scale must be None with a {kv_cache.dtype} kv_cache (kv_scale holds the scales of an "
+                         f"FP8 kv_cache, {FP8_DTYPE}), got {shown}")
+
+
+def expect_kv_scale_shape(kv_scale: torch.Tensor, kv_cache: torch.Tensor) -> None:
+    """An FP8 cache's scales: one per token, KV head and FP8_GROUP values of ``kv_cache``."""
+    num_blocks, page_size, h_kv, d = kv_cache.shape
+    expected = (num_blocks, page_size, h_kv, -(-d // FP8_GROUP))
+    if tuple(kv_scale.shape) != expected:
+        raise ValueError(f"kv_scale.shape must be (num_blocks, 64, h_kv, ceil(d / {FP8_GROUP})) = {expected} "
+                         f"(of kv_cache), got {tuple(kv_scale.shape)}")
