@@ -30,25 +30,28 @@ from typing import NamedTuple
 import torch
 
 from flash_gla import _library
-from flash_gla._expect import (
+from flash_gla._extension import num_sm_parts
+from flash_gla._instances import META_FIELDS
+from flash_gla._metadata import DecodeConfig, SchedulerMetadata
+from flash_gla._validation import (
     FP8_DTYPE,
+    HALF_DTYPES,
     TMA_ALIGN_BYTES,
+    Variant,
+    check_lengths_fit,
     expect_at_least,
     expect_contiguous,
     expect_dtype,
     expect_int,
     expect_kv_scale,
     expect_kv_scale_shape,
+    expect_one_cuda_device,
     expect_paged_cache,
     expect_rank,
     expect_tensor,
     expect_tma_compatible,
     expect_unit_last_stride,
 )
-from flash_gla._extension import num_sm_parts
-from flash_gla._instances import META_FIELDS
-from flash_gla._metadata import DecodeConfig, SchedulerMetadata
-from flash_gla._validation import HALF_DTYPES, Variant, check_lengths_fit
 
 MAX_GROUP = 128  # largest h_q / h_kv
 MAX_Q_ROWS_PER_HEAD_K = 1024  # largest s_q * h_q / h_kv (packed query rows per KV head)
@@ -178,13 +181,7 @@ def _check_call(call, check_lengths: bool) -> DecodeConfig:
     seqlens = call.cache_seqlens
     if check_lengths and not (seqlens.is_cuda and torch.cuda.is_current_stream_capturing()):
         check_lengths_fit(seqlens, call.block_table.shape[1])  # host sync; skipped in capture
-    # Device: last but one, so that everything above can be checked without a GPU.
-    q = call.q
-    if not q.is_cuda:
-        raise ValueError(f"q must be a CUDA tensor (all tensors on one CUDA device), got device {q.device}")
-    for name, x in call.tensors():
-        if x.device != q.device:
-            raise ValueError(f"{name} must be on q's device {q.device} (all tensors on one CUDA device), got {x.device}")
+    expect_one_cuda_device(call.tensors())  # q's: last but one, so that all above runs without a GPU
     if not call.lazy and not _library.compiling():  # asks the extension: not traceable
         _check_metadata_rows(call, config)
     return config
@@ -323,9 +320,9 @@ def _check_shapes(call) -> DecodeConfig:
     call.variant.check_head_dims(d_qk, kv_dim, rope_dim, head_dim_v, call.is_fp8)
     if call.is_fp8:
         expect_kv_scale_shape(call.kv_scale, kv_cache)
-    for name in ("block_table", "cache_seqlens"):
-        if getattr(call, name).shape[0] != batch:
-            raise ValueError(f"{name}.shape[0] must equal q.shape[0] (batch) = {batch}, got {getattr(call, name).shape[0]}")
+    for name, x in (("block_table", call.block_table), ("cache_seqlens", call.cache_seqlens)):
+        if x.shape[0] != batch:
+            raise ValueError(f"{name}.shape[0] must equal q.shape[0] (batch) = {batch}, got {x.shape[0]}")
     if not call.lazy:
         meta, num_splits = call.tile_scheduler_metadata, call.num_splits
         if meta.shape[1] != META_FIELDS:

@@ -1,20 +1,149 @@
-"""The decode entries' variants and the head dims they accept; get_metadata's checks; the lengths.
+"""Every argument check the public entries share, and the decode variants with the dims they accept.
+
+The decode entries, the cache writer, merge_attention and get_metadata build their checks from
+these; the compiled ``flash_gla._C`` trusts its inputs. Each check raises TypeError or
+ValueError with a message that names the argument, what was expected and what was given. A
+decode call's checks, in their fixed order, are ``flash_gla._call``'s.
 
 The supported head dims come from ``flash_gla._instances``, the generated list of compiled
-kernel instances: those of its FP8 instances (``kv_fp8``) for a float8_e4m3fn ``kv_cache``. A
-decode call's checks, in their fixed order, are ``flash_gla._call``'s.
+kernel instances: those of its FP8 instances (``kv_fp8``) for a float8_e4m3fn ``kv_cache``.
 """
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+import numbers
+from typing import Any, Callable, NamedTuple
 
 import torch
 
-from flash_gla._expect import expect_at_least, expect_contiguous, expect_dtype, expect_int, expect_rank, expect_tensor
-from flash_gla._instances import DTYPES, INSTANCES, PAGE_SIZE  # PAGE_SIZE: kv_cache.shape[1]
+from flash_gla import _library
+from flash_gla._instances import DTYPES, FP8_GROUP, INSTANCES, PAGE_SIZE  # PAGE_SIZE: kv_cache.shape[1]
 
+TMA_ALIGN_BYTES = 16  # TMA: global address and every non-unit stride 16-byte aligned
+#: The cache dtypes: bf16 / fp16 (q's dtype), or FP8 values with a float32 kv_scale per
+#: FP8_GROUP of them (the RoPE key unquantised).
 HALF_DTYPES = tuple({"bf16": torch.bfloat16, "fp16": torch.float16}[name] for name in DTYPES)
+FP8_DTYPE = torch.float8_e4m3fn
+#: Why FlashMLA's FP8 flag is refused, and what to use instead.
+FP8_FLAG_HINT = (
+    "FlashMLA's packed FP8 MLA cache (656-byte rows with the RoPE key inline) is not supported; for an FP8 "
+    "cache pass a torch.float8_e4m3fn kv_cache with its float32 kv_scale and a rope_cache to "
+    "gla_with_kvcache (or gta_with_kvcache): no flag, and the same get_metadata as for a bf16 cache"
+)
+
+
+def _shown(value: Any) -> str:
+    """A refused value as a message shows it: a tensor by its type, anything else by its repr."""
+    return f"a {type(value).__name__}" if isinstance(value, torch.Tensor) else repr(value)
+
+
+def reject_unsupported(**kwargs: Any) -> None:
+    """ValueError for a FlashMLA feature flash_gla lacks, passed with a non-default value.
+
+    The default is False for ``is_fp8_kvcache`` and None for everything else.
+    """
+    for name, value in kwargs.items():
+        default = False if name == "is_fp8_kvcache" else None
+        if value is not default:
+            why = FP8_FLAG_HINT if name == "is_fp8_kvcache" else "not supported by flash_gla yet"
+            raise ValueError(f"{name} must be {default} ({why}), got {_shown(value)}")
+
+
+def expect_tensor(name: str, x: Any, hint: str = "") -> None:
+    if not isinstance(x, torch.Tensor):
+        extra = f" {hint}" if hint else ""
+        raise TypeError(f"{name} must be a torch.Tensor{extra}, got {type(x).__name__}")
+
+
+def expect_int(name: str, x: Any) -> None:
+    if isinstance(x, bool) or not isinstance(x, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(x).__name__}")
+
+
+def expect_dtype(name: str, x: torch.Tensor, expected, what: str | None = None) -> None:
+    allowed = expected if isinstance(expected, tuple) else (expected,)
+    if x.dtype not in allowed:
+        shown = " or ".join(str(d) for d in allowed)
+        if what:
+            shown = f"{shown} ({what})"
+        raise TypeError(f"{name}.dtype must be {shown}, got {x.dtype}")
+
+
+def expect_rank(name: str, x: torch.Tensor, rank: int) -> None:
+    if x.dim() != rank:
+        raise ValueError(f"{name} must be {rank}-D, got {x.dim()}-D with shape {tuple(x.shape)}")
+
+
+def expect_at_least(name: str, value: int, minimum: int) -> None:
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+
+
+def expect_unit_last_stride(name: str, x: torch.Tensor) -> None:
+    if x.stride(-1) != 1:
+        raise ValueError(f"{name}.stride(-1) must be 1 (last dim contiguous), got {x.stride(-1)}")
+
+
+def expect_contiguous(name: str, x: torch.Tensor) -> None:
+    if not x.is_contiguous():
+        raise ValueError(f"{name} must be contiguous, got strides {tuple(x.stride())} for shape {tuple(x.shape)}")
+
+
+def expect_tma_compatible(name: str, x: torch.Tensor) -> None:
+    """Last dim contiguous, other strides and the base address 16-byte aligned (TMA)."""
+    expect_unit_last_stride(name, x)
+    align = TMA_ALIGN_BYTES // x.element_size()
+    for dim in range(x.dim() - 1):
+        if x.stride(dim) % align != 0:
+            raise ValueError(
+                f"{name}.stride({dim}) must be a multiple of {align} elements ({TMA_ALIGN_BYTES} bytes, "
+                f"for TMA), got {x.stride(dim)}"
+            )
+    if not _library.compiling() and x.data_ptr() % TMA_ALIGN_BYTES != 0:  # no address when traced
+        raise ValueError(
+            f"{name}.data_ptr() must be {TMA_ALIGN_BYTES}-byte aligned (for TMA), got address "
+            f"{x.data_ptr():#x} (offset {x.data_ptr() % TMA_ALIGN_BYTES})"
+        )
+
+
+def expect_paged_cache(kv_cache: torch.Tensor) -> None:
+    """A paged cache (num_blocks, page size, h_kv, d): at least one page, of PAGE_SIZE rows, and one head."""
+    num_blocks, page_size, h_kv, _ = kv_cache.shape
+    expect_at_least("kv_cache.shape[0] (num_blocks)", num_blocks, 1)
+    if page_size != PAGE_SIZE:
+        raise ValueError(f"kv_cache.shape[1] (page size) must be {PAGE_SIZE}, got {page_size}")
+    expect_at_least("kv_cache.shape[2] (h_kv)", h_kv, 1)
+
+
+def expect_kv_scale(kv_scale: Any, kv_cache: torch.Tensor, fp8: bool) -> None:
+    """``kv_scale`` is a tensor with an FP8 ``kv_cache`` (``fp8``: its scales), else None."""
+    if fp8:
+        expect_tensor("kv_scale", kv_scale, hint="(num_blocks, 64, h_kv, ceil(d / 128)) float32 (required with an "
+                      "FP8 kv_cache: its scales)")
+    elif kv_scale is not None:
+        raise ValueError(f"kv_scale must be None with a {kv_cache.dtype} kv_cache (kv_scale holds the scales of an "
+                         f"FP8 kv_cache, {FP8_DTYPE}), got {_shown(kv_scale)}")
+
+
+def expect_kv_scale_shape(kv_scale: torch.Tensor, kv_cache: torch.Tensor) -> None:
+    """An FP8 cache's scales: one per token, KV head and FP8_GROUP values of ``kv_cache``."""
+    num_blocks, page_size, h_kv, d = kv_cache.shape
+    expected = (num_blocks, page_size, h_kv, -(-d // FP8_GROUP))
+    if tuple(kv_scale.shape) != expected:
+        raise ValueError(f"kv_scale.shape must be (num_blocks, 64, h_kv, ceil(d / {FP8_GROUP})) = {expected} "
+                         f"(of kv_cache), got {tuple(kv_scale.shape)}")
+
+
+def expect_one_cuda_device(tensors: list[tuple[str, torch.Tensor | None]]) -> None:
+    """Every tensor on the first one's device, a CUDA device. Checked last, so that everything
+    else can be checked on a machine without a GPU."""
+    (first, anchor), *rest = tensors
+    if not anchor.is_cuda:
+        raise ValueError(f"{first} must be a CUDA tensor (all tensors on one CUDA device), got device {anchor.device}")
+    for name, x in rest:
+        if x is not None and x.device != anchor.device:
+            raise ValueError(f"{name} must be on {first}'s device {anchor.device} (all tensors on one CUDA device), "
+                             f"got {x.device}")
 
 
 def _dims_table(variants: tuple[str, ...], key: Callable, value: Callable, fp8: bool = False) -> dict[int, int]:
@@ -39,7 +168,7 @@ GTA_FP8_DIMS = _dims_table(("gta",), lambda i: i.head_dim_v, lambda i: i.head_di
 
 
 def _check_inline_dims(d_qk: int, kv_dim: int, rope_dim: int | None, head_dim_v: int, fp8: bool = False) -> None:
-    """Inline RoPE: kv rows are [V (head_dim_v) | RoPE] = d_qk dims (never FP8: check_kv_format refuses it)."""
+    """Inline RoPE: kv rows are [V (head_dim_v) | RoPE] = d_qk dims (never FP8: an FP8 cache needs a rope_cache)."""
     if d_qk not in INLINE_DIMS:
         raise ValueError(f"q.shape[3] (d_qk) must be one of {sorted(INLINE_DIMS)}, got {d_qk}")
     if kv_dim != d_qk:

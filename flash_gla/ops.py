@@ -18,7 +18,7 @@ from flash_gla._call import DecodeCall, check_decode_call
 from flash_gla._extension import load_extension as _load_extension
 from flash_gla._extension import num_sm_parts as _num_sm_parts  # noqa: F401  (tests, tools)
 from flash_gla._metadata import DecodeConfig, SchedulerMetadata
-from flash_gla._expect import reject_unsupported as _reject_unsupported
+from flash_gla._validation import reject_unsupported as _reject_unsupported
 
 __all__ = [
     "CHECK_LENGTHS",
