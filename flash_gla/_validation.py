@@ -167,45 +167,40 @@ ROPE1_FP8_DIMS = _dims_table(("gla_rope1",), lambda i: i.head_dim_v, lambda i: i
 GTA_FP8_DIMS = _dims_table(("gta",), lambda i: i.head_dim_v, lambda i: i.head_dim_rope, fp8=True)
 
 
+def _expect_one_of(name: str, value: int, table: dict[int, int], where: str = "") -> None:
+    if value not in table:
+        raise ValueError(f"{name} must be one of {sorted(table)}{where}, got {value}")
+
+
+def _expect_dim(name: str, value: int | None, expected: int, rule: str) -> None:
+    if value != expected:
+        raise ValueError(f"{name} must {rule}, got {value}")
+
+
 def _check_inline_dims(d_qk: int, kv_dim: int, rope_dim: int | None, head_dim_v: int, fp8: bool = False) -> None:
     """Inline RoPE: kv rows are [V (head_dim_v) | RoPE] = d_qk dims (never FP8: an FP8 cache needs a rope_cache)."""
-    if d_qk not in INLINE_DIMS:
-        raise ValueError(f"q.shape[3] (d_qk) must be one of {sorted(INLINE_DIMS)}, got {d_qk}")
-    if kv_dim != d_qk:
-        raise ValueError(f"kv_cache.shape[3] must equal q.shape[3] (d_qk) = {d_qk}, got {kv_dim}")
-    expected_dv = INLINE_DIMS[d_qk]
-    if head_dim_v != expected_dv:
-        raise ValueError(f"head_dim_v must be {expected_dv} for d_qk {d_qk}, got {head_dim_v}")
+    _expect_one_of("q.shape[3] (d_qk)", d_qk, INLINE_DIMS)
+    _expect_dim("kv_cache.shape[3]", kv_dim, d_qk, f"equal q.shape[3] (d_qk) = {d_qk}")
+    _expect_dim("head_dim_v", head_dim_v, INLINE_DIMS[d_qk], f"be {INLINE_DIMS[d_qk]} for d_qk {d_qk}")
 
 
 def _check_rope1_dims(d_qk: int, kv_dim: int, rope_dim: int | None, head_dim_v: int, fp8: bool = False) -> None:
     """RoPE stored once: kv rows are the latents (head_dim_v), d_qk = head_dim_v + d_rope."""
     table, cache = (ROPE1_FP8_DIMS, " and an FP8 kv_cache (the FP8 instances)") if fp8 else (ROPE1_DIMS, "")
-    if head_dim_v not in table:
-        raise ValueError(f"head_dim_v must be one of {sorted(table)} with a rope_cache{cache}, got {head_dim_v}")
-    if kv_dim != head_dim_v:
-        raise ValueError(
-            f"kv_cache.shape[3] must equal head_dim_v = {head_dim_v} with a rope_cache (the RoPE "
-            f"dims live in rope_cache), got {kv_dim}"
-        )
-    expected_rope = table[head_dim_v]
-    if rope_dim != expected_rope:
-        raise ValueError(
-            f"rope_cache.shape[3] (d_rope) must be {expected_rope} for head_dim_v {head_dim_v}, got {rope_dim}"
-        )
-    if d_qk != head_dim_v + rope_dim:
-        raise ValueError(f"q.shape[3] (d_qk) must be head_dim_v + d_rope = {head_dim_v + rope_dim}, got {d_qk}")
+    _expect_one_of("head_dim_v", head_dim_v, table, f" with a rope_cache{cache}")
+    _expect_dim("kv_cache.shape[3]", kv_dim, head_dim_v,
+                f"equal head_dim_v = {head_dim_v} with a rope_cache (the RoPE dims live in rope_cache)")
+    _expect_dim("rope_cache.shape[3] (d_rope)", rope_dim, table[head_dim_v],
+                f"be {table[head_dim_v]} for head_dim_v {head_dim_v}")
+    _expect_dim("q.shape[3] (d_qk)", d_qk, head_dim_v + rope_dim, f"be head_dim_v + d_rope = {head_dim_v + rope_dim}")
 
 
 def _check_gta_dims(d_qk: int, kv_dim: int, rope_dim: int | None, head_dim_v: int, fp8: bool = False) -> None:
     """GTA: q, kv rows and out all have the tied-state width d; the key's RoPE part is rope_cache."""
     table, cache = (GTA_FP8_DIMS, " with an FP8 kv_cache (the FP8 instances)") if fp8 else (GTA_DIMS, "")
-    if d_qk not in table:
-        raise ValueError(f"q.shape[3] (d) must be one of {sorted(table)}{cache}, got {d_qk}")
-    if kv_dim != d_qk:
-        raise ValueError(f"kv_cache.shape[3] must equal q.shape[3] (d) = {d_qk}, got {kv_dim}")
-    if rope_dim != table[d_qk]:
-        raise ValueError(f"rope_cache.shape[3] (d_rope) must be {table[d_qk]} for d {d_qk}, got {rope_dim}")
+    _expect_one_of("q.shape[3] (d)", d_qk, table, cache)
+    _expect_dim("kv_cache.shape[3]", kv_dim, d_qk, f"equal q.shape[3] (d) = {d_qk}")
+    _expect_dim("rope_cache.shape[3] (d_rope)", rope_dim, table[d_qk], f"be {table[d_qk]} for d {d_qk}")
 
 
 class Variant(NamedTuple):
