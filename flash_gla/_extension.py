@@ -10,9 +10,9 @@ raises an ImportError that says what is wrong.
 
 from __future__ import annotations
 
-import functools
-
 import torch
+
+from flash_gla import _library
 
 _loaded = False  # the extension is loaded and the fakes are registered (a plain bool: torch.compile reads it)
 
@@ -31,8 +31,6 @@ def load_extension():
                 "or install a flash_gla wheel built for this platform. `python -m flash_gla` "
                 "prints what was built and what is running."
             ) from err
-        from flash_gla import _library
-
         _library.register_fakes()
         _loaded = True
     return torch.ops.flash_gla
@@ -47,7 +45,8 @@ def try_load_extension() -> bool:
     return True
 
 
-@functools.lru_cache(maxsize=None)
 def num_sm_parts(device_index: int, num_q_tokens_per_head_k: int, num_heads_k: int) -> int:
-    """Scheduler parts (rows of tile_scheduler_metadata) that get_metadata plans on a device."""
-    return load_extension().num_sm_parts.default(device_index, num_q_tokens_per_head_k, num_heads_k)
+    """Scheduler parts (rows of tile_scheduler_metadata) that get_metadata plans on a device,
+    loading the extension on first use (or an ImportError)."""
+    load_extension()
+    return _library.num_sm_parts(device_index, num_q_tokens_per_head_k, num_heads_k)

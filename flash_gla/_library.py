@@ -5,7 +5,8 @@ schema that declares what it writes (``decode`` writes ``out``, ``write_kvcache`
 ``merge_attention`` ``out`` and ``lse``). What ``torch.compile`` (and its CUDA graphs,
 ``mode="reduce-overhead"``) needs besides is a fake implementation per op, which gives the
 shapes of the results without running anything; they are registered here, right after the
-extension is loaded (``flash_gla._extension.load_extension``).
+extension is loaded (``flash_gla._extension.load_extension``, which imports this module: this
+one imports nothing of flash_gla's but the generated constants).
 
 The public functions (``flash_gla.get_metadata``, ``gla_with_kvcache``, ``gta_with_kvcache``,
 ``write_kvcache``, ``merge_attention``) validate their arguments and call these ops, eagerly and
@@ -16,9 +17,10 @@ metadata's row count, which need values that tracing does not have).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
-from flash_gla._extension import num_sm_parts
 from flash_gla._instances import META_FIELDS
 
 _registered = False
@@ -34,6 +36,17 @@ def register_fakes() -> None:
     torch.library.register_fake("flash_gla::write_kvcache")(_returns_nothing)
     torch.library.register_fake("flash_gla::merge_attention")(_returns_nothing)
     _registered = True
+
+
+@functools.lru_cache(maxsize=None)
+def num_sm_parts(device_index: int, num_q_tokens_per_head_k: int, num_heads_k: int) -> int:
+    """Scheduler parts (rows of tile_scheduler_metadata) that get_metadata plans on a device.
+
+    Asks the op ``flash_gla::num_sm_parts``, so the extension must be loaded: the fakes run only
+    after it is, and ``flash_gla._extension.num_sm_parts`` loads it first. Cached: a device's SM
+    count does not change.
+    """
+    return torch.ops.flash_gla.num_sm_parts.default(device_index, num_q_tokens_per_head_k, num_heads_k)
 
 
 def _get_metadata_fake(cache_seqlens, num_q_tokens_per_head_k, num_heads_k, batch_invariant):

@@ -11,25 +11,23 @@ for bit): per token, KV head and 128 values, ``scale = amax / 448`` (at least 2^
 group of zeros) goes to ``kv_scale`` and ``value * (1 / scale)``, rounded to nearest e4m3 and
 saturated at +-448, to ``kv_cache``.
 
-Every input is checked here, in the order of ``flash_gla._validation`` (types, dtypes, ranks
-and shapes, strides and alignment, device), before the extension is touched; slot values are
-not (that would read them on the host): the kernel skips a slot outside ``[0, num_blocks * 64)``.
+Every input is checked here, in the order of the decode checks (``flash_gla._call``: types,
+dtypes, ranks and shapes, strides and alignment, device), before the extension is touched;
+slot values are not (that would read them on the host): the kernel skips a slot outside
+``[0, num_blocks * 64)``.
 """
 
 from __future__ import annotations
 
 import torch
 
-from flash_gla import _library
+from flash_gla import _library, _validation
 from flash_gla._extension import load_extension
-from flash_gla._expect import expect_at_least, expect_dtype, expect_rank, expect_tensor, expect_unit_last_stride
-from flash_gla._validation import HALF_DTYPES, PAGE_SIZE
-from flash_gla.reference import FP8_GROUP
+from flash_gla._instances import PAGE_SIZE
+from flash_gla._validation import FP8_DTYPE, HALF_DTYPES, expect_at_least, expect_dtype, expect_rank, expect_tensor
 
 __all__ = ["write_kvcache"]
 
-#: The FP8 cache dtype the writer quantises into (with ``kv_scale``).
-FP8_DTYPE = torch.float8_e4m3fn
 #: Values an FP8 write moves per lane at the least (the kernel's 128-value scale groups must lie
 #: in one warp): every address, stride and width of its tensors is a multiple of it.
 FP8_MIN_VECTOR = 4
@@ -102,14 +100,7 @@ def _check_inputs(kv_cache, slot_mapping, kv, rope, rope_cache, kv_scale) -> Non
     if fp8:
         expect_tensor("rope_cache", rope_cache, hint="(num_blocks, 64, 1, d_rope) (required with an FP8 kv_cache: "
                       "FP8 stores the RoPE key once, unquantised; there is no inline-RoPE FP8 layout)")
-        expect_tensor("kv_scale", kv_scale, hint="(num_blocks, 64, h_kv, ceil(d / 128)) float32 (required with an "
-                      "FP8 kv_cache: its scales)")
-    elif kv_scale is not None:
-        shown = f"a {type(kv_scale).__name__}" if isinstance(kv_scale, torch.Tensor) else repr(kv_scale)
-        raise ValueError(
-            f"kv_scale must be None with a {kv_cache.dtype} kv_cache (kv_scale holds the scales of an FP8 "
-            f"kv_cache, {FP8_DTYPE}), got {shown}"
-        )
+    _validation.expect_kv_scale(kv_scale, kv_cache, fp8)
     if rope_cache is not None:
         expect_tensor("rope_cache", rope_cache, hint="(num_blocks, 64, 1, d_rope) or None")
         expect_tensor("rope", rope, hint="(T, d_rope) (required with a rope_cache)")
@@ -130,11 +121,8 @@ def _check_inputs(kv_cache, slot_mapping, kv, rope, rope_cache, kv_scale) -> Non
                        ("kv_scale", 4)):
         if tensors[name] is not None:
             expect_rank(name, tensors[name], rank)
-    num_blocks, page_size, h_kv, cache_dim = kv_cache.shape
-    expect_at_least("kv_cache.shape[0] (num_blocks)", num_blocks, 1)
-    if page_size != PAGE_SIZE:
-        raise ValueError(f"kv_cache.shape[1] (page size) must be {PAGE_SIZE}, got {page_size}")
-    expect_at_least("kv_cache.shape[2] (h_kv)", h_kv, 1)
+    num_blocks, _, h_kv, cache_dim = kv_cache.shape
+    _validation.expect_paged_cache(kv_cache)
     num_tokens = slot_mapping.shape[0]
     if tuple(kv.shape[:2]) != (num_tokens, h_kv):
         raise ValueError(
@@ -175,12 +163,7 @@ def _check_inputs(kv_cache, slot_mapping, kv, rope, rope_cache, kv_scale) -> Non
             f"rows), got {cache_dim}"
         )
     if fp8:
-        expected = (num_blocks, PAGE_SIZE, h_kv, -(-cache_dim // FP8_GROUP))
-        if tuple(kv_scale.shape) != expected:
-            raise ValueError(
-                f"kv_scale.shape must be (num_blocks, 64, h_kv, ceil(d / {FP8_GROUP})) = {expected} (of kv_cache), "
-                f"got {tuple(kv_scale.shape)}"
-            )
+        _validation.expect_kv_scale_shape(kv_scale, kv_cache)
         for name, width in (("kv.shape[2] (d_kv)", d_kv), ("rope.shape[1] (d_rope)", d_rope)):
             if width % FP8_MIN_VECTOR != 0:
                 raise ValueError(
@@ -190,20 +173,10 @@ def _check_inputs(kv_cache, slot_mapping, kv, rope, rope_cache, kv_scale) -> Non
     # Strides (and, for an FP8 write, alignment).
     for name in ("kv_cache", "kv", "rope", "rope_cache"):
         if tensors[name] is not None:
-            expect_unit_last_stride(name, tensors[name])
+            _validation.expect_unit_last_stride(name, tensors[name])
             if fp8:
                 _expect_fp8_aligned(name, tensors[name])
-    # Device.
-    if not kv_cache.is_cuda:
-        raise ValueError(
-            f"kv_cache must be a CUDA tensor (all tensors on one CUDA device), got device {kv_cache.device}"
-        )
-    for name, x in tensors.items():
-        if x is not None and x.device != kv_cache.device:
-            raise ValueError(
-                f"{name} must be on kv_cache's device {kv_cache.device} (all tensors on one CUDA device), "
-                f"got {x.device}"
-            )
+    _validation.expect_one_cuda_device(list(tensors.items()))  # kv_cache's, the device last
 
 
 def _expect_fp8_aligned(name: str, x: torch.Tensor) -> None:

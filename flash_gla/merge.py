@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from flash_gla._extension import load_extension
-from flash_gla._expect import expect_contiguous, expect_dtype, expect_rank, expect_tensor
+from flash_gla._validation import expect_contiguous, expect_dtype, expect_rank, expect_tensor
 
 __all__ = ["merge_attention"]
 

@@ -1,8 +1,8 @@
 """Public decode ops: validate the inputs, plan with the tile scheduler, call the kernel.
 
-Every input is checked in Python (``flash_gla._validation``, in a fixed order: types, dtypes,
-shapes, strides, lengths, device) before an op of the extension is called: the compiled ops
-(``torch.ops.flash_gla.*``) trust their inputs. GLA (inline RoPE or RoPE stored once), MLA and
+Every input is checked in Python before an op of the extension is called (a decode call's by
+``flash_gla._call``, in a fixed order: types, dtypes, shapes, strides, lengths, device): the
+compiled ops (``torch.ops.flash_gla.*``) trust their inputs. GLA (inline RoPE or RoPE stored once), MLA and
 GTA, over bf16 / fp16 or FP8 (e4m3 + ``kv_scale``) caches, go through one path, :func:`_decode`.
 
 ``import flash_gla``, the reference and the validation work where the extension is not built;
@@ -14,10 +14,11 @@ from __future__ import annotations
 import torch
 
 from flash_gla import _library, _validation
+from flash_gla._call import DecodeCall, check_decode_call
 from flash_gla._extension import load_extension as _load_extension
 from flash_gla._extension import num_sm_parts as _num_sm_parts  # noqa: F401  (tests, tools)
 from flash_gla._metadata import DecodeConfig, SchedulerMetadata
-from flash_gla._expect import reject_unsupported as _reject_unsupported
+from flash_gla._validation import reject_unsupported as _reject_unsupported
 
 __all__ = [
     "CHECK_LENGTHS",
@@ -203,10 +204,11 @@ def gla_with_kvcache(
     if is_fp8_kvcache is not False or indices is not None:
         _reject_unsupported(is_fp8_kvcache=is_fp8_kvcache, indices=indices)
     variant = _validation.GLA_INLINE if rope_cache is None else _validation.GLA_ROPE1
-    return _decode(
-        variant, q, kv_cache, rope_cache, block_table, cache_seqlens, head_dim_v,
-        tile_scheduler_metadata, num_splits, softmax_scale, causal, out, attn_sink, enable_batch_invariant, kv_scale,
-    )
+    return _decode(DecodeCall(
+        variant=variant, q=q, kv_cache=kv_cache, rope_cache=rope_cache, block_table=block_table,
+        cache_seqlens=cache_seqlens, head_dim_v=head_dim_v, tile_scheduler_metadata=tile_scheduler_metadata,
+        num_splits=num_splits, softmax_scale=softmax_scale, causal=causal, out=out, attn_sink=attn_sink,
+        batch_invariant=enable_batch_invariant, kv_scale=kv_scale))
 
 
 def gta_with_kvcache(
@@ -260,10 +262,11 @@ def gta_with_kvcache(
         out: (b, s_q, h_q, d), q's dtype. lse: (b, h_q, s_q) float32. Rows that see no key
         get ``out = 0`` and ``lse = +inf``.
     """
-    return _decode(
-        _validation.GTA, q, kv_cache, rope_cache, block_table, cache_seqlens, None,
-        tile_scheduler_metadata, num_splits, softmax_scale, causal, out, attn_sink, enable_batch_invariant, kv_scale,
-    )
+    return _decode(DecodeCall(
+        variant=_validation.GTA, q=q, kv_cache=kv_cache, rope_cache=rope_cache, block_table=block_table,
+        cache_seqlens=cache_seqlens, head_dim_v=None, tile_scheduler_metadata=tile_scheduler_metadata,
+        num_splits=num_splits, softmax_scale=softmax_scale, causal=causal, out=out, attn_sink=attn_sink,
+        batch_invariant=enable_batch_invariant, kv_scale=kv_scale))
 
 
 def flash_mla_with_kvcache(
@@ -297,44 +300,20 @@ def flash_mla_with_kvcache(
 get_mla_metadata = get_metadata
 
 
-def _decode(
-    variant: _validation.Variant,
-    q: torch.Tensor,
-    kv_cache: torch.Tensor,
-    rope_cache: torch.Tensor | None,
-    block_table: torch.Tensor,
-    cache_seqlens: torch.Tensor,
-    head_dim_v: int | None,
-    tile_scheduler_metadata: torch.Tensor | SchedulerMetadata,
-    num_splits: torch.Tensor | None,
-    softmax_scale: float | None,
-    causal: bool,
-    out: torch.Tensor | None,
-    attn_sink: torch.Tensor | None,
-    batch_invariant: bool,
-    kv_scale: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+def _decode(call: DecodeCall) -> tuple[torch.Tensor, torch.Tensor]:
     """The one path of every decode entry: validate, resolve lazy metadata, launch."""
-    config = _validation.check_decode_inputs(
-        variant, q, kv_cache, rope_cache, block_table, cache_seqlens, head_dim_v,
-        tile_scheduler_metadata, num_splits, softmax_scale, causal, out, attn_sink, batch_invariant, kv_scale,
-        check_lengths=CHECK_LENGTHS,
-    )
-    if softmax_scale is None:
-        softmax_scale = q.shape[-1] ** -0.5
-    if isinstance(tile_scheduler_metadata, SchedulerMetadata):
+    config = check_decode_call(call, check_lengths=CHECK_LENGTHS)
+    meta, num_splits, out = call.tile_scheduler_metadata, call.num_splits, call.out
+    if call.lazy:
         if _library.compiling():
             raise TypeError(
                 "the lazy metadata object (get_metadata() with no arguments) is filled in Python on the "
                 "first call and cannot be compiled: under torch.compile use the classic form, "
                 "get_metadata(cache_seqlens, s_q * h_q // h_kv, h_kv)"
             )
-        tile_scheduler_metadata, num_splits = tile_scheduler_metadata._resolve(config, cache_seqlens)
+        meta, num_splits = meta._resolve(config, call.cache_seqlens)
     if out is None:
-        out = q.new_empty((config.batch, config.s_q, config.h_q, config.head_dim_v))
+        out = call.q.new_empty((config.batch, config.s_q, config.h_q, config.head_dim_v))
     # torch.ops.flash_gla.decode, which writes out (its schema says so) and returns lse.
-    lse = _load_extension().decode.default(
-        q, kv_cache, rope_cache, block_table, cache_seqlens, config.head_dim_v,
-        tile_scheduler_metadata, num_splits, float(softmax_scale), causal, out, attn_sink, batch_invariant, kv_scale,
-    )
+    lse = _load_extension().decode.default(*call.op_args(config.head_dim_v, meta, num_splits, out))
     return out, lse

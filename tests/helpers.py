@@ -1,16 +1,20 @@
 """Test helpers shared by the CPU and GPU tests: poisoned paged inputs, a loud comparison, and
 the GPU harness (a Variant per decode entry, the per-case check, graph replay, metadata reuse)
-that test_decode_gpu.py and test_shared_rope_gpu.py drive over their grids."""
+that test_decode_gpu.py, test_shared_rope_gpu.py and test_fp8_decode_gpu.py drive over their
+grids, which they build with the grid helpers here (the cases of the entries that store the
+RoPE key once, the product of a grid's axes, the grid's two tests)."""
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import random
 import zlib
 from dataclasses import dataclass
 from typing import Callable
 
+import pytest
 import torch
 
 import flash_gla
@@ -53,6 +57,11 @@ class SeededGridCase:
 
     def lengths(self) -> list[int]:
         return grid_lengths(self.length, self.b, self.seed)
+
+
+def distinct(cases: list) -> list:
+    """The cases with distinct ids, each where it first came: a sweep may revisit a case."""
+    return list({case.id: case for case in cases}.values())
 
 
 def capture_graph(step: Callable):
@@ -339,6 +348,73 @@ GTA = Variant("gta", shared_rope=True, q_is_v=True)
 VARIANTS = {v.name: v for v in (GLA, GLA_ROPE1, GTA)}
 GLA_ROPE1_FP8 = Variant("gla_rope1", shared_rope=True, q_is_v=False, kv_fp8=True)
 GTA_FP8 = Variant("gta", shared_rope=True, q_is_v=True, kv_fp8=True)
+FP8_VARIANTS = {v.name: v for v in (GLA_ROPE1_FP8, GTA_FP8)}
+#: d_rope of the layouts that store the RoPE key once, by (kind, d): GTA's tied-state width d,
+#: GLA's latent width.
+SHARED_ROPE_D_ROPE = {("gta", 128): 64, ("gta", 64): 32, ("gla_rope1", 256): 64}
+
+
+@dataclass(frozen=True)
+class SharedRopeCase(SeededGridCase):
+    """One grid case of an entry that stores the RoPE key once (``gta``, ``gla_rope1``), over a
+    bf16 / fp16 cache or (``fp8``) an FP8 one. Ids read like the configuration:
+    ``gta-d128-h32kv8-bf16-sq2-causal-L4113-b3``, ``fp8-`` in front for an FP8 cache."""
+
+    kind: str  # "gta" or "gla_rope1"
+    d: int  # gta: tied-state width; gla_rope1: latent width (head_dim_v)
+    h_q: int
+    h_kv: int
+    dtype: str
+    s_q: int
+    causal: bool
+    length: int | str  # one length for every request, a VARLEN key, or "graph"
+    b: int
+    fp8: bool = False
+
+    @property
+    def id(self) -> str:
+        mask = "causal" if self.causal else "full"
+        cache = "fp8-" if self.fp8 else ""
+        return (f"{cache}{self.kind}-d{self.d}-h{self.h_q}kv{self.h_kv}-{self.dtype}-sq{self.s_q}-{mask}"
+                f"-L{self.length}-b{self.b}")
+
+    @property
+    def d_rope(self) -> int:
+        return SHARED_ROPE_D_ROPE[(self.kind, self.d)]
+
+    @property
+    def variant(self) -> Variant:
+        return (FP8_VARIANTS if self.fp8 else VARIANTS)[self.kind]
+
+    @property
+    def dv(self) -> int:
+        return self.d
+
+
+def gla_rope1_case(**fields) -> SharedRopeCase:
+    """GLA-2 with the RoPE key stored once (h_q 128, h_kv 2, 256 latents), bf16, one query, full
+    mask, L 65, b 3; ``fields`` changed."""
+    return dataclasses.replace(SharedRopeCase("gla_rope1", 256, 128, 2, "bf16", 1, False, 65, 3), **fields)
+
+
+def gta_case(**fields) -> SharedRopeCase:
+    """GTA-8 (h_q 32, h_kv 8, d 128), otherwise as :func:`gla_rope1_case`; ``fields`` changed."""
+    return dataclasses.replace(SharedRopeCase("gta", 128, 32, 8, "bf16", 1, False, 65, 3), **fields)
+
+
+def grid(make: Callable, **axes) -> list:
+    """``make(**fields)`` for every combination of the axes, the first outermost (as nested loops).
+
+    Each keyword is an axis: a field and its values, or fields joined by ``__`` and tuples of
+    their values, which vary together (``s_q__causal=((1, False), (4, True))``)."""
+    cases = []
+    for combo in itertools.product(*axes.values()):
+        fields = {}
+        for key, value in zip(axes, combo):
+            names = key.split("__")
+            fields.update(zip(names, value) if len(names) > 1 else [(key, value)])
+        cases.append(make(**fields))
+    return cases
 
 
 def case_metadata(case, inp: DecodeInputs):
@@ -363,6 +439,22 @@ def check_case(case, *, softmax_scale: float | None = None, given_out: bool = Tr
         assert got.data_ptr() == out.data_ptr(), f"[{case.id}] {case.variant.name} must write into the given out"
     ref, lse_ref = case.variant.reference(inp, case.dv, softmax_scale=softmax_scale, causal=case.causal)
     assert_close(got, ref, lse, lse_ref, case.id + tag, kv_fp8=case.variant.kv_fp8)
+
+
+def grid_tests(cases: list, sizes: range) -> tuple[Callable, Callable]:
+    """A GPU grid's two tests, for a test module to bind to its own test_* names (pytest collects
+    them by those): the grid holds a number of cases in ``sizes`` (its sweeps add what they mean
+    to), and each case matches the reference on an sm_90 GPU (:func:`check_case`)."""
+
+    def test_grid_size():
+        assert len(cases) in sizes, len(cases)
+
+    @pytest.mark.sm90
+    @pytest.mark.parametrize("case", cases, ids=lambda c: c.id)
+    def test_matches_reference(case):
+        check_case(case)
+
+    return test_grid_size, test_matches_reference
 
 
 GRAPH_LENGTHS = ([100, 0, 3000, 65], [2000, 3200, 0, 1])  # replayed in turn; case.b must be 4

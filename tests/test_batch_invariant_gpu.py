@@ -3,7 +3,7 @@
 
 Every batch below is a set of rows of one big poisoned problem (the same cache pages, the same
 query rows), so a watched request sees the same bytes in each batch; only its neighbours
-change. The plan is flash_gla.scheduler_model.plan_batch_invariant (its CPU tests check that it
+change. The plan is scheduler_model.plan_batch_invariant (tests/; its CPU tests check that it
 cuts a request by the request's own length only); here the kernels must honour it bit for bit.
 """
 

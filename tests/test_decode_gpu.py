@@ -14,7 +14,17 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from helpers import GLA, SeededGridCase, assert_close, check_case, check_graph_replay, check_metadata_reuse, make_inputs
+from helpers import (
+    GLA,
+    SeededGridCase,
+    assert_close,
+    check_case,
+    check_graph_replay,
+    check_metadata_reuse,
+    distinct,
+    grid_tests,
+    make_inputs,
+)
 
 import flash_gla
 
@@ -93,21 +103,10 @@ def build_grid() -> list[Case]:
     cases.append(Case(128, 1, 512, "bf16", 8, True, 4113, 3))
     cases.append(Case(128, 1, 256, "fp16", 8, False, "mix", 5))
 
-    unique = {case.id: case for case in cases}  # sweeps may revisit a base case
-    return list(unique.values())
+    return distinct(cases)
 
 
-CASES = build_grid()
-
-
-def test_grid_size():
-    assert len(CASES) <= 600, len(CASES)
-
-
-@pytest.mark.sm90
-@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
-def test_decode_matches_reference(case):
-    check_case(case)
+test_grid_size, test_decode_matches_reference = grid_tests(build_grid(), range(601))
 
 
 @pytest.mark.sm90

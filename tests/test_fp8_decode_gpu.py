@@ -19,25 +19,27 @@ d_rope 32). Ids read like the configuration: ``fp8-gta-d128-h32kv8-bf16-sq2-caus
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import random
-from dataclasses import dataclass
 
 import pytest
 import torch
 from helpers import (
     DTYPES,
-    GLA_ROPE1_FP8,
-    GTA_FP8,
     PAGE,
     DecodeInputs,
-    SeededGridCase,
+    SharedRopeCase,
     assert_close,
     case_metadata,
-    check_case,
     check_graph_replay,
     check_metadata_reuse,
+    distinct,
     empty_out,
+    gla_rope1_case,
+    grid,
+    grid_tests,
+    gta_case,
     make_inputs,
     raw,
     same_bits,
@@ -46,78 +48,29 @@ from helpers import (
 import flash_gla
 from flash_gla.reference import write_kvcache_ref
 
-D_ROPE = {("gta", 128): 64, ("gta", 64): 32, ("gla_rope1", 256): 64}
-FP8_VARIANTS = {"gla_rope1": GLA_ROPE1_FP8, "gta": GTA_FP8}
 # (h_q, h_kv) for GLA with RoPE once: GLA-2 first, 16 to 128 query heads, 1 or 2 latent heads.
 GLA_HEADS = [(64, 1), (16, 2), (128, 1), (16, 1)]
 
 
-@dataclass(frozen=True)
-class Case(SeededGridCase):
-    kind: str  # "gla_rope1" or "gta"
-    d: int  # gla_rope1: latent width (head_dim_v); gta: tied-state width
-    h_q: int
-    h_kv: int
-    dtype: str
-    s_q: int
-    causal: bool
-    length: int | str  # one length for every request, a VARLEN key, or "graph"
-    b: int
-
-    @property
-    def id(self) -> str:
-        mask = "causal" if self.causal else "full"
-        return f"fp8-{self.kind}-d{self.d}-h{self.h_q}kv{self.h_kv}-{self.dtype}-sq{self.s_q}-{mask}-L{self.length}-b{self.b}"
-
-    @property
-    def d_rope(self) -> int:
-        return D_ROPE[(self.kind, self.d)]
-
-    @property
-    def variant(self):
-        return FP8_VARIANTS[self.kind]
-
-    @property
-    def dv(self) -> int:
-        return self.d
+gla2 = functools.partial(gla_rope1_case, fp8=True)
+gta8 = functools.partial(gta_case, fp8=True)
 
 
-def gla2(**changes) -> Case:
-    return dataclasses.replace(Case("gla_rope1", 256, 128, 2, "bf16", 1, False, 65, 3), **changes)
-
-
-def gta8(**changes) -> Case:
-    return dataclasses.replace(Case("gta", 128, 32, 8, "bf16", 1, False, 65, 3), **changes)
-
-
-def build_grid() -> list[Case]:
+def build_grid() -> list[SharedRopeCase]:
     cases = []
     # 1. GLA-2, RoPE once: page-edge and long lengths x every s_q x causal (30).
-    for length in (1, 65, 4113):
-        for s_q in (1, 2, 3, 4, 8):
-            for causal in (False, True):
-                cases.append(gla2(s_q=s_q, causal=causal, length=length))
+    cases += grid(gla2, length=(1, 65, 4113), s_q=(1, 2, 3, 4, 8), causal=(False, True))
     # 2. GLA head layouts (16).
-    for h_q, h_kv in GLA_HEADS:
-        for length in (63, 1000):
-            for s_q, causal in ((1, False), (4, True)):
-                cases.append(gla2(h_q=h_q, h_kv=h_kv, s_q=s_q, causal=causal, length=length))
+    cases += grid(gla2, h_q__h_kv=GLA_HEADS, length=(63, 1000), s_q__causal=((1, False), (4, True)))
     # 3. GTA-8 (d 128): lengths x s_q x causal (18); GTA d 64, two head layouts (12).
-    for length in (1, 65, 4113):
-        for s_q in (1, 3, 8):
-            for causal in (False, True):
-                cases.append(gta8(s_q=s_q, causal=causal, length=length))
-    for h_q, h_kv in ((32, 8), (16, 4)):
-        for length in (65, 4113):
-            for s_q, causal in ((1, False), (2, True), (8, True)):
-                cases.append(gta8(d=64, h_q=h_q, h_kv=h_kv, s_q=s_q, causal=causal, length=length))
+    cases += grid(gta8, length=(1, 65, 4113), s_q=(1, 3, 8), causal=(False, True))
+    cases += grid(functools.partial(gta8, d=64), h_q__h_kv=((32, 8), (16, 4)), length=(65, 4113),
+                  s_q__causal=((1, False), (2, True), (8, True)))
     # 4. Empty batches: every row sees no key (3).
     cases += [gla2(length=0), gla2(s_q=2, causal=True, length=0), gta8(length=0)]
     # 5. fp16 queries (and RoPE cache, out) (10).
     for make in (gla2, gta8):
-        for length in (64, 1000):
-            for s_q, causal in ((1, False), (4, True)):
-                cases.append(make(dtype="fp16", s_q=s_q, causal=causal, length=length))
+        cases += grid(functools.partial(make, dtype="fp16"), length=(64, 1000), s_q__causal=((1, False), (4, True)))
     cases += [gta8(d=64, dtype="fp16", s_q=2, causal=True, length=1000), gta8(d=64, dtype="fp16", length=4113)]
     # 6. Varlen batches with empty, page-edge and 16K requests (7).
     for make, extra in ((gla2, {}), (gta8, {}), (gta8, {"d": 64})):
@@ -126,21 +79,10 @@ def build_grid() -> list[Case]:
     cases.append(gla2(dtype="fp16", b=5, s_q=2, causal=True, length="mix"))
     # 7. Long requests: GLA-2 at 32K, GTA-8 at 16K (2).
     cases += [gla2(s_q=2, causal=True, length=32768, b=2), gta8(length=16384, b=1)]
-    unique = {case.id: case for case in cases}
-    return list(unique.values())
+    return distinct(cases)
 
 
-CASES = build_grid()
-
-
-def test_grid_size():
-    assert 80 <= len(CASES) <= 110, len(CASES)
-
-
-@pytest.mark.sm90
-@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
-def test_fp8_matches_reference(case):
-    check_case(case)
+test_grid_size, test_fp8_matches_reference = grid_tests(build_grid(), range(80, 111))
 
 
 @pytest.mark.sm90

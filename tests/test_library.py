@@ -218,9 +218,9 @@ def test_public_merge_calls_the_op():
 @pytest.mark.filterwarnings("ignore:Accessing the data pointer of FakeTensor")  # the eager alignment check
 def test_eager_decode_calls_the_op_with_its_out(monkeypatch):
     """Eagerly too, the public functions call torch.ops.flash_gla.* (there is no other way in)."""
-    from flash_gla import _validation
+    from flash_gla import _call
 
-    monkeypatch.setattr(_validation, "num_sm_parts", lambda device, rows, h_kv: 5)
+    monkeypatch.setattr(_call, "num_sm_parts", lambda device, rows, h_kv: 5)
     with FakeTensorMode():
         a = fake_decode_inputs()
         given = torch.empty(3, 2, 16, 256, dtype=torch.bfloat16, device="cuda")

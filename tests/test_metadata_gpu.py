@@ -1,6 +1,6 @@
-"""get_metadata's tensors against flash_gla.scheduler_model.plan, row by row, on an sm_90 GPU.
+"""get_metadata's tensors against scheduler_model.plan (tests/), row by row, on an sm_90 GPU.
 
-The scheduler kernel (csrc/scheduler.cu) must compute exactly the host model that
+The scheduler kernel (hopper/schedule/scheduler.cu) must compute exactly the host model that
 test_scheduler_model.py checks the invariants of; the number of parts is the extension's
 (``num_sm_parts`` for the shape on this device).
 """
@@ -11,10 +11,10 @@ import random
 
 import pytest
 import torch
+from scheduler_model import META_FIELDS, plan, plan_batch_invariant
 
 import flash_gla
 from flash_gla import ops
-from flash_gla.scheduler_model import META_FIELDS, plan, plan_batch_invariant
 
 
 def _random_lengths(seed: int, b: int, top: int) -> list[int]:

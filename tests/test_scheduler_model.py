@@ -1,4 +1,4 @@
-"""Invariants of the tile scheduler (flash_gla.scheduler_model, which the CUDA kernel mirrors)."""
+"""Invariants of the tile scheduler (scheduler_model.py beside this file, which the CUDA kernel mirrors)."""
 
 import math
 import random
@@ -8,8 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from flash_gla.scheduler_model import (
+from scheduler_model import (
     FIXED_OVERHEAD_PAGES,
     INVARIANT_CHUNK_PAGES,
     INVARIANT_MAX_CHUNKS,

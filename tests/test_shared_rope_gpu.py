@@ -13,107 +13,62 @@ Ids read like the configuration: ``gta-d128-h32kv8-bf16-sq2-causal-L4113-b3``.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
-from dataclasses import dataclass
 
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import GLA, VARIANTS, SeededGridCase, assert_close, case_metadata, check_case, check_graph_replay, check_metadata_reuse
+from helpers import (
+    GLA,
+    assert_close,
+    case_metadata,
+    check_case,
+    check_graph_replay,
+    check_metadata_reuse,
+    distinct,
+    gla_rope1_case,
+    grid,
+    grid_tests,
+    gta_case,
+)
+from helpers import SharedRopeCase as Case
 
 from flash_gla.reference import gather_rows
 
-D_ROPE = {("gta", 128): 64, ("gta", 64): 32, ("gla_rope1", 256): 64}
 LENGTHS = [0, 1, 63, 64, 65, 1000, 4113]
 # (h_q, h_kv): 1 to 16 KV heads, 1 to 16 query heads per KV head.
 GTA_HEADS = [(32, 8), (8, 8), (16, 1), (48, 16), (256, 16), (6, 2)]
 GLA_HEADS = [(128, 2), (64, 1), (16, 2), (128, 8)]
-
-
-@dataclass(frozen=True)
-class Case(SeededGridCase):
-    kind: str  # "gta" or "gla_rope1"
-    d: int  # gta: tied-state width; gla_rope1: latent width (head_dim_v)
-    h_q: int
-    h_kv: int
-    dtype: str
-    s_q: int
-    causal: bool
-    length: int | str
-    b: int
-
-    @property
-    def id(self) -> str:
-        mask = "causal" if self.causal else "full"
-        return f"{self.kind}-d{self.d}-h{self.h_q}kv{self.h_kv}-{self.dtype}-sq{self.s_q}-{mask}-L{self.length}-b{self.b}"
-
-    @property
-    def d_rope(self) -> int:
-        return D_ROPE[(self.kind, self.d)]
-
-    @property
-    def variant(self):
-        return VARIANTS[self.kind]
-
-    @property
-    def dv(self) -> int:
-        return self.d
+VARLEN_BATCHES = ((5, "mix"), (64, "moderate"))  # (b, VARLEN key)
 
 
 def build_grid() -> list[Case]:
     cases = []
     # 1. GTA-8 (h_q 32, h_kv 8, d 128): every length x s_q x causal (56).
-    for length in LENGTHS:
-        for s_q in (1, 2, 4, 8):
-            for causal in (False, True):
-                cases.append(Case("gta", 128, 32, 8, "bf16", s_q, causal, length, 3))
+    cases += grid(gta_case, length=LENGTHS, s_q=(1, 2, 4, 8), causal=(False, True))
     # 2. GTA head layouts x both widths, page-edge and long lengths (48).
-    for h_q, h_kv in GTA_HEADS:
-        for d in (128, 64):
-            for length in (65, 4113):
-                for s_q, causal in ((1, False), (8, True)):
-                    cases.append(Case("gta", d, h_q, h_kv, "bf16", s_q, causal, length, 3))
+    cases += grid(gta_case, h_q__h_kv=GTA_HEADS, d=(128, 64), length=(65, 4113), s_q__causal=((1, False), (8, True)))
     # 3. fp16 over the lengths, both widths (14).
-    for d in (128, 64):
-        for length in LENGTHS:
-            cases.append(Case("gta", d, 32, 8, "fp16", 2, True, length, 3))
+    cases += grid(functools.partial(gta_case, dtype="fp16", s_q=2, causal=True), d=(128, 64), length=LENGTHS)
     # 4. GTA varlen batches with empty and long requests (24).
-    for d in (128, 64):
-        for h_q, h_kv in ((32, 8), (16, 1), (256, 16)):
-            for s_q in (1, 4):
-                for b, pattern in ((5, "mix"), (64, "moderate")):
-                    cases.append(Case("gta", d, h_q, h_kv, "bf16", s_q, s_q > 1, pattern, b))
+    cases += grid(gta_case, d=(128, 64), h_q__h_kv=((32, 8), (16, 1), (256, 16)), s_q__causal=((1, False), (4, True)),
+                  b__length=VARLEN_BATCHES)
     # 5. GLA with shared RoPE: head layouts x lengths x s_q (48), fp16 (8), varlen (16).
     for h_q, h_kv in GLA_HEADS:
-        for length in (1, 65, 4113):
-            for s_q in (1, 3):
-                for causal in (False, True):
-                    cases.append(Case("gla_rope1", 256, h_q, h_kv, "bf16", s_q, causal, length, 3))
-        for s_q in (2, 8):
-            cases.append(Case("gla_rope1", 256, h_q, h_kv, "fp16", s_q, True, 1000, 3))
-        for s_q in (1, 4):
-            for b, pattern in ((5, "mix"), (64, "moderate")):
-                cases.append(Case("gla_rope1", 256, h_q, h_kv, "bf16", s_q, s_q > 1, pattern, b))
+        gla = functools.partial(gla_rope1_case, h_q=h_q, h_kv=h_kv)
+        cases += grid(gla, length=(1, 65, 4113), s_q=(1, 3), causal=(False, True))
+        cases += grid(functools.partial(gla, dtype="fp16", causal=True, length=1000), s_q=(2, 8))
+        cases += grid(gla, s_q__causal=((1, False), (4, True)), b__length=VARLEN_BATCHES)
     # 6. One request split over many parts; the 1024-row limit (4).
     cases.append(Case("gta", 128, 32, 8, "bf16", 1, False, 16384, 1))
     cases.append(Case("gta", 64, 16, 1, "bf16", 4, True, 16384, 1))
     cases.append(Case("gla_rope1", 256, 128, 2, "bf16", 2, True, 16384, 1))
     cases.append(Case("gla_rope1", 256, 128, 1, "bf16", 8, True, 4113, 2))
-    unique = {case.id: case for case in cases}
-    return list(unique.values())
+    return distinct(cases)
 
 
-CASES = build_grid()
-
-
-def test_grid_size():
-    assert 150 <= len(CASES) <= 400, len(CASES)
-
-
-@pytest.mark.sm90
-@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
-def test_shared_rope_matches_reference(case):
-    check_case(case)
+test_grid_size, test_shared_rope_matches_reference = grid_tests(build_grid(), range(150, 401))
 
 
 @pytest.mark.sm90

@@ -1,10 +1,11 @@
 """The source tree's layering, checked on text (no build needed).
 
 hopper/ (every kernel, and the neutral headers in hopper/common/) must not depend on csrc/ (the
-torch boundary that includes them), so that the two folders do not depend on each other; and
-csrc/ holds no device code.
+torch boundary that includes them), so that the two folders do not depend on each other; csrc/
+holds no device code; the modules of the Python package flash_gla/ import each other one way only.
 """
 
+import ast
 import re
 from pathlib import Path
 
@@ -80,3 +81,46 @@ def test_device_code_lives_under_hopper():
         if path.suffix in {".cu", ".cuh"} and GLOBAL_KERNEL.search(path.read_text())
     }
     assert {"decode", "schedule", "combine", "cache"} <= hopper_kernels
+
+
+def package_imports(package: Path) -> dict[str, set[str]]:
+    """{module: the package's modules it imports}, over every import statement of the package's
+    sources, those inside functions too (a deferred import is still a dependency). The compiled
+    extension ``_C`` counts as a module (it imports none of them)."""
+    modules = {path.stem for path in package.glob("*.py")} | {"_C"}
+    graph = {}
+    for path in sorted(package.glob("*.py")):
+        deps = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == package.name:
+                parts = node.module.split(".")
+                if len(parts) > 1:
+                    deps.add(parts[1])
+                else:  # from flash_gla import x: the module x, or a name of __init__
+                    deps.update(a.name if a.name in modules else "__init__" for a in node.names)
+            elif isinstance(node, ast.Import):
+                for alias in node.names:
+                    parts = alias.name.split(".")
+                    if parts[0] == package.name:
+                        deps.add(parts[1] if len(parts) > 1 else "__init__")
+        graph[path.stem] = deps & modules - {path.stem}
+    graph["_C"] = set()
+    return graph
+
+
+def test_python_package_imports_form_no_circle():
+    """Every module of flash_gla/ depends one way: no chain of imports leads back to where it began."""
+    graph = package_imports(ROOT / "flash_gla")
+    assert {"_extension", "_library", "ops"} <= graph.keys() and "_library" in graph["_extension"]
+    circles = []
+
+    def visit(module, path):
+        for dep in sorted(graph[module]):
+            if dep in path:
+                circles.append(" -> ".join(path[path.index(dep):] + [dep]))
+            else:
+                visit(dep, path + [dep])
+
+    for start in sorted(graph):
+        visit(start, [start])
+    assert not circles, "\n".join(sorted(set(circles)))

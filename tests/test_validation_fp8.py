@@ -2,7 +2,7 @@
 
 CPU only, as test_validation.py: valid CPU inputs fail only at the final device check, and each
 test breaks exactly one thing. The last tests call the validation itself
-(``flash_gla._validation.check_decode_inputs``) on fake CUDA tensors, where valid FP8 arguments
+(``flash_gla._call.check_decode_call`` on a ``DecodeCall``) on fake CUDA tensors, where valid FP8 arguments
 pass every check, and check that the validated-layout cache never lets a bad kv_scale through.
 """
 
@@ -16,7 +16,8 @@ from helpers import make_inputs, raw
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 import flash_gla
-from flash_gla import _validation
+from flash_gla import _call, _validation
+from flash_gla._call import DecodeCall
 from flash_gla.reference import quantize_kv_ref
 
 B, S_Q, H_Q, H_KV = 2, 2, 8, 2
@@ -340,15 +341,15 @@ PARTS = 4  # the scheduler parts num_sm_parts reports here (the metadata's rows)
 @pytest.fixture
 def fake_cuda(monkeypatch):
     """Fake CUDA tensors, a device with PARTS scheduler parts, an empty validated-layout cache."""
-    monkeypatch.setattr(_validation, "num_sm_parts", lambda device, rows, h_kv: PARTS)
-    monkeypatch.setattr(_validation, "_VALIDATED", {})
+    monkeypatch.setattr(_call, "num_sm_parts", lambda device, rows, h_kv: PARTS)
+    monkeypatch.setattr(_call, "_VALIDATED", {})
     with FakeTensorMode(), warnings.catch_warnings():
         warnings.filterwarnings("ignore", "Accessing the data pointer of FakeTensor")
         yield torch.device("cuda", 0)
 
 
 def fake_args(device, kind="gla", dtype=torch.bfloat16, fp8=True, invariant=False, **overrides):
-    """check_decode_inputs' arguments for a valid call on ``device``."""
+    """The fields of a valid DecodeCall on ``device``."""
     d, d_rope = (256, 64) if kind == "gla" else (128, 64)
     q_dim = d + d_rope if kind == "gla" else d
     nb = 8
@@ -370,7 +371,7 @@ def fake_args(device, kind="gla", dtype=torch.bfloat16, fp8=True, invariant=Fals
 
 
 def validate(args):
-    return _validation.check_decode_inputs(**args, check_lengths=False)
+    return _call.check_decode_call(DecodeCall(**args), check_lengths=False)
 
 
 @pytest.mark.parametrize("kind", ["gla", "gta"])
@@ -408,13 +409,21 @@ def test_batch_invariant_plan_must_match_with_fp8(fake_cuda):
                                                                           device=fake_cuda)))
 
 
+def test_validated_layout_key_reads_every_field():
+    """The validated-layout cache's key reads every field of a DecodeCall: a field it missed would
+    let a call that differs there skip its checks."""
+    empty = DecodeCall._make([None] * len(DecodeCall._fields))
+    for field in DecodeCall._fields:
+        assert _call._layout_key(empty._replace(**{field: torch.zeros(1)})) != _call._layout_key(empty), field
+
+
 def test_validated_layouts_remember_kv_scale(fake_cuda):
     """The fast path's cache key holds kv_scale's layout: after a valid FP8 call, the same call
     with a bad kv_scale (or none, or one beside a bf16 cache) is checked again and refused."""
     good = fake_args(fake_cuda)
     validate(good)
     validate(good)  # from the cache
-    assert len(_validation._VALIDATED) == 1
+    assert len(_call._VALIDATED) == 1
     bad = {
         "float16 kv_scale": (TypeError, r"kv_scale.dtype must be torch.float32",
                              dict(kv_scale=torch.empty(8, 64, H_KV, 2, dtype=torch.float16, device=fake_cuda))),
@@ -436,7 +445,7 @@ def test_validated_layouts_remember_kv_scale(fake_cuda):
     # Another valid kv_scale layout is another key (checked once, then remembered).
     strided = torch.empty(8, 64, H_KV, 3, device=fake_cuda)[..., :2]
     validate({**good, "kv_scale": strided})
-    assert len(_validation._VALIDATED) == 3
+    assert len(_call._VALIDATED) == 3
 
 
 def test_quantised_zero_group_is_scale_one():

@@ -38,10 +38,10 @@ struct PartPlan {
 static_assert(sizeof(PartPlan) == kMetaFields * sizeof(int), "a PartPlan is one metadata row");
 
 // Fixed cost of one (request, part) piece, in pages: the per-request Q load and epilogue.
-// flash_gla/scheduler_model.py's FIXED_OVERHEAD_PAGES.
+// tests/scheduler_model.py's FIXED_OVERHEAD_PAGES.
 constexpr int kFixedOverheadPages = 5;
 
-// The batch-invariant plan (hopper/schedule/scheduler.cu, flash_gla/scheduler_model.py): a request of n
+// The batch-invariant plan (hopper/schedule/scheduler.cu, tests/scheduler_model.py): a request of n
 // pages is cut into chunks of max(kInvariantChunkPages, ceil(n / kInvariantMaxChunks)) pages,
 // by its own length only, one accumulator slot each; parts hold runs of whole slots (PartPlan's
 // begin_item / end_item, its pages 0), and one header row [kInvariantMaxChunks,

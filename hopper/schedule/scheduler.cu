@@ -5,7 +5,7 @@
 // cost; a request cut between parts is "split", and its pieces are merged by the combine
 // kernel. The last part takes whatever is left, so every page is assigned exactly once and
 // every request, zero-length ones included, to at least one part.
-// flash_gla/scheduler_model.py is the host model of this exact algorithm (tested on CPU).
+// tests/scheduler_model.py is the host model of this exact algorithm (tested on CPU).
 #include <algorithm>
 
 #include <cub/block/block_scan.cuh>
@@ -85,7 +85,7 @@ __global__ void scheduler_kernel(const int* __restrict__ cache_seqlens, int batc
   }
 }
 
-// The batch-invariant plan (flash_gla/scheduler_model.py: plan_batch_invariant). Two passes
+// The batch-invariant plan (tests/scheduler_model.py: plan_batch_invariant). Two passes
 // over the requests with the whole block: the totals, then a block-wide scan that gives each
 // chunk its slot and its cost's start, hence its part (the part in which the chunk's cost
 // midpoint falls); the first slot of each part is recorded in shared memory, and the rows

@@ -1,7 +1,9 @@
 """Host model of the decode tile scheduler (``get_metadata``), page for page.
 
 The CUDA scheduler kernel (csrc/scheduler.cu) implements exactly :func:`plan`; this module is
-the readable definition that the tests check invariants on, and that a reader can step through.
+the readable definition that the tests check invariants on (test_scheduler_model.py) and compare
+the kernel with (test_metadata_gpu.py, test_batch_invariant_gpu.py), and that a reader can step
+through. It is a test oracle, not part of the package: nothing in flash_gla/ imports it.
 
 Cost model. Every request costs its KV pages (``PAGE_SIZE`` tokens each) plus
 ``FIXED_OVERHEAD_PAGES`` for the fixed work of a piece of a request (loading Q, the
