@@ -72,7 +72,8 @@ def gla_with_kvcache_ref(
             float8_e4m3fn ``kv_cache`` (see the module docstring); needs ``rope_cache``.
 
     Returns:
-        out (b, s_q, h_q, head_dim_v) in q's dtype, lse (b, h_q, s_q) float32.
+        out (b, s_q, h_q, head_dim_v) in q's dtype, lse (b, h_q, s_q) float32 (float64 for a float64 q:
+        the whole computation then runs in float64).
     """
     d = kv_cache.shape[-1]
     if not 0 < head_dim_v <= d:
@@ -113,7 +114,7 @@ def gta_with_kvcache_ref(
     ``K[t] = concat(kv[t, j, :d - d_rope], rope[t, 0, :])`` and ``V[t] = kv[t, j, :]``.
 
     Returns:
-        out (b, s_q, h_q, d) in q's dtype, lse (b, h_q, s_q) float32.
+        out (b, s_q, h_q, d) in q's dtype, lse (b, h_q, s_q) float32 (float64 for a float64 q).
     """
     d, d_rope = kv_cache.shape[-1], rope_cache.shape[-1]
     if not 0 < d_rope < d:
@@ -217,20 +218,21 @@ def _gather_kv_rows(
 def attention_ref(
     q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, causal: bool, scale: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Dense attention for one request, float32.
+    """Dense attention for one request, in float32 (float64 when q is float64).
 
     Args:
         q: (s_q, h_q, d_qk). keys: (L, h_kv, d_qk). values: (L, h_kv, dv).
 
     Returns:
-        out (s_q, h_q, dv) float32, lse (h_q, s_q) float32.
+        out (s_q, h_q, dv), lse (h_q, s_q), both float32 (float64 for a float64 q).
     """
     s_q, h_q, d_qk = q.shape
     length, h_kv, dv = values.shape
     group = h_q // h_kv
+    compute = _compute_dtype(q)
     # Group query heads by their KV head instead of repeating K/V (which would be g x larger).
-    qg = q.float().reshape(s_q, h_kv, group, d_qk)
-    scores = torch.einsum("sjgd,ljd->jgsl", qg, keys.float()) * scale  # (h_kv, g, s_q, L)
+    qg = q.to(compute).reshape(s_q, h_kv, group, d_qk)
+    scores = torch.einsum("sjgd,ljd->jgsl", qg, keys.to(compute)) * scale  # (h_kv, g, s_q, L)
     key_pos = torch.arange(length, device=q.device)
     if causal:
         last_visible = length - s_q + torch.arange(s_q, device=q.device)  # (s_q,)
@@ -241,7 +243,7 @@ def attention_ref(
     empty = ~visible.any(dim=-1)  # (s_q,): rows that see no key
     lse = torch.logsumexp(scores, dim=-1)  # -inf on empty rows
     probs = torch.exp(scores - lse.unsqueeze(-1)).masked_fill(empty[:, None], 0.0)
-    out = torch.einsum("jgsl,ljd->sjgd", probs, values.float()).reshape(s_q, h_q, dv)
+    out = torch.einsum("jgsl,ljd->sjgd", probs, values.to(compute)).reshape(s_q, h_q, dv)
     lse = lse.masked_fill(empty, math.inf).reshape(h_q, s_q)
     return out, lse
 
@@ -280,8 +282,8 @@ def _paged_decode_ref(
         raise ValueError(f"cache_seqlens must lie in [0, {capacity}] (block table capacity), got {lengths}")
     scale = softmax_scale if softmax_scale is not None else d_qk**-0.5
 
-    out = torch.empty(b, s_q, h_q, dv, dtype=torch.float32, device=q.device)
-    lse = torch.empty(b, h_q, s_q, dtype=torch.float32, device=q.device)
+    out = torch.empty(b, s_q, h_q, dv, dtype=_compute_dtype(q), device=q.device)
+    lse = torch.empty(b, h_q, s_q, dtype=_compute_dtype(q), device=q.device)
     for i, length in enumerate(lengths):
         keys, values = build_kv(block_table[i], length)
         if keys.shape[-1] != d_qk:
@@ -290,6 +292,11 @@ def _paged_decode_ref(
     if attn_sink is not None:
         out = apply_attn_sink(out, lse, attn_sink)
     return out.to(q.dtype), lse
+
+
+def _compute_dtype(q: torch.Tensor) -> torch.dtype:
+    """float32, or float64 for a float64 q: the reference the accuracy tests hold the kernels to."""
+    return torch.float64 if q.dtype == torch.float64 else torch.float32
 
 
 def apply_attn_sink(out: torch.Tensor, lse: torch.Tensor, attn_sink: torch.Tensor) -> torch.Tensor:
