@@ -2,11 +2,11 @@
 // the CTA's tile that one consumer warpgroup owns.
 #pragma once
 
-#include <cutlass/arch/barrier.h>
-
 namespace flash_gla::hopper {
 
-// Among the consumer threads; kQIssued also holds the producer's first warp.
+// Among the consumer threads; kQIssued also holds the producer's first warp. The values are the
+// hardware barrier ids (0 is __syncthreads'; there are 16): they are used as they are, not
+// shifted past CUTLASS's reserved ids, which would push the last two past 15.
 enum class ConsumerBarrier : int {
   kQFree = 1,         // every consumer is done reading the previous piece's Q tile
   kQReady = 2,        // the new Q tile is in shared memory
@@ -19,12 +19,14 @@ enum class ConsumerBarrier : int {
   kQIssued = 9        // the first Q tile's loads are issued (consumers arrive, producer waits)
 };
 
+static_assert(static_cast<int>(ConsumerBarrier::kQIssued) < 16, "sm_90 has 16 named barriers");
+
 __device__ __forceinline__ void consumer_sync(int num_threads, ConsumerBarrier id) {
-  cutlass::arch::NamedBarrier::sync(num_threads, static_cast<int>(id));
+  asm volatile("bar.sync %0, %1;" ::"r"(static_cast<int>(id)), "r"(num_threads));
 }
 
 __device__ __forceinline__ void barrier_arrive(int num_threads, ConsumerBarrier id) {
-  cutlass::arch::NamedBarrier::arrive(num_threads, static_cast<int>(id));
+  asm volatile("bar.arrive %0, %1;" ::"r"(static_cast<int>(id)), "r"(num_threads));
 }
 
 // One consumer warpgroup's share: 64 of the CTA's packed query rows (row_wg) and up to 256
