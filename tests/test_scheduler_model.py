@@ -296,5 +296,5 @@ def test_split_and_combine_reproduce_reference(num_parts, causal):
         assert num_splits[-1] > b, "the test should exercise split requests"
     for i in range(b):
         ref_o, ref_lse = attention_ref(q[i], keys[i], values[i], causal, 0.5)
-        torch.testing.assert_close(out[i].float(), ref_o, rtol=1e-5, atol=1e-5, msg=f"request {i}")
-        torch.testing.assert_close(lse[i].float(), ref_lse, rtol=1e-5, atol=1e-5, msg=f"request {i}")
+        torch.testing.assert_close(out[i], ref_o, rtol=1e-5, atol=1e-5, msg=f"request {i}")
+        torch.testing.assert_close(lse[i], ref_lse, rtol=1e-5, atol=1e-5, msg=f"request {i}")
