@@ -97,15 +97,16 @@ struct DequantProducer {
 
     // Loads the walk's next page into raw stage `slot`: the leader's TMAs of the e4m3 page and
     // its RoPE rows, and (threads of parity 0) the token's scales, each copying thread arriving
-    // on the stage's barrier once its copies have landed. Every thread notes in bit `slot` of
-    // token_live whether its token lies before the sequence end on that page.
+    // on the stage's barrier once its copies have landed. Every thread notes the page's rows
+    // before the sequence end in byte `slot` of valid_rows.
     PageWalk walk;
     walk.begin(p);
-    uint32_t token_live = 0;
-    static_assert(kRawStages <= 32, "a raw stage is one bit of token_live");
+    uint64_t valid_rows = 0;
+    static_assert(kRawStages <= 8 && kBlockN < 256, "a raw stage's row count is one byte of valid_rows");
     auto fetch = [&](int slot) {
       const int physical_page = walk.physical_page;
-      token_live = (token_live & ~(1u << slot)) | (uint32_t(token < walk.valid_rows()) << slot);
+      const int shift = 8 * slot;
+      valid_rows = (valid_rows & ~(uint64_t{0xff} << shift)) | (uint64_t(walk.valid_rows()) << shift);
       uint64_t& full = smem.raw.full[slot];
       if (leader) {
         reinterpret_cast<RawBarrier&>(full).arrive_and_expect_tx(Traits::kRawPageBytes + Traits::kRopePageBytes);
@@ -136,9 +137,9 @@ struct DequantProducer {
       const int slot = n % kRawStages;
       reinterpret_cast<RawBarrier&>(smem.raw.full[slot]).wait((n / kRawStages) % 2);
       pipeline.producer_acquire(state);  // every thread waits for the Element stage to be free
-      const bool live = (token_live >> slot) & 1u;
-      convert_page(smem, at, slot, state.index(), token, live);
-      copy_rope(smem, slot, state.index(), token, parity, live);
+      const int rows = int(valid_rows >> (8 * slot)) & 0xff;
+      convert_page(smem, at, slot, state.index(), token, token < rows);
+      copy_rope(smem, slot, state.index(), ptid, rows);
       cutlass::arch::fence_view_async_shared();  // written by threads, read by wgmma
       __syncwarp();
       auto* stage_full = pipeline.producer_get_barrier(state);
@@ -155,26 +156,26 @@ struct DequantProducer {
     }
   }
 
-  // The thread's share of its token's RoPE row (16-byte vectors parity, + kThreadsPerToken, ...),
-  // raw stage -> Element stage, or zeros past the sequence end. A quarter-warp's 8 tokens are 8
-  // rows of one swizzle atom: their vectors fall in 8 different bank groups.
-  static __device__ void copy_rope(typename Traits::SharedStorage& smem, int slot, int stage, int token,
-                                   int parity, bool live) {
-    Tensor raw = make_tensor(make_smem_ptr(smem.raw.rope.data()), typename Traits::SmemLayoutRawRope{});
-    Tensor out = make_tensor(make_smem_ptr(smem.rope.data()), typename Traits::SmemLayoutRope{});
-    constexpr int kVector = 16 / int(sizeof(Element));
-    constexpr int kVectorsPerRow = Traits::kHeadDimRope / kVector;
-    static_assert(kVectorsPerRow % kThreadsPerToken == 0, "a token's RoPE vectors split evenly");
+  // The page's RoPE rows, raw stage -> Element stage: the same bytes (both rings use one
+  // swizzled layout, which moves 16-byte vectors only within a row), 16 at a time by
+  // consecutive threads, and zeros for the rows past valid_rows.
+  static __device__ void copy_rope(typename Traits::SharedStorage& smem, int slot, int stage, int ptid,
+                                   int valid_rows) {
+    constexpr int kVectors = Traits::kRopePageBytes / 16;
+    constexpr int kVectorsPerRow = Traits::kHeadDimRope * int(sizeof(Element)) / 16;
+    static_assert(kVectors % kThreads == 0, "every thread copies as many vectors");
+    const uint4* src = reinterpret_cast<const uint4*>(smem.raw.rope.data()) + slot * kVectors;
+    const uint32_t dst = cute::cast_smem_ptr_to_uint(smem.rope.data()) + stage * Traits::kRopePageBytes;
     CUTLASS_PRAGMA_UNROLL
-    for (int k = 0; k < kVectorsPerRow / kThreadsPerToken; ++k) {
-      const int col = (parity + k * kThreadsPerToken) * kVector;
+    for (int k = 0; k < kVectors / kThreads; ++k) {
+      const int i = ptid + k * kThreads;
       uint32_t v[4] = {0, 0, 0, 0};
-      if (live) {
+      if (i / kVectorsPerRow < valid_rows) {
         asm volatile("ld.shared.v4.b32 {%0, %1, %2, %3}, [%4];\n"
                      : "=r"(v[0]), "=r"(v[1]), "=r"(v[2]), "=r"(v[3])
-                     : "r"(cute::cast_smem_ptr_to_uint(&raw(token, col, slot))));
+                     : "r"(cute::cast_smem_ptr_to_uint(src + i)));
       }
-      store_shared(cute::cast_smem_ptr_to_uint(&out(token, col, stage)), v);
+      store_shared(dst + i * 16, v);
     }
   }
 
