@@ -96,16 +96,6 @@ class DecodeCall(NamedTuple):
         """(name, value) of every tensor argument, in the schema's order (q first)."""
         return [(name, x) for name, x in zip(self._fields, self) if isinstance(x, torch.Tensor)]
 
-    def op_args(self, head_dim_v: int, tile_scheduler_metadata: torch.Tensor, num_splits: torch.Tensor,
-                out: torch.Tensor) -> tuple:
-        """The arguments of ``torch.ops.flash_gla.decode``, in its schema's order: this call's, with
-        the validated ``head_dim_v``, the metadata tensors (the lazy object's once filled), the
-        ``out`` to write and the default scale ``1 / sqrt(d_qk)`` where none was given."""
-        scale = self.q.shape[-1] ** -0.5 if self.softmax_scale is None else self.softmax_scale
-        return (self.q, self.kv_cache, self.rope_cache, self.block_table, self.cache_seqlens, head_dim_v,
-                tile_scheduler_metadata, num_splits, float(scale), self.causal, out, self.attn_sink,
-                self.batch_invariant, self.kv_scale)
-
 
 #: Layouts that passed every check: a call's :func:`_layout_key` -> DecodeConfig. An engine
 #: calls decode with the same shapes, strides, dtypes and devices in every layer and step; a
@@ -122,11 +112,14 @@ def _layout(x):
 def _layout_key(c: DecodeCall) -> tuple:
     """All that the checks read of a call but the tensors' addresses; AttributeError where a tensor
     is not one. Types are part of it: 256.0 == 256 and 1 == True, but only the ints and bools pass.
-    Every field, each spelled out (built on every call; a test holds it to the record's fields)."""
-    scalars = (c.head_dim_v, c.softmax_scale, c.causal, c.batch_invariant)
-    return (c.variant, scalars, tuple(map(type, scalars)), _layout(c.q), _layout(c.kv_cache), _layout(c.rope_cache),
-            _layout(c.block_table), _layout(c.cache_seqlens), _layout(c.tile_scheduler_metadata),
-            _layout(c.num_splits), _layout(c.out), _layout(c.attn_sink), _layout(c.kv_scale))
+    Every field, each spelled out (built on every call, so unpacked once: a test holds it to the
+    record's fields)."""
+    (variant, q, kv_cache, rope_cache, block_table, cache_seqlens, head_dim_v, meta, num_splits, softmax_scale,
+     causal, out, attn_sink, batch_invariant, kv_scale) = c
+    scalars = (head_dim_v, softmax_scale, causal, batch_invariant)
+    return (variant, scalars, tuple(map(type, scalars)), _layout(q), _layout(kv_cache), _layout(rope_cache),
+            _layout(block_table), _layout(cache_seqlens), _layout(meta), _layout(num_splits), _layout(out),
+            _layout(attn_sink), _layout(kv_scale))
 
 
 def check_decode_call(call: DecodeCall, *, check_lengths: bool) -> DecodeConfig:
@@ -136,14 +129,19 @@ def check_decode_call(call: DecodeCall, *, check_lengths: bool) -> DecodeConfig:
     """
     key = None
     # The fast path: eager calls with tensor metadata (not the lazy object, whose state is checked).
-    if not check_lengths and not call.lazy and not _library.compiling():
+    # An engine pays it on every layer's call, so it reads the record's fields directly.
+    if not check_lengths and not isinstance(call.tile_scheduler_metadata, SchedulerMetadata) \
+            and not _library.compiling():
         try:
             key = _layout_key(call)
             config = _VALIDATED.get(key)
         except (AttributeError, TypeError):  # not a tensor, or an unhashable scalar: the checks name it
             key = config = None
         if config is not None:
-            _check_addresses(call)
+            q, kv_cache, rope_cache, out = call.q, call.kv_cache, call.rope_cache, call.out
+            if (q.data_ptr() | kv_cache.data_ptr() | (0 if rope_cache is None else rope_cache.data_ptr())
+                    | (0 if out is None else out.data_ptr())) % TMA_ALIGN_BYTES:
+                _check_addresses(call)
             return config
     config = _check_call(call, check_lengths)
     if key is not None:
@@ -154,35 +152,35 @@ def check_decode_call(call: DecodeCall, *, check_lengths: bool) -> DecodeConfig:
 
 
 def _check_addresses(call) -> None:
-    """The base addresses of a call whose layout is known good (one test for all of them)."""
-    q, kv_cache, rope_cache, out = call.q, call.kv_cache, call.rope_cache, call.out
-    if (q.data_ptr() | kv_cache.data_ptr() | (0 if rope_cache is None else rope_cache.data_ptr())
-            | (0 if out is None else out.data_ptr())) % TMA_ALIGN_BYTES:
-        for name, x in (("q", q), ("kv_cache", kv_cache), ("rope_cache", rope_cache), ("out", out)):
-            if x is not None:
-                expect_tma_compatible(name, x)  # raises, naming the address
+    """Names the misaligned base address of a call whose layout is known good (raises)."""
+    for name in ("q", "kv_cache", "rope_cache", "out"):
+        x = getattr(call, name)
+        if x is not None:
+            expect_tma_compatible(name, x)
 
 
 def _check_call(call, check_lengths: bool) -> DecodeConfig:
     if not isinstance(call.batch_invariant, bool):
         raise TypeError(f"enable_batch_invariant must be a bool, got {type(call.batch_invariant).__name__}")
-    _check_types(call)
+    lazy = call.lazy
+    _check_types(call, lazy)
     _check_kv_format(call)
     _check_sink_type(call.attn_sink)
-    _check_dtypes(call)
-    config = _check_shapes(call)
+    _check_dtypes(call, lazy)
+    tensors = call.tensors()
+    config = _check_shapes(call, lazy, tensors)
     if call.attn_sink is not None and tuple(call.attn_sink.shape) != (config.h_q,):
         raise ValueError(f"attn_sink.shape must be (h_q,) = ({config.h_q},), got {tuple(call.attn_sink.shape)}")
     if call.softmax_scale is not None and not math.isfinite(call.softmax_scale):
         raise ValueError(f"softmax_scale must be finite, got {call.softmax_scale}")
-    if call.lazy:
+    if lazy:
         call.tile_scheduler_metadata.check_config(config)
-    _check_strides(call)
+    _check_strides(call, lazy)
     seqlens = call.cache_seqlens
     if check_lengths and not (seqlens.is_cuda and torch.cuda.is_current_stream_capturing()):
         check_lengths_fit(seqlens, call.block_table.shape[1])  # host sync; skipped in capture
-    expect_one_cuda_device(call.tensors())  # q's: last but one, so that all above runs without a GPU
-    if not call.lazy and not _library.compiling():  # asks the extension: not traceable
+    expect_one_cuda_device(tensors)  # q's: last but one, so that all above runs without a GPU
+    if not lazy and not _library.compiling():  # asks the extension: not traceable
         _check_metadata_rows(call, config)
     return config
 
@@ -207,7 +205,7 @@ def _check_metadata_rows(call, config: DecodeConfig) -> None:
         )
 
 
-def _check_types(call):
+def _check_types(call, lazy: bool):
     for name in ("q", "kv_cache", "block_table", "cache_seqlens"):
         expect_tensor(name, getattr(call, name))
     if call.variant.takes_rope_cache:
@@ -221,7 +219,7 @@ def _check_types(call):
     scale = call.softmax_scale
     if scale is not None and (isinstance(scale, bool) or not isinstance(scale, numbers.Real)):
         raise TypeError(f"softmax_scale must be a float or None, got {type(scale).__name__}")
-    if call.lazy:
+    if lazy:
         if call.num_splits is not None:
             raise TypeError(
                 "num_splits must be None when tile_scheduler_metadata is a SchedulerMetadata "
@@ -265,17 +263,17 @@ def _check_sink_type(attn_sink):
     expect_contiguous("attn_sink", attn_sink)
 
 
-def _check_dtypes(call):
-    q = call.q
+def _check_dtypes(call, lazy: bool):
+    q, fp8 = call.q, call.is_fp8
     expect_dtype("q", q, HALF_DTYPES)
-    if call.is_fp8:
+    if fp8:
         expect_dtype("kv_scale", call.kv_scale, torch.float32)
     else:
         expect_dtype("kv_cache", call.kv_cache, q.dtype, what="q's dtype")
     if call.rope_cache is not None:
         expect_dtype("rope_cache", call.rope_cache, q.dtype,
-                     what="q's dtype: the RoPE key is not quantised" if call.is_fp8 else "q's dtype")
-    for name in ("block_table", "cache_seqlens") + (() if call.lazy else ("tile_scheduler_metadata", "num_splits")):
+                     what="q's dtype: the RoPE key is not quantised" if fp8 else "q's dtype")
+    for name in ("block_table", "cache_seqlens") + (() if lazy else ("tile_scheduler_metadata", "num_splits")):
         expect_dtype(name, getattr(call, name), torch.int32)
     if call.out is not None:
         expect_dtype("out", call.out, q.dtype, what="q's dtype")
@@ -286,9 +284,9 @@ _RANKS = {"q": 4, "kv_cache": 4, "rope_cache": 4, "block_table": 2, "cache_seqle
          "num_splits": 1, "out": 4, "kv_scale": 4}
 
 
-def _check_shapes(call) -> DecodeConfig:
-    """Ranks, shapes, divisibility; returns the call's DecodeConfig."""
-    for name, x in call.tensors():
+def _check_shapes(call, lazy: bool, tensors) -> DecodeConfig:
+    """Ranks, shapes, divisibility; returns the call's DecodeConfig. tensors: call.tensors()."""
+    for name, x in tensors:
         if name in _RANKS:
             expect_rank(name, x, _RANKS[name])
     q, kv_cache, rope_cache = call.q, call.kv_cache, call.rope_cache
@@ -317,13 +315,14 @@ def _check_shapes(call) -> DecodeConfig:
             )
         rope_dim = rope_cache.shape[3]
     head_dim_v = d_qk if call.variant.v_is_q_width else call.head_dim_v
-    call.variant.check_head_dims(d_qk, kv_dim, rope_dim, head_dim_v, call.is_fp8)
-    if call.is_fp8:
+    fp8 = call.is_fp8
+    call.variant.check_head_dims(d_qk, kv_dim, rope_dim, head_dim_v, fp8)
+    if fp8:
         expect_kv_scale_shape(call.kv_scale, kv_cache)
     for name, x in (("block_table", call.block_table), ("cache_seqlens", call.cache_seqlens)):
         if x.shape[0] != batch:
             raise ValueError(f"{name}.shape[0] must equal q.shape[0] (batch) = {batch}, got {x.shape[0]}")
-    if not call.lazy:
+    if not lazy:
         meta, num_splits = call.tile_scheduler_metadata, call.num_splits
         if meta.shape[1] != META_FIELDS:
             raise ValueError(f"tile_scheduler_metadata.shape[1] must be {META_FIELDS}, got {meta.shape[1]}")
@@ -341,13 +340,13 @@ def _check_shapes(call) -> DecodeConfig:
     return DecodeConfig(batch, s_q, h_q, h_kv, page_size, call.causal, head_dim_v, q.device, call.batch_invariant)
 
 
-def _check_strides(call):
+def _check_strides(call, lazy: bool):
     for name, x in (("q", call.q), ("kv_cache", call.kv_cache), ("rope_cache", call.rope_cache)):
         if x is not None:
             # Q rows are read as 16-byte vectors, the caches by TMA (FP8: 16 elements). kv_scale: any strides.
             expect_tma_compatible(name, x)
     expect_unit_last_stride("block_table", call.block_table)
-    for name in ("cache_seqlens",) + (() if call.lazy else ("tile_scheduler_metadata", "num_splits")):
+    for name in ("cache_seqlens",) + (() if lazy else ("tile_scheduler_metadata", "num_splits")):
         expect_contiguous(name, getattr(call, name))
     if call.out is not None:
         expect_contiguous("out", call.out)

@@ -204,11 +204,10 @@ def gla_with_kvcache(
     if is_fp8_kvcache is not False or indices is not None:
         _reject_unsupported(is_fp8_kvcache=is_fp8_kvcache, indices=indices)
     variant = _validation.GLA_INLINE if rope_cache is None else _validation.GLA_ROPE1
-    return _decode(DecodeCall(
-        variant=variant, q=q, kv_cache=kv_cache, rope_cache=rope_cache, block_table=block_table,
-        cache_seqlens=cache_seqlens, head_dim_v=head_dim_v, tile_scheduler_metadata=tile_scheduler_metadata,
-        num_splits=num_splits, softmax_scale=softmax_scale, causal=causal, out=out, attn_sink=attn_sink,
-        batch_invariant=enable_batch_invariant, kv_scale=kv_scale))
+    # Positional, in DecodeCall's field order: about a microsecond cheaper than by keyword.
+    return _decode(DecodeCall(variant, q, kv_cache, rope_cache, block_table, cache_seqlens, head_dim_v,
+                              tile_scheduler_metadata, num_splits, softmax_scale, causal, out, attn_sink,
+                              enable_batch_invariant, kv_scale))
 
 
 def gta_with_kvcache(
@@ -262,11 +261,9 @@ def gta_with_kvcache(
         out: (b, s_q, h_q, d), q's dtype. lse: (b, h_q, s_q) float32. Rows that see no key
         get ``out = 0`` and ``lse = +inf``.
     """
-    return _decode(DecodeCall(
-        variant=_validation.GTA, q=q, kv_cache=kv_cache, rope_cache=rope_cache, block_table=block_table,
-        cache_seqlens=cache_seqlens, head_dim_v=None, tile_scheduler_metadata=tile_scheduler_metadata,
-        num_splits=num_splits, softmax_scale=softmax_scale, causal=causal, out=out, attn_sink=attn_sink,
-        batch_invariant=enable_batch_invariant, kv_scale=kv_scale))
+    return _decode(DecodeCall(_validation.GTA, q, kv_cache, rope_cache, block_table, cache_seqlens, None,
+                              tile_scheduler_metadata, num_splits, softmax_scale, causal, out, attn_sink,
+                              enable_batch_invariant, kv_scale))
 
 
 def flash_mla_with_kvcache(
@@ -303,17 +300,22 @@ get_mla_metadata = get_metadata
 def _decode(call: DecodeCall) -> tuple[torch.Tensor, torch.Tensor]:
     """The one path of every decode entry: validate, resolve lazy metadata, launch."""
     config = check_decode_call(call, check_lengths=CHECK_LENGTHS)
-    meta, num_splits, out = call.tile_scheduler_metadata, call.num_splits, call.out
-    if call.lazy:
+    (_, q, kv_cache, rope_cache, block_table, cache_seqlens, _, meta, num_splits, softmax_scale, causal, out,
+     attn_sink, batch_invariant, kv_scale) = call
+    if isinstance(meta, SchedulerMetadata):  # the lazy object: filled on the first call
         if _library.compiling():
             raise TypeError(
                 "the lazy metadata object (get_metadata() with no arguments) is filled in Python on the "
                 "first call and cannot be compiled: under torch.compile use the classic form, "
                 "get_metadata(cache_seqlens, s_q * h_q // h_kv, h_kv)"
             )
-        meta, num_splits = meta._resolve(config, call.cache_seqlens)
+        meta, num_splits = meta._resolve(config, cache_seqlens)
     if out is None:
-        out = call.q.new_empty((config.batch, config.s_q, config.h_q, config.head_dim_v))
-    # torch.ops.flash_gla.decode, which writes out (its schema says so) and returns lse.
-    lse = _load_extension().decode.default(*call.op_args(config.head_dim_v, meta, num_splits, out))
+        out = q.new_empty((config.batch, config.s_q, config.h_q, config.head_dim_v))
+    if softmax_scale is None:
+        softmax_scale = q.shape[-1] ** -0.5
+    # torch.ops.flash_gla.decode (its schema's order), which writes out and returns lse.
+    lse = _load_extension().decode.default(q, kv_cache, rope_cache, block_table, cache_seqlens, config.head_dim_v,
+                                           meta, num_splits, float(softmax_scale), causal, out, attn_sink,
+                                           batch_invariant, kv_scale)
     return out, lse
