@@ -5,7 +5,7 @@ OUT       ?= bench_out/gpu-check
 BENCH_OUT ?= bench_out
 
 .DEFAULT_GOAL := help
-.PHONY: help install develop wheel test quickstart layer bench serving sass gpu-check clean
+.PHONY: help install develop wheel test quickstart layer bench serving sass sanitize gpu-check clean
 
 help:
 	@echo "flash_gla: make VERB, where VERB is one of"
@@ -19,6 +19,8 @@ help:
 	@echo "  make bench       run the decode benchmark (Hopper GPU); table on stdout, $(BENCH_OUT)/bench.json and .png"
 	@echo "  make serving     60-layer decode steps of 64 requests (GLA-2 vs. MLA); $(BENCH_OUT)/serving.json and .png"
 	@echo "  make sass        registers / smem / HGMMA / spill summary of the built extension"
+	@echo "  make sanitize    compute-sanitizer memcheck, racecheck and synccheck over one small call per"
+	@echo "                   compiled decode instance (scripts/sanitizer_check.sh; logs in $(BENCH_OUT)/sanitizer)"
 	@echo "  make gpu-check   build + sass + test + bench on a Hopper GPU (H100 or H200), logs in $(OUT)"
 	@echo "                   (scripts/gpu_check.sh; WHEEL=dist/flash_gla-...whl installs that wheel instead of building)"
 	@echo "  make clean       remove build outputs"
@@ -51,6 +53,9 @@ serving:
 
 sass:
 	bash scripts/sass_report.sh
+
+sanitize:
+	bash scripts/sanitizer_check.sh $(BENCH_OUT)/sanitizer
 
 gpu-check:
 	bash scripts/gpu_check.sh $(OUT)

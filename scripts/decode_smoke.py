@@ -10,12 +10,16 @@ with pages cut short by the sequence end, requests split over several CTAs and e
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))  # the tests' input makers and comparison
+if importlib.util.find_spec("flash_gla") is None:  # a source checkout: its in-place build
+    sys.path.insert(0, str(ROOT))
 
 # (name, variant, h_q, h_kv, d, d_rope, s_q, fp8): together they reach every row of
 # hopper/decode/instances/generate.py's list (s_q * h_q / h_kv > 64 selects the 128-row ones).
