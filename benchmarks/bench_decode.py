@@ -52,13 +52,18 @@ CONFIGS = {
     "gqa8": dict(h_q=32, h_kv=8, dv=128, d_rope=0, layout="gqa"),
     "gla2-rope1-fp8": dict(h_q=128, h_kv=2, dv=256, d_rope=64, layout="shared", fp8=True),
     "gta8-fp8": dict(h_q=32, h_kv=8, dv=128, d_rope=64, layout="gta", fp8=True),
+    # Small query groups: GTA with d 64 (4 rows per KV head), and one GPU's share of GLA-8 and
+    # of MLA under 8-way tensor parallelism (16 heads).
+    "gta4-d64": dict(h_q=16, h_kv=4, dv=64, d_rope=32, layout="gta"),
+    "gla1-h16": dict(h_q=16, h_kv=1, dv=256, d_rope=64),
+    "mla-h16": dict(h_q=16, h_kv=1, dv=512, d_rope=64),
 }
 FP8_GROUP = 128  # values per float32 scale of an FP8 cache row
 ELEMENT_BYTES = 2  # bf16: q, out, bf16 caches and the FP8 layout's RoPE row
 # The FlashMLA configuration each of ours is compared with (MLA at the same number of heads; the
 # FP8 rows have none: FlashMLA's dense decode reads no FP8 cache).
 FLASHMLA_TWIN = {"gla2": "mla", "gla1": "mla64", "mla": "mla", "mla64": "mla64", "varlen": "mla",
-                 "gla2-rope1": "mla"}
+                 "gla2-rope1": "mla", "gla1-h16": "mla-h16", "mla-h16": "mla-h16"}
 
 
 def head_dims(cfg):
