@@ -391,7 +391,8 @@ def unavailable_reason():
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--configs", default="gla2,gla1,mla,mla64,varlen,gla2-rope1,gta8,gqa8,gla2-rope1-fp8,gta8-fp8",
+    ap.add_argument("--configs", default="gla2,gla1,mla,mla64,varlen,gla2-rope1,gta8,gqa8,gla2-rope1-fp8,gta8-fp8,"
+                                        "gta4-d64,gla1-h16,mla-h16",
                     help=f"comma-separated configurations, of: {', '.join(CONFIGS)} (--list describes them)")
     ap.add_argument("--list", action="store_true", help="list the configurations and exit")
     ap.add_argument("--lengths", default="1024,4096,16384,32768")
