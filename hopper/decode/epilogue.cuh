@@ -85,7 +85,7 @@ struct Epilogue {
   static __device__ void store_final(const DecodeParams& p, typename Traits::SharedStorage& smem,
                                      const WorkPiece& w, TensorO const& tOrO, PackedRows const& rows,
                                      WarpgroupRole const& wg) {
-    constexpr int kConsumerThreads = Traits::kNumConsumerThreads;
+    constexpr int kConsumerThreads = Traits::kTurnThreads;  // the warpgroups that write the piece
     // Every consumer warpgroup has finished its last S of the piece (the staging tiles of
     // different warpgroups overlap other warpgroups' Q rows).
     consumer_sync(kConsumerThreads, ConsumerBarrier::kOutputStage);

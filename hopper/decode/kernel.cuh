@@ -54,7 +54,7 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
                                      : Pipeline::ThreadCategory::Consumer;
   // FP8: no TMA fills an Element stage (dequant.cuh).
   pipeline_params.is_leader = is_producer_leader && !Traits::kFP8;
-  pipeline_params.num_consumers = Traits::kNumConsumerThreads;
+  pipeline_params.num_consumers = Traits::kTurnThreads;  // the threads that release a stage
   Pipeline pipeline(smem.pipeline, pipeline_params, Shape<_1, _1, _1>{});
   if (is_producer_leader) {
     cute::prefetch_tma_descriptor(tma_kv.get_tma_descriptor());
