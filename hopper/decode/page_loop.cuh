@@ -124,13 +124,15 @@ struct PageLoop {
   }
 
   // Page turns (Traits::kNumPageWGs == 2): this warpgroup's pages of the piece, every other
-  // one, page by page. Page i of the CTA's walk (first_index: the pages of its earlier pieces)
-  // is warpgroup i % 2's and lies in stage i % kStages, pipeline phase (i / kStages) % 2.
+  // one, page by page. Page p of a request is warpgroup p % 2's (by the request's own page
+  // numbers, so that which warpgroup sums which keys does not depend on the batch: batch
+  // invariance); page i of the CTA's walk (first_index: the pages of its earlier pieces) lies
+  // in stage i % kStages, pipeline phase (i / kStages) % 2.
   template <class G, class In, class Acc, int kRows>
   static __device__ void turns(Context& ctx, G& gemms, In& in, Acc& acc, const WorkPiece& w,
                                PieceMask<kRows> const& mask, int first_index) {
     constexpr int kStages = Traits::kStages;
-    for (int page = w.page_begin + ((ctx.wg.page_wg - first_index) & 1); page < w.page_end; page += 2) {
+    for (int page = w.page_begin + ((ctx.wg.page_wg - w.page_begin) & 1); page < w.page_end; page += 2) {
       const int index = first_index + page - w.page_begin;
       ctx.state = typename Context::PipelineState(index % kStages, (index / kStages) & 1, index);
       one_page(ctx, gemms, in, acc, w, mask, page);
