@@ -219,8 +219,13 @@ struct PageLoop {
       }
       SmemIO<Traits>::zero_rows_past_end(ctx.smem, stage, valid_rows, ctx.consumer_tid % Traits::kTurnThreads);
       cutlass::arch::fence_view_async_shared();
-      consumer_sync(Traits::kTurnThreads,
-                    ctx.wg.page_wg == 0 ? ConsumerBarrier::kPageMasked : ConsumerBarrier::kPageMaskedTurn);
+      // Each warpgroup of a page turn has its own barrier. The ids stay immediates: with the id
+      // in a register, compute-sanitizer's racecheck loses the order of later barriers.
+      if (ctx.wg.page_wg == 0) {
+        consumer_sync(Traits::kTurnThreads, ConsumerBarrier::kPageMasked);
+      } else {
+        consumer_sync(Traits::kTurnThreads, ConsumerBarrier::kPageMaskedTurn);
+      }
     }
     return stage;
   }
