@@ -18,11 +18,11 @@ enum class ConsumerBarrier : int {
   kOutputStaged = 8,  // the piece's O tiles are in shared memory
   kQIssued = 9,       // the first Q tile's loads are issued (consumers arrive, producer waits)
   kPageMaskedTurn = 10,  // page turns: kPageMasked for the second warpgroup's pages
-  kTurnHalfWritten = 11, // page turns: half of the second warpgroup's O is in shared memory
-  kTurnHalfRead = 12     // page turns: the first warpgroup has added it to its own
+  kTurnChunkWritten = 11, // page turns: a chunk of the second warpgroup's O is in shared memory
+  kTurnChunkRead = 12     // page turns: the first warpgroup has added it to its own
 };
 
-static_assert(static_cast<int>(ConsumerBarrier::kTurnHalfRead) < 16, "sm_90 has 16 named barriers");
+static_assert(static_cast<int>(ConsumerBarrier::kTurnChunkRead) < 16, "sm_90 has 16 named barriers");
 
 __device__ __forceinline__ void consumer_sync(int num_threads, ConsumerBarrier id) {
   asm volatile("bar.sync %0, %1;" ::"r"(static_cast<int>(id)), "r"(num_threads));

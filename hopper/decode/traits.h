@@ -80,11 +80,12 @@ struct DecodeTraits {
   // wider V is split over several consumer warpgroups, each owning 256 output columns.
   static constexpr int kOutColsPerWG = kHeadDimV < 256 ? kHeadDimV : 256;
   static constexpr int kNumColWGs = kHeadDimV / kOutColsPerWG;
-  // Page turns: the 64-row GLA tile (dv 256) has two consumer warpgroups that hold the same
-  // rows and take the piece's pages in turn, each with its own O and softmax, merged at the
-  // piece's end (turn_merge.cuh): one's softmax runs while the other's wgmmas use the tensor
-  // cores, where one warpgroup alone leaves them idle during its softmax.
-  static constexpr int kNumPageWGs = !kFP8 && kNumRowWGs == 1 && kHeadDimV == 256 ? 2 : 1;
+  // Page turns: a 64-row tile whose output one warpgroup holds (GLA, GTA) has two consumer
+  // warpgroups that hold the same rows and take the piece's pages in turn, each with its own O
+  // and softmax, merged at the piece's end (turn_merge.cuh): one's softmax runs while the
+  // other's wgmmas use the tensor cores, where one warpgroup alone leaves them idle during its
+  // softmax. (FP8 caches: the producer warpgroups' conversion takes those registers.)
+  static constexpr int kNumPageWGs = !kFP8 && kNumRowWGs == 1 && kNumColWGs == 1 ? 2 : 1;
   static constexpr int kNumConsumerWGs = kNumRowWGs * kNumColWGs * kNumPageWGs;
   static constexpr int kNumConsumerThreads = 128 * kNumConsumerWGs;
   // The consumer threads that work on one page: they release its stage and, for the piece's
@@ -171,10 +172,18 @@ struct DecodeTraits {
   static constexpr int kOutStageElems = kWGRows * kOutColsPerWG;
   static_assert(kNumConsumerWGs / kNumPageWGs * kOutStageElems <= kBlockM * kQSmemCols,
                 "the O tiles must fit in the Q tile's shared memory");
-  static_assert(kNumPageWGs == 1 || (kNumRowWGs == 1 && kNumColWGs == 1 &&
-                                     kWGRows * kOutColsPerWG * 4 / 2 <= kBlockM * kQSmemCols * int(sizeof(Element))),
-                "page turns: one warpgroup's O reaches the other through the Q tile, half at a time");
   static constexpr int kQBytes = kBlockM * kQSmemCols * sizeof(Element);
+  // Page turns: one warpgroup's O (kOutColsPerWG fp32 values per row, per thread half a row's
+  // worth) reaches the other through the Q tile, kTurnChunk values per thread at a time: the
+  // largest power of two that both the tile and the O fragment hold.
+  static constexpr int kTurnChunk = [] {
+    const int values = kWGRows * kOutColsPerWG / 128, fits = kQBytes / 4 / 128;
+    int chunk = 1;
+    while (chunk * 2 <= values && chunk * 2 <= fits) { chunk *= 2; }
+    return chunk;
+  }();
+  static_assert(kNumPageWGs == 1 || (kNumRowWGs == 1 && kNumColWGs == 1 && kTurnChunk >= 16),
+                "page turns: one warpgroup's O reaches the other through the Q tile");
   static constexpr int kPBytes = kSplitScores ? kWGRows * kBlockN * sizeof(Element) : 0;
   // Bytes that one Element stage's TMA brings: the page and its RoPE rows; none for FP8,
   // whose Element stages the producer warpgroup writes.

@@ -3,8 +3,9 @@
 // warpgroup 0's, which then writes the piece: the row maxima and sums meet in shared memory,
 // each warpgroup rescales its O to the common maximum, and warpgroup 1's O reaches warpgroup 0
 // through the Q tile's shared memory (no wgmma reads it once both have computed their last S),
-// half a tile at a time (64 x 128 fp32, 32 KB). Both warpgroups hold the same accumulator
-// layout, so thread t of one passes its values to thread t of the other, in its own order.
+// as many values per thread at a time as the tile holds (Traits::kTurnChunk). Both warpgroups
+// hold the same accumulator layout, so thread t of one passes its values to thread t of the
+// other, in its own order.
 #pragma once
 
 #include <cute/tensor.hpp>
@@ -49,19 +50,21 @@ struct TurnMerge {
       for (int j = 0; j < size<1>(o_rc); ++j) { o_rc(i, j) *= own; }
     }
     float* exchange = reinterpret_cast<float*>(smem.q.data());
-    constexpr int kHalf = decltype(size(o))::value / 2;
+    constexpr int kChunk = Traits::kTurnChunk;
+    constexpr int kRounds = decltype(size(o))::value / kChunk;
+    static_assert(kRounds * kChunk == decltype(size(o))::value, "O goes over in whole chunks");
     CUTLASS_PRAGMA_UNROLL
-    for (int half = 0; half < 2; ++half) {
+    for (int round = 0; round < kRounds; ++round) {
       if (wg.page_wg == 1) {
         CUTLASS_PRAGMA_UNROLL
-        for (int k = 0; k < kHalf; ++k) { exchange[k * 128 + wg.wg_tid] = o(half * kHalf + k); }
+        for (int k = 0; k < kChunk; ++k) { exchange[k * 128 + wg.wg_tid] = o(round * kChunk + k); }
       }
-      consumer_sync(kThreads, ConsumerBarrier::kTurnHalfWritten);
+      consumer_sync(kThreads, ConsumerBarrier::kTurnChunkWritten);
       if (wg.page_wg == 0) {
         CUTLASS_PRAGMA_UNROLL
-        for (int k = 0; k < kHalf; ++k) { o(half * kHalf + k) += exchange[k * 128 + wg.wg_tid]; }
+        for (int k = 0; k < kChunk; ++k) { o(round * kChunk + k) += exchange[k * 128 + wg.wg_tid]; }
       }
-      if (half == 0) { consumer_sync(kThreads, ConsumerBarrier::kTurnHalfRead); }
+      if (round + 1 < kRounds) { consumer_sync(kThreads, ConsumerBarrier::kTurnChunkRead); }
     }
   }
 };
