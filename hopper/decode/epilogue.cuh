@@ -76,6 +76,14 @@ struct Epilogue {
     }
   }
 
+  // Page turns: the second warpgroup's part in store_final's barriers, which every consumer
+  // thread joins (compute-sanitizer's racecheck loses the order of later barriers after one
+  // that only a warpgroup joins).
+  static __device__ void arrive_final() {
+    barrier_arrive(Traits::kNumConsumerThreads, ConsumerBarrier::kOutputStage);
+    barrier_arrive(Traits::kNumConsumerThreads, ConsumerBarrier::kOutputStaged);
+  }
+
   // 16-bit O, staged in shared memory and stored as whole 16-byte vectors. In the accumulator
   // layout a lane holds 2 adjacent columns of every 8-column group, so stores straight from
   // registers would be 4-byte stores touching 8 rows per warp instruction; staged, a warp
@@ -85,7 +93,8 @@ struct Epilogue {
   static __device__ void store_final(const DecodeParams& p, typename Traits::SharedStorage& smem,
                                      const WorkPiece& w, TensorO const& tOrO, PackedRows const& rows,
                                      WarpgroupRole const& wg) {
-    constexpr int kConsumerThreads = Traits::kTurnThreads;  // the warpgroups that write the piece
+    // With page turns the second warpgroup arrives at these barriers without waiting (consumer.cuh).
+    constexpr int kConsumerThreads = Traits::kNumConsumerThreads;
     // Every consumer warpgroup has finished its last S of the piece (the staging tiles of
     // different warpgroups overlap other warpgroups' Q rows).
     consumer_sync(kConsumerThreads, ConsumerBarrier::kOutputStage);

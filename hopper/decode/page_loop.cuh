@@ -132,6 +132,14 @@ struct PageLoop {
   static __device__ void turns(Context& ctx, G& gemms, In& in, Acc& acc, const WorkPiece& w,
                                PieceMask<kRows> const& mask, int first_index) {
     constexpr int kStages = Traits::kStages;
+    // Only the request's last page can end before the sequence does, and only its warpgroup
+    // zeroes those rows (wait_page); the other warpgroup arrives at that barrier without
+    // waiting, so that every barrier has all the consumer threads in it (compute-sanitizer's
+    // racecheck loses the order of later barriers after one that only a warpgroup joins).
+    const bool cut_short = w.page_end > w.page_begin && w.page_end * kBlockN > w.seqlen;
+    if (cut_short && ((w.page_end - 1) & 1) != ctx.wg.page_wg) {
+      barrier_arrive(kConsumerThreads, ConsumerBarrier::kPageMasked);
+    }
     for (int page = w.page_begin + ((ctx.wg.page_wg - w.page_begin) & 1); page < w.page_end; page += 2) {
       const int index = first_index + page - w.page_begin;
       ctx.state = typename Context::PipelineState(index % kStages, (index / kStages) & 1, index);
@@ -219,13 +227,7 @@ struct PageLoop {
       }
       SmemIO<Traits>::zero_rows_past_end(ctx.smem, stage, valid_rows, ctx.consumer_tid % Traits::kTurnThreads);
       cutlass::arch::fence_view_async_shared();
-      // Each warpgroup of a page turn has its own barrier. The ids stay immediates: with the id
-      // in a register, compute-sanitizer's racecheck loses the order of later barriers.
-      if (ctx.wg.page_wg == 0) {
-        consumer_sync(Traits::kTurnThreads, ConsumerBarrier::kPageMasked);
-      } else {
-        consumer_sync(Traits::kTurnThreads, ConsumerBarrier::kPageMaskedTurn);
-      }
+      consumer_sync(kConsumerThreads, ConsumerBarrier::kPageMasked);  // page turns: see turns()
     }
     return stage;
   }

@@ -13,13 +13,12 @@ enum class ConsumerBarrier : int {
   kPageMasked = 3,    // rows past the sequence end of a page are zeroed
   kScoresMax = 4,     // split scores: each warpgroup's page row maxima are in shared memory
   kPReady = 5,        // split scores: the page's probabilities are in shared memory
-  kRowSums = 6,       // split scores: each warpgroup's final row sums are in shared memory
+  kRowSums = 6,       // split scores, page turns: each warpgroup's final row sums are in shared memory
   kOutputStage = 7,   // every consumer is done with the piece's Q tile: O may be staged there
   kOutputStaged = 8,  // the piece's O tiles are in shared memory
   kQIssued = 9,       // the first Q tile's loads are issued (consumers arrive, producer waits)
-  kPageMaskedTurn = 10,  // page turns: kPageMasked for the second warpgroup's pages
-  kTurnChunkWritten = 11, // page turns: a chunk of the second warpgroup's O is in shared memory
-  kTurnChunkRead = 12     // page turns: the first warpgroup has added it to its own
+  kTurnChunkWritten = 10,  // page turns: a chunk of the second warpgroup's O is in shared memory
+  kTurnChunkRead = 11      // page turns: the first warpgroup has added it to its own
 };
 
 static_assert(static_cast<int>(ConsumerBarrier::kTurnChunkRead) < 16, "sm_90 has 16 named barriers");
