@@ -149,8 +149,8 @@ struct Consumer {
         if constexpr (Traits::kNumPageWGs > 1) {  // each warpgroup took every other page
           pages_walked += w.page_end - w.page_begin;
           TurnMerge<Traits>::run(smem, softmax, row_total, tOrO, tOrO_rc, tScS_rc, wg);
-          if (wg.page_wg != 0) {  // warpgroup 0 writes the piece: arrive at its barriers
-            if (!w.is_split) { Epilogue<Traits>::arrive_final(); }
+          if (wg.page_wg != 0) {  // warpgroup 0 writes the piece
+            if (!w.is_split) { Epilogue<Traits>::sync_final(); }
             continue;
           }
         }

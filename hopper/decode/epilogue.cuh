@@ -77,11 +77,11 @@ struct Epilogue {
   }
 
   // Page turns: the second warpgroup's part in store_final's barriers, which every consumer
-  // thread joins (compute-sanitizer's racecheck loses the order of later barriers after one
-  // that only a warpgroup joins).
-  static __device__ void arrive_final() {
-    barrier_arrive(Traits::kNumConsumerThreads, ConsumerBarrier::kOutputStage);
-    barrier_arrive(Traits::kNumConsumerThreads, ConsumerBarrier::kOutputStaged);
+  // thread syncs on (see PageLoop::turns). It would wait for the first one at the next
+  // piece's Q tile anyway.
+  static __device__ void sync_final() {
+    consumer_sync(Traits::kNumConsumerThreads, ConsumerBarrier::kOutputStage);
+    consumer_sync(Traits::kNumConsumerThreads, ConsumerBarrier::kOutputStaged);
   }
 
   // 16-bit O, staged in shared memory and stored as whole 16-byte vectors. In the accumulator
@@ -93,7 +93,7 @@ struct Epilogue {
   static __device__ void store_final(const DecodeParams& p, typename Traits::SharedStorage& smem,
                                      const WorkPiece& w, TensorO const& tOrO, PackedRows const& rows,
                                      WarpgroupRole const& wg) {
-    // With page turns the second warpgroup arrives at these barriers without waiting (consumer.cuh).
+    // With page turns the second warpgroup syncs on these barriers too (sync_final).
     constexpr int kConsumerThreads = Traits::kNumConsumerThreads;
     // Every consumer warpgroup has finished its last S of the piece (the staging tiles of
     // different warpgroups overlap other warpgroups' Q rows).

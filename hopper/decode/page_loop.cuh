@@ -132,18 +132,19 @@ struct PageLoop {
   static __device__ void turns(Context& ctx, G& gemms, In& in, Acc& acc, const WorkPiece& w,
                                PieceMask<kRows> const& mask, int first_index) {
     constexpr int kStages = Traits::kStages;
-    // Only the request's last page can end before the sequence does, and only its warpgroup
-    // zeroes those rows (wait_page); the other warpgroup arrives at that barrier without
-    // waiting, so that every barrier has all the consumer threads in it (compute-sanitizer's
-    // racecheck loses the order of later barriers after one that only a warpgroup joins).
-    const bool cut_short = w.page_end > w.page_begin && w.page_end * kBlockN > w.seqlen;
-    if (cut_short && ((w.page_end - 1) & 1) != ctx.wg.page_wg) {
-      barrier_arrive(kConsumerThreads, ConsumerBarrier::kPageMasked);
-    }
     for (int page = w.page_begin + ((ctx.wg.page_wg - w.page_begin) & 1); page < w.page_end; page += 2) {
       const int index = first_index + page - w.page_begin;
       ctx.state = typename Context::PipelineState(index % kStages, (index / kStages) & 1, index);
       one_page(ctx, gemms, in, acc, w, mask, page);
+    }
+    // Only the request's last page can end before the sequence does; its warpgroup zeroes
+    // those rows behind a barrier (wait_page) that the other one joins after its own pages.
+    // Every consumer thread syncs on every barrier, in the same order: compute-sanitizer's
+    // racecheck loses the order of later barriers after one that only a warpgroup syncs on
+    // (or that the other only arrives at), although the hardware keeps it.
+    const bool cut_short = w.page_end > w.page_begin && w.page_end * kBlockN > w.seqlen;
+    if (cut_short && ((w.page_end - 1) & 1) != ctx.wg.page_wg) {
+      consumer_sync(kConsumerThreads, ConsumerBarrier::kPageMasked);
     }
   }
 
