@@ -149,10 +149,6 @@ struct Consumer {
         if constexpr (Traits::kNumPageWGs > 1) {  // each warpgroup took every other page
           pages_walked += w.page_end - w.page_begin;
           TurnMerge<Traits>::run(smem, softmax, row_total, tOrO, tOrO_rc, tScS_rc, wg);
-          if (wg.page_wg != 0) {  // warpgroup 0 writes the piece
-            if (!w.is_split) { Epilogue<Traits>::sync_final(); }
-            continue;
-          }
         }
         softmax.finalize(row_total, inv_sum, lse);
         Epilogue<Traits>::store(p, smem, w, tOrO, tOrO_rc, tOcO_rc, inv_sum, lse, rows, wg);

@@ -128,23 +128,26 @@ struct PageLoop {
   // numbers, so that which warpgroup sums which keys does not depend on the batch: batch
   // invariance); page i of the CTA's walk (first_index: the pages of its earlier pieces) lies
   // in stage i % kStages, pipeline phase (i / kStages) % 2.
+  //
+  // Only the request's last page can end before the sequence does. Both warpgroups zero its rows
+  // past the end, behind one barrier instruction (wait_page's): the other warpgroup takes one
+  // more step of its walk to reach it and stops there. compute-sanitizer needs both: synccheck
+  // flags a barrier reached from two instructions, and racecheck loses the order of later
+  // barriers after one that only a warpgroup syncs on (the hardware keeps it either way).
   template <class G, class In, class Acc, int kRows>
   static __device__ void turns(Context& ctx, G& gemms, In& in, Acc& acc, const WorkPiece& w,
                                PieceMask<kRows> const& mask, int first_index) {
     constexpr int kStages = Traits::kStages;
-    for (int page = w.page_begin + ((ctx.wg.page_wg - w.page_begin) & 1); page < w.page_end; page += 2) {
-      const int index = first_index + page - w.page_begin;
-      ctx.state = typename Context::PipelineState(index % kStages, (index / kStages) & 1, index);
-      one_page(ctx, gemms, in, acc, w, mask, page);
-    }
-    // Only the request's last page can end before the sequence does; its warpgroup zeroes
-    // those rows behind a barrier (wait_page) that the other one joins after its own pages.
-    // Every consumer thread syncs on every barrier, in the same order: compute-sanitizer's
-    // racecheck loses the order of later barriers after one that only a warpgroup syncs on
-    // (or that the other only arrives at), although the hardware keeps it.
+    const int last = w.page_end - 1;
     const bool cut_short = w.page_end > w.page_begin && w.page_end * kBlockN > w.seqlen;
-    if (cut_short && ((w.page_end - 1) & 1) != ctx.wg.page_wg) {
-      consumer_sync(kConsumerThreads, ConsumerBarrier::kPageMasked);
+    const int end = w.page_end + (cut_short && (last & 1) != ctx.wg.page_wg ? 1 : 0);
+    for (int page = w.page_begin + ((ctx.wg.page_wg - w.page_begin) & 1); page < end; page += 2) {
+      const int own = min(page, last);  // page > last: the other warpgroup's last page
+      const int index = first_index + own - w.page_begin;
+      ctx.state = typename Context::PipelineState(index % kStages, (index / kStages) & 1, index);
+      const int stage = wait_page(ctx, w.seqlen, own);
+      if (own != page) { break; }
+      page_body(ctx, gemms, in, acc, mask, page, stage);
     }
   }
 
@@ -152,8 +155,14 @@ struct PageLoop {
   template <class G, class In, class Acc, int kRows>
   static __device__ void one_page(Context& ctx, G& gemms, In& in, Acc& acc, const WorkPiece& w,
                                   PieceMask<kRows> const& mask, int page) {
+    page_body(ctx, gemms, in, acc, mask, page, wait_page(ctx, w.seqlen, page));
+  }
+
+  // A page whose stage is full: S, softmax, P V, release the stage.
+  template <class G, class In, class Acc, int kRows>
+  static __device__ void page_body(Context& ctx, G& gemms, In& in, Acc& acc,
+                                   PieceMask<kRows> const& mask, int page, int stage) {
     float rescale[kRows];
-    const int stage = wait_page(ctx, w.seqlen, page);
     warpgroup_fence_operand(acc.s);
     issue_scores(gemms, in, acc, stage);
     warpgroup_wait<0>();
@@ -226,7 +235,7 @@ struct PageLoop {
         __syncwarp();
         return stage;
       }
-      SmemIO<Traits>::zero_rows_past_end(ctx.smem, stage, valid_rows, ctx.consumer_tid % Traits::kTurnThreads);
+      SmemIO<Traits>::zero_rows_past_end(ctx.smem, stage, valid_rows, ctx.consumer_tid);
       cutlass::arch::fence_view_async_shared();
       consumer_sync(kConsumerThreads, ConsumerBarrier::kPageMasked);  // page turns: see turns()
     }

@@ -65,25 +65,25 @@ struct SmemIO {
   // Rows past the sequence end may hold anything (NaN included); 0 * NaN would poison P V, so
   // they are zeroed in shared memory (the page, and its shared RoPE rows) before either GEMM
   // reads the page.
-  // turn_tid: the thread's index among the Traits::kTurnThreads that work on the page.
+  // Every consumer thread takes part (consumer_tid: its index among them).
   static __device__ void zero_rows_past_end(SharedStorage& smem, int stage, int first_row,
-                                            int turn_tid) {
+                                            int consumer_tid) {
     zero_rows<Traits::kKVWidth>(
         make_tensor(make_smem_ptr(smem.kv.data()), typename Traits::SmemLayoutK{}), stage,
-        first_row, turn_tid);
+        first_row, consumer_tid);
     if constexpr (Traits::kSharedRope) {
       zero_rows<Traits::kHeadDimRope>(
           make_tensor(make_smem_ptr(smem.rope.data()), typename Traits::SmemLayoutRope{}), stage,
-          first_row, turn_tid);
+          first_row, consumer_tid);
     }
   }
 
   // Zeroes rows [first_row, 64) of one stage of a (tokens, kCols, stage) tile, 16 bytes a store.
   template <int kCols, class TensorS>
-  static __device__ void zero_rows(TensorS&& tile, int stage, int first_row, int turn_tid) {
+  static __device__ void zero_rows(TensorS&& tile, int stage, int first_row, int consumer_tid) {
     constexpr int kChunksPerRow = kCols / kChunk;
     const int count = (Traits::kBlockN - first_row) * kChunksPerRow;
-    for (int idx = turn_tid; idx < count; idx += Traits::kTurnThreads) {
+    for (int idx = consumer_tid; idx < count; idx += Traits::kNumConsumerThreads) {
       const int row = first_row + idx / kChunksPerRow;
       const int col = (idx % kChunksPerRow) * kChunk;
       *reinterpret_cast<uint4*>(&tile(row, col, stage)) = make_uint4(0, 0, 0, 0);
