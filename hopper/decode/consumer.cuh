@@ -16,6 +16,7 @@
 #include "decode/smem_io.cuh"
 #include "decode/page_loop.cuh"
 #include "decode/softmax.cuh"
+#include "decode/turn_merge.cuh"
 
 namespace flash_gla::hopper {
 
@@ -39,6 +40,7 @@ struct Consumer {
     WarpgroupRole wg;
     wg.col_wg = Traits::kNumColWGs == 1 ? 0 : warpgroup % Traits::kNumColWGs;
     wg.row_wg = Traits::kNumRowWGs == 1 ? 0 : warpgroup / Traits::kNumColWGs;
+    wg.page_wg = Traits::kNumPageWGs == 1 ? 0 : warpgroup;
     wg.row_base = m_block * Traits::kBlockM + wg.row_wg * kWGRows;
     wg.wg_tid = consumer_tid % 128;
 
@@ -103,6 +105,7 @@ struct Consumer {
     // CTAs start together and their first pages fill the memory system, so a Q load queued
     // behind them would arrive late while the ring sat full.
     bool producer_released = false;
+    int pages_walked = 0;  // page turns: the pages of the CTA's earlier pieces
     PieceWalk</*kReload=*/true> walk;
     for (walk.first_part(); walk.in_parts(p); walk.next_part()) {
       for (walk.first_item(p); walk.in_part(p); walk.next_item()) {
@@ -135,13 +138,17 @@ struct Consumer {
 
         clear(tOrO);
         softmax.reset();
-        PageLoop<Traits>::run(ctx, gemms, in, acc, w, mask);
+        PageLoop<Traits>::run(ctx, gemms, in, acc, w, mask, pages_walked);
 
         float row_total[kRows], inv_sum[kRows], lse[kRows];
         softmax.quad_sums(row_total);
         if constexpr (Traits::kSplitScores) {  // each warpgroup summed only its own tokens
           PageLoop<Traits>::template combine_across_warpgroups</*kMax=*/false>(
               smem.row_sum, row_total, tScS_rc, wg, ConsumerBarrier::kRowSums);
+        }
+        if constexpr (Traits::kNumPageWGs > 1) {  // each warpgroup took every other page
+          pages_walked += w.page_end - w.page_begin;
+          TurnMerge<Traits>::run(smem, softmax, row_total, tOrO, tOrO_rc, tScS_rc, wg);
         }
         softmax.finalize(row_total, inv_sum, lse);
         Epilogue<Traits>::store(p, smem, w, tOrO, tOrO_rc, tOcO_rc, inv_sum, lse, rows, wg);

@@ -30,7 +30,10 @@ struct Epilogue {
                                const WorkPiece& w, TensorO& tOrO, TensorOrc& o, TensorC const& coord,
                                float const (&inv_sum)[kRows], float const (&lse)[kRows],
                                PackedRows const& rows, WarpgroupRole const& wg) {
-    const bool lse_lane = wg.col_wg == 0 && wg.wg_tid % 4 == 0;  // one lane of the row's quad
+    // With page turns the merged O is the first warpgroup's: it writes the piece, and the other
+    // one only joins store_final's barriers, at the same instructions (see PageLoop::turns).
+    const bool writes = wg.page_wg == 0;
+    const bool lse_lane = writes && wg.col_wg == 0 && wg.wg_tid % 4 == 0;  // one lane of the row's quad
     CUTLASS_PRAGMA_UNROLL
     for (int i = 0; i < kRows; ++i) {
       const int m = wg.row_base + get<0>(coord(i, 0));
@@ -51,9 +54,9 @@ struct Epilogue {
       }
     }
     if (w.is_split) {
-      store_partial(p, w, o, coord, rows, wg);
+      if (writes) { store_partial(p, w, o, coord, rows, wg); }
     } else {
-      store_final(p, smem, w, tOrO, rows, wg);
+      store_final(p, smem, w, tOrO, rows, wg, writes);
     }
   }
 
@@ -80,11 +83,11 @@ struct Epilogue {
   // layout a lane holds 2 adjacent columns of every 8-column group, so stores straight from
   // registers would be 4-byte stores touching 8 rows per warp instruction; staged, a warp
   // writes 512 contiguous bytes of a row. The staging area is the Q tile, which no wgmma reads
-  // once the piece's last S is done.
+  // once the piece's last S is done. writes: false for a warpgroup that only joins the barriers.
   template <class TensorO>
   static __device__ void store_final(const DecodeParams& p, typename Traits::SharedStorage& smem,
                                      const WorkPiece& w, TensorO const& tOrO, PackedRows const& rows,
-                                     WarpgroupRole const& wg) {
+                                     WarpgroupRole const& wg, bool writes) {
     constexpr int kConsumerThreads = Traits::kNumConsumerThreads;
     // Every consumer warpgroup has finished its last S of the piece (the staging tiles of
     // different warpgroups overlap other warpgroups' Q rows).
@@ -97,7 +100,7 @@ struct Epilogue {
     asm volatile("" : "+r"(stage_offset), "+r"(stage_tid));
     Tensor sO = make_tensor(make_smem_ptr(smem.q.data() + stage_offset),
                             typename Traits::SmemLayoutOStage{});
-    {  // stmatrix: four 8x8 16-bit tiles of the accumulator per instruction
+    if (writes) {  // stmatrix: four 8x8 16-bit tiles of the accumulator per instruction
       auto stage_copy = make_tiled_copy_C(Copy_Atom<SM90_U32x4_STSM_N, Element>{},
                                           typename Traits::TiledMmaO{});
       auto thr_copy = stage_copy.get_thread_slice(stage_tid);
@@ -105,6 +108,7 @@ struct Epilogue {
       copy(stage_copy, thr_copy.retile_S(tOrO_16), thr_copy.partition_D(sO));
     }
     consumer_sync(kConsumerThreads, ConsumerBarrier::kOutputStaged);
+    if (!writes) { return; }
     constexpr int kChunksPerRow = kOutCols / kChunk;
     CUTLASS_PRAGMA_UNROLL
     for (int idx = stage_tid; idx < Traits::kWGRows * kChunksPerRow; idx += 128) {

@@ -12,6 +12,8 @@
 //   consumers (warpgroups 0..; consumer.cuh): per piece, load the Q tile, then per page
 //     S = Q K^T, online softmax, O += P V with wgmma, and release the stage; then the epilogue
 //     (epilogue.cuh) writes O and LSE, or fp32 partials that hopper/combine/combine.cu merges.
+//     The warpgroups split the tile's rows (128-row tiles), its output columns (MLA), or take
+//     its pages in turn (64-row GLA and GTA tiles: page turns, merged by turn_merge.cuh).
 //
 // Shared memory (traits.h): Q (64 or 128 rows x d_qk, or x d_nope with its RoPE columns in
 // registers) + kStages pages (64 x kv_width), 128B-swizzled K-major [+ kStages shared RoPE
@@ -54,7 +56,7 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
                                      : Pipeline::ThreadCategory::Consumer;
   // FP8: no TMA fills an Element stage (dequant.cuh).
   pipeline_params.is_leader = is_producer_leader && !Traits::kFP8;
-  pipeline_params.num_consumers = Traits::kNumConsumerThreads;
+  pipeline_params.num_consumers = Traits::kTurnThreads;  // the threads that release a stage
   Pipeline pipeline(smem.pipeline, pipeline_params, Shape<_1, _1, _1>{});
   if (is_producer_leader) {
     cute::prefetch_tma_descriptor(tma_kv.get_tma_descriptor());

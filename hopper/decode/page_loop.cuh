@@ -39,10 +39,11 @@ struct PieceMask {
 // warpgroup.
 template <class Traits>
 struct PageContext {
+  using PipelineState = typename Traits::Pipeline::PipelineState;
   const DecodeParams& params;
   typename Traits::SharedStorage& smem;
   typename Traits::Pipeline& pipeline;
-  typename Traits::Pipeline::PipelineState& state;
+  PipelineState& state;
   WarpgroupRole const& wg;
   int consumer_tid;
 };
@@ -98,11 +99,14 @@ struct PageLoop {
   static constexpr bool kSplit = Traits::kSplitScores;
   static constexpr int kConsumerThreads = Traits::kNumConsumerThreads;
 
-  // The piece's pages, in series or overlapped (Traits::kOverlapPV).
+  // The piece's pages: in turns, overlapped (Traits::kOverlapPV) or in series. first_index:
+  // the pages of the CTA's earlier pieces (for page turns).
   template <class G, class In, class Acc, int kRows>
   static __device__ void run(Context& ctx, G& gemms, In& in, Acc& acc, const WorkPiece& w,
-                             PieceMask<kRows> const& mask) {
-    if constexpr (Traits::kOverlapPV) {
+                             PieceMask<kRows> const& mask, int first_index) {
+    if constexpr (Traits::kNumPageWGs > 1) {
+      turns(ctx, gemms, in, acc, w, mask, first_index);
+    } else if constexpr (Traits::kOverlapPV) {
       overlapped(ctx, gemms, in, acc, w, mask);
     } else {
       in_series(ctx, gemms, in, acc, w, mask);
@@ -114,22 +118,63 @@ struct PageLoop {
   static __device__ void in_series(Context& ctx, G& gemms, In& in, Acc& acc, const WorkPiece& w,
                                    PieceMask<kRows> const& mask) {
     for (int page = w.page_begin; page < w.page_end; ++page) {
-      float rescale[kRows];
-      const int stage = wait_page(ctx, w.seqlen, page);
-      warpgroup_fence_operand(acc.s);
-      issue_scores(gemms, in, acc, stage);
-      warpgroup_wait<0>();
-      warpgroup_fence_operand(acc.s);
-      softmax_page(ctx, acc, mask, page, rescale);
-      rescale_o_and_stage_p(in, acc, rescale);
-      if constexpr (!kSplit) { warpgroup_fence_operand(acc.p); }
-      warpgroup_fence_operand(acc.o);
-      issue_pv(gemms, in, acc, stage);
-      warpgroup_wait<0>();
-      warpgroup_fence_operand(acc.o);
-      ctx.pipeline.consumer_release(ctx.state);
+      one_page(ctx, gemms, in, acc, w, mask, page);
       ++ctx.state;
     }
+  }
+
+  // Page turns (Traits::kNumPageWGs == 2): this warpgroup's pages of the piece, every other
+  // one, page by page. Page p of a request is warpgroup p % 2's (by the request's own page
+  // numbers, so that which warpgroup sums which keys does not depend on the batch: batch
+  // invariance); page i of the CTA's walk (first_index: the pages of its earlier pieces) lies
+  // in stage i % kStages, pipeline phase (i / kStages) % 2.
+  //
+  // Only the request's last page can end before the sequence does. Both warpgroups zero its rows
+  // past the end, behind one barrier instruction (wait_page's): the other warpgroup takes one
+  // more step of its walk to reach it and stops there. compute-sanitizer needs both: synccheck
+  // flags a barrier reached from two instructions, and racecheck loses the order of later
+  // barriers after one that only a warpgroup syncs on (the hardware keeps it either way).
+  template <class G, class In, class Acc, int kRows>
+  static __device__ void turns(Context& ctx, G& gemms, In& in, Acc& acc, const WorkPiece& w,
+                               PieceMask<kRows> const& mask, int first_index) {
+    constexpr int kStages = Traits::kStages;
+    const int last = w.page_end - 1;
+    const bool cut_short = w.page_end > w.page_begin && w.page_end * kBlockN > w.seqlen;
+    const int end = w.page_end + (cut_short && (last & 1) != ctx.wg.page_wg ? 1 : 0);
+    for (int page = w.page_begin + ((ctx.wg.page_wg - w.page_begin) & 1); page < end; page += 2) {
+      const int own = min(page, last);  // page > last: the other warpgroup's last page
+      const int index = first_index + own - w.page_begin;
+      ctx.state = typename Context::PipelineState(index % kStages, (index / kStages) & 1, index);
+      const int stage = wait_page(ctx, w.seqlen, own);
+      if (own != page) { break; }
+      page_body(ctx, gemms, in, acc, mask, page, stage);
+    }
+  }
+
+  // One page, on its own: wait for it, S, softmax, P V, release its stage.
+  template <class G, class In, class Acc, int kRows>
+  static __device__ void one_page(Context& ctx, G& gemms, In& in, Acc& acc, const WorkPiece& w,
+                                  PieceMask<kRows> const& mask, int page) {
+    page_body(ctx, gemms, in, acc, mask, page, wait_page(ctx, w.seqlen, page));
+  }
+
+  // A page whose stage is full: S, softmax, P V, release the stage.
+  template <class G, class In, class Acc, int kRows>
+  static __device__ void page_body(Context& ctx, G& gemms, In& in, Acc& acc,
+                                   PieceMask<kRows> const& mask, int page, int stage) {
+    float rescale[kRows];
+    warpgroup_fence_operand(acc.s);
+    issue_scores(gemms, in, acc, stage);
+    warpgroup_wait<0>();
+    warpgroup_fence_operand(acc.s);
+    softmax_page(ctx, acc, mask, page, rescale);
+    rescale_o_and_stage_p(in, acc, rescale);
+    if constexpr (!kSplit) { warpgroup_fence_operand(acc.p); }
+    warpgroup_fence_operand(acc.o);
+    issue_pv(gemms, in, acc, stage);
+    warpgroup_wait<0>();
+    warpgroup_fence_operand(acc.o);
+    ctx.pipeline.consumer_release(ctx.state);
   }
 
   // A software pipeline over the pages: page n's S = Q K^T and page n-1's O += P V are issued
@@ -192,7 +237,7 @@ struct PageLoop {
       }
       SmemIO<Traits>::zero_rows_past_end(ctx.smem, stage, valid_rows, ctx.consumer_tid);
       cutlass::arch::fence_view_async_shared();
-      consumer_sync(kConsumerThreads, ConsumerBarrier::kPageMasked);
+      consumer_sync(kConsumerThreads, ConsumerBarrier::kPageMasked);  // page turns: see turns()
     }
     return stage;
   }

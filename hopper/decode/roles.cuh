@@ -13,13 +13,15 @@ enum class ConsumerBarrier : int {
   kPageMasked = 3,    // rows past the sequence end of a page are zeroed
   kScoresMax = 4,     // split scores: each warpgroup's page row maxima are in shared memory
   kPReady = 5,        // split scores: the page's probabilities are in shared memory
-  kRowSums = 6,       // split scores: each warpgroup's final row sums are in shared memory
+  kRowSums = 6,       // split scores, page turns: each warpgroup's final row sums are in shared memory
   kOutputStage = 7,   // every consumer is done with the piece's Q tile: O may be staged there
   kOutputStaged = 8,  // the piece's O tiles are in shared memory
-  kQIssued = 9        // the first Q tile's loads are issued (consumers arrive, producer waits)
+  kQIssued = 9,       // the first Q tile's loads are issued (consumers arrive, producer waits)
+  kTurnChunkWritten = 10,  // page turns: a chunk of the second warpgroup's O is in shared memory
+  kTurnChunkRead = 11      // page turns: the first warpgroup has added it to its own
 };
 
-static_assert(static_cast<int>(ConsumerBarrier::kQIssued) < 16, "sm_90 has 16 named barriers");
+static_assert(static_cast<int>(ConsumerBarrier::kTurnChunkRead) < 16, "sm_90 has 16 named barriers");
 
 __device__ __forceinline__ void consumer_sync(int num_threads, ConsumerBarrier id) {
   asm volatile("bar.sync %0, %1;" ::"r"(static_cast<int>(id)), "r"(num_threads));
@@ -29,11 +31,12 @@ __device__ __forceinline__ void barrier_arrive(int num_threads, ConsumerBarrier 
   asm volatile("bar.arrive %0, %1;" ::"r"(static_cast<int>(id)), "r"(num_threads));
 }
 
-// One consumer warpgroup's share: 64 of the CTA's packed query rows (row_wg) and up to 256
-// of the output columns and the matching share of each page's tokens (col_wg); each index is
-// a compile-time 0 where the traits have only one warpgroup along it.
+// One consumer warpgroup's share: 64 of the CTA's packed query rows (row_wg), up to 256 of the
+// output columns and the matching share of each page's tokens (col_wg), and with page turns
+// every other page (page_wg); each index is a compile-time 0 where the traits have only one
+// warpgroup along it.
 struct WarpgroupRole {
-  int row_wg, col_wg;
+  int row_wg, col_wg, page_wg;
   int row_base;  // the warpgroup's first packed query row of the KV head
   int wg_tid;    // thread index within the warpgroup
 };

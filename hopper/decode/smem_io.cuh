@@ -65,6 +65,7 @@ struct SmemIO {
   // Rows past the sequence end may hold anything (NaN included); 0 * NaN would poison P V, so
   // they are zeroed in shared memory (the page, and its shared RoPE rows) before either GEMM
   // reads the page.
+  // Every consumer thread takes part (consumer_tid: its index among them).
   static __device__ void zero_rows_past_end(SharedStorage& smem, int stage, int first_row,
                                             int consumer_tid) {
     zero_rows<Traits::kKVWidth>(

@@ -80,8 +80,17 @@ struct DecodeTraits {
   // wider V is split over several consumer warpgroups, each owning 256 output columns.
   static constexpr int kOutColsPerWG = kHeadDimV < 256 ? kHeadDimV : 256;
   static constexpr int kNumColWGs = kHeadDimV / kOutColsPerWG;
-  static constexpr int kNumConsumerWGs = kNumRowWGs * kNumColWGs;
+  // Page turns: a 64-row tile whose output one warpgroup holds (GLA, GTA) has two consumer
+  // warpgroups that hold the same rows and take the piece's pages in turn, each with its own O
+  // and softmax, merged at the piece's end (turn_merge.cuh): one's softmax runs while the
+  // other's wgmmas use the tensor cores, where one warpgroup alone leaves them idle during its
+  // softmax. (FP8 caches: the producer warpgroups' conversion takes those registers.)
+  static constexpr int kNumPageWGs = !kFP8 && kNumRowWGs == 1 && kNumColWGs == 1 ? 2 : 1;
+  static constexpr int kNumConsumerWGs = kNumRowWGs * kNumColWGs * kNumPageWGs;
   static constexpr int kNumConsumerThreads = 128 * kNumConsumerWGs;
+  // The consumer threads that work on one page: they release its stage and, for the piece's
+  // last, write the output (all consumers but with page turns).
+  static constexpr int kTurnThreads = kNumConsumerThreads / kNumPageWGs;
   // Consumer warpgroups first, then a producer warpgroup (of which one thread works): whole
   // warpgroups so that setmaxnreg can move the producer's registers to the consumers.
   // FP8 with one consumer warpgroup: two producer warpgroups share the dequantisation (one
@@ -130,8 +139,9 @@ struct DecodeTraits {
   // keeps two wgmma batches and a second P in flight: it fits the registers except with split
   // scores (MLA: P goes through one shared buffer) and with two row warpgroups reading a
   // shared RoPE tile (12 bytes of spills, measured slower), which run page by page.
-  static constexpr bool kOverlapPV = kFP8 ? !kSplitScores && kNumRowWGs == 1
-                                          : !kSplitScores && !(kSharedRope && kNumRowWGs > 1);
+  static constexpr bool kOverlapPV = kNumPageWGs > 1 ? false
+                                   : kFP8             ? !kSplitScores && kNumRowWGs == 1
+                                                      : !kSplitScores && !(kSharedRope && kNumRowWGs > 1);
   static constexpr bool kFP8QRopeFits =
       kBlockM * kHeadDimQK * int(sizeof(Element)) + 3 * kStageBytes + 3 * kRawStageBytes + kBarrierBytes <=
       kSmemBudgetBytes;
@@ -160,9 +170,20 @@ struct DecodeTraits {
   using SmemLayoutOStage = decltype(tile_to_shape(SmemLayoutAtomK{},
                                                   Shape<Int<kWGRows>, Int<kOutColsPerWG>>{}));
   static constexpr int kOutStageElems = kWGRows * kOutColsPerWG;
-  static_assert(kNumConsumerWGs * kOutStageElems <= kBlockM * kQSmemCols,
+  static_assert(kNumConsumerWGs / kNumPageWGs * kOutStageElems <= kBlockM * kQSmemCols,
                 "the O tiles must fit in the Q tile's shared memory");
   static constexpr int kQBytes = kBlockM * kQSmemCols * sizeof(Element);
+  // Page turns: one warpgroup's O (kOutColsPerWG fp32 values per row, per thread half a row's
+  // worth) reaches the other through the Q tile, kTurnChunk values per thread at a time: the
+  // largest power of two that both the tile and the O fragment hold.
+  static constexpr int kTurnChunk = [] {
+    const int values = kWGRows * kOutColsPerWG / 128, fits = kQBytes / 4 / 128;
+    int chunk = 1;
+    while (chunk * 2 <= values && chunk * 2 <= fits) { chunk *= 2; }
+    return chunk;
+  }();
+  static_assert(kNumPageWGs == 1 || (kNumRowWGs == 1 && kNumColWGs == 1 && kTurnChunk >= 16),
+                "page turns: one warpgroup's O reaches the other through the Q tile");
   static constexpr int kPBytes = kSplitScores ? kWGRows * kBlockN * sizeof(Element) : 0;
   // Bytes that one Element stage's TMA brings: the page and its RoPE rows; none for FP8,
   // whose Element stages the producer warpgroup writes.
@@ -250,8 +271,8 @@ struct DecodeTraits {
     alignas(1024) cute::array_aligned<Element, kSharedRope ? cute::cosize_v<SmemLayoutRope> : 1> rope;
     alignas(1024) cute::array_aligned<Element, kSplitScores ? cute::cosize_v<SmemLayoutP> : 1> p;
     // Per-row statistics exchanged between consumer warpgroups: page maxima, final sums.
-    float row_max[kNumColWGs][kWGRows];
-    float row_sum[kNumColWGs][kWGRows];
+    float row_max[cute::max(kNumColWGs, kNumPageWGs)][kWGRows];
+    float row_sum[cute::max(kNumColWGs, kNumPageWGs)][kWGRows];
     typename Pipeline::SharedStorage pipeline;
     std::conditional_t<kFP8, RawRing, NoRawRing> raw;
   };
