@@ -49,6 +49,13 @@ def run_steps(demo, s_q: int, steps: int) -> list[float]:
     return errors
 
 
+# The layers' relative error, float32 against float32 along two formulations (absorbed and
+# un-absorbed), divided by the layers' contribution to the residual stream: rounding alone,
+# summed in orders that the CPU kernels and their thread count choose. Typically 1e-6; up to
+# 5e-5 measured on a 2-core machine. A real mistake (a mask, a scale, a RoPE position, a slot)
+# shows as 1e-3 or more.
+LAYER_RTOL = 1e-4
+
 # Prompts of 5 to 130 tokens: page-edge lengths (63, 64) and decode steps crossing a page.
 CASES = {
     "h16-sq1": (dict(h_q=16), [5, 63, 64, 130], 1),
@@ -65,7 +72,7 @@ def test_absorbed_layer_equals_unabsorbed_model(case):
     cfg = ex.Config(hidden=256, num_layers=2, **heads)
     demo = ex.Demo(cfg, ex.REFERENCE, torch.float32, "cpu", prompts, max_new_tokens=3 * s_q, seed=1)
     errors = run_steps(demo, s_q, steps=3)
-    assert max(errors) < 1e-5, f"[{case}] relative errors (prefill, decode steps): {errors}"
+    assert max(errors) < LAYER_RTOL, f"[{case}] relative errors (prefill, decode steps): {errors}"
     # Every written row is finite, the rest of the pool still NaN: writes went to the slots.
     written = demo.cache_seqlens.sum().item()
     for cache in demo.caches:
@@ -121,7 +128,7 @@ def test_decode_step_calls_flash_gla_as_an_engine_should(monkeypatch, s_q):
     for _ in range(2):
         rec.calls.clear()
         x = demo.next_tokens(s_q)
-        assert demo.check(x, demo.decode(x)) < 1e-5
+        assert demo.check(x, demo.decode(x)) < LAYER_RTOL
         names = [name for name, _, _ in rec.calls]
         assert names == ["get_metadata"] + ["write_kvcache", "gla_with_kvcache"] * cfg.num_layers, names
         _, (seqlens, rows, h_kv), _ = rec.calls[0]
@@ -148,4 +155,4 @@ def test_example_script_runs_without_a_gpu():
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "no sm_90 GPU here" in proc.stdout, proc.stdout
     errors = [float(e) for e in re.findall(r"\d\.\de[-+]\d+", proc.stdout)]
-    assert len(errors) == 8 and max(errors) < 1e-5, proc.stdout
+    assert len(errors) == 8 and max(errors) < LAYER_RTOL, proc.stdout
