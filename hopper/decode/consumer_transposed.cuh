@@ -90,14 +90,14 @@ struct TransposedConsumer {
     Tensor sK = make_tensor(make_smem_ptr(smem.kv.data()), typename Traits::SmemLayoutK{});   // (tokens, width, stage)
     Tensor sV = make_tensor(make_smem_ptr(smem.kv.data()), typename Traits::SmemLayoutV{});   // (width, tokens, stage)
     Tensor sR = make_tensor(make_smem_ptr(smem.rope.data()), typename Traits::SmemLayoutRope{});
-    Tensor sP = make_tensor(make_smem_ptr(smem.p.data()), typename Traits::SmemLayoutP{});    // (N, tokens)
+    Tensor sP = make_tensor(make_smem_ptr(smem.p.data()), typename Traits::SmemLayoutPT{});   // (N, tokens, slot)
     Tensor sVo = flat_divide(sV, Shape<Int<kHeadDimV>, Int<kBlockN>>{})(_, _, 0, 0, _);     // V: the first dv dims
 
     Tensor tSrK = thr_s.partition_fragment_A(sK);   // (MMA, 1, width/16, stage) descriptors
     Tensor tSrR = thr_s.partition_fragment_A(sR);   // (MMA, 1, d_rope/16, stage)
     Tensor tSrQ = thr_s.partition_fragment_B(sQ);   // (MMA, 1, d_qk/16)
     Tensor tOrV = thr_o.partition_fragment_A(sVo);  // (MMA, dv/64, tokens/16, stage)
-    Tensor tOrP = thr_o.partition_fragment_B(sP);   // (MMA, 1, tokens/16)
+    Tensor tOrP = thr_o.partition_fragment_B(sP);   // (MMA, 1, tokens/16, slot)
     Tensor tSrS = partition_fragment_C(mma_s, Shape<Int<kBlockN>, Int<kN>>{});
     Tensor tOrO = partition_fragment_C(mma_o, Shape<Int<kHeadDimV>, Int<kN>>{});
     // (token or dim, query column) views and coordinates: a thread holds 2 tokens of each of its
@@ -149,12 +149,10 @@ struct TransposedConsumer {
           col_sum[c] = 0.f;
         }
         clear(tOrO);
-        for (int page = w.page_begin; page < w.page_end; ++page) {
-          const int stage = PageLoop<Traits>::wait_page(ctx, w.seqlen, page);
-          // S^T = K Q^T: the page's latent k-blocks, then its RoPE k-blocks (the next k-blocks of
-          // the page inline, the stage's rope tile when shared) against Q's.
+        // The steps of a page. S^T = K Q^T: the page's latent k-blocks, then its RoPE k-blocks
+        // (the next k-blocks of the page inline, the stage's rope tile when shared) against Q's.
+        auto issue_scores = [&](int stage) {
           constexpr int kNope = Traits::kNopeBlocks, kRope = Traits::kRopeBlocks;
-          warpgroup_fence_operand(tSrS);
           warpgroup_arrive();
           mma_s.accumulate_ = GMMA::ScaleOut::Zero;
           gemm_k_blocks<0, 0, kNope>(mma_s, tSrK(_, _, _, stage), tSrQ, tSrS);
@@ -164,10 +162,17 @@ struct TransposedConsumer {
             gemm_k_blocks<kNope, kNope, kRope>(mma_s, tSrK(_, _, _, stage), tSrQ, tSrS);
           }
           warpgroup_commit_batch();
-          warpgroup_wait<0>();
-          warpgroup_fence_operand(tSrS);
-
-          // Scale and mask; each column's maximum over the page, over all 4 warps.
+        };
+        // O^T += V^T P^T, P from its slot.
+        auto issue_pv = [&](int stage, int slot) {
+          warpgroup_arrive();
+          gemm_k_blocks<0, 0, kBlockN / 16>(mma_o, tOrV(_, _, _, stage), tOrP(_, _, _, slot), tOrO);
+          warpgroup_commit_batch();
+        };
+        // Scale and mask the page's scores, each column's maximum over all 4 warps, the online
+        // softmax per column: probabilities in place, rescale[c] for O^T's column c.
+        float rescale[kCols];
+        auto softmax_page = [&](int page) {
           const bool needs_mask = page * kBlockN + kBlockN > mask_from;
           float page_max[kCols];
           CUTLASS_PRAGMA_UNROLL
@@ -183,27 +188,30 @@ struct TransposedConsumer {
             page_max[c] = warp_column_max(m);
           }
           across_warps</*kMax=*/true>(smem, page_max, tScS_rc, warp, lane, ConsumerBarrier::kScoresMax);
-
-          // The online softmax per column; P to shared memory (query row x token).
-          float rescale[kCols];
-          bool changed = false;
           CUTLASS_PRAGMA_UNROLL
           for (int c = 0; c < kCols; ++c) {
             const float new_max = fmaxf(col_max[c], page_max[c]);
             // A column that has seen no key yet keeps max -inf; subtract 0 so exp2 gives 0.
             const float ref = new_max == -INFINITY ? 0.f : new_max;
             rescale[c] = exp2f(col_max[c] - ref);
-            changed |= rescale[c] != 1.f;
             col_max[c] = new_max;
             float sum = 0.f;
             CUTLASS_PRAGMA_UNROLL
             for (int t = 0; t < kTokens; ++t) {
-              const float prob = exp2f(tSrS_rc(t, c) - ref);
-              sum += prob;
-              sP(get<1>(tScS_rc(t, c)), get<0>(tScS_rc(t, c))) = Element(prob);
+              tSrS_rc(t, c) = exp2f(tSrS_rc(t, c) - ref);
+              sum += tSrS_rc(t, c);
             }
             col_sum[c] = col_sum[c] * rescale[c] + sum;
           }
+        };
+        // Once the previous page's P V is done: rescale O^T, and P (query row x token) into its
+        // slot for this page's P V. The slot alternates: the other one may still be read by
+        // the previous page's P V in another warp, while this slot's last reader (two pages
+        // back) finished in every warp before any reached this page's kScoresMax.
+        auto rescale_o_and_stage_p = [&](int slot) {
+          bool changed = false;
+          CUTLASS_PRAGMA_UNROLL
+          for (int c = 0; c < kCols; ++c) { changed |= rescale[c] != 1.f; }
           if (__any_sync(0xffffffff, changed)) {
             CUTLASS_PRAGMA_UNROLL
             for (int d = 0; d < size<0>(tOrO_rc); ++d) {
@@ -211,18 +219,52 @@ struct TransposedConsumer {
               for (int c = 0; c < kCols; ++c) { tOrO_rc(d, c) *= rescale[c]; }
             }
           }
+          CUTLASS_PRAGMA_UNROLL
+          for (int c = 0; c < kCols; ++c) {
+            CUTLASS_PRAGMA_UNROLL
+            for (int t = 0; t < kTokens; ++t) {
+              sP(get<1>(tScS_rc(t, c)), get<0>(tScS_rc(t, c)), slot) = Element(tSrS_rc(t, c));
+            }
+          }
           cutlass::arch::fence_view_async_shared();  // P written by threads, read by wgmma
           consumer_sync(kThreads, ConsumerBarrier::kPReady);
+        };
 
-          // O^T += V^T P^T.
+        // A software pipeline over the pages, as PageLoop::overlapped: page n's S^T and page
+        // n-1's P V are issued back to back, and page n's scores are reduced while the tensor
+        // cores finish page n-1's P V. The first page is peeled off, so that no branch sits
+        // between two open wgmma batches.
+        if (w.page_begin < w.page_end) {
+          warpgroup_fence_operand(tSrS);
+          issue_scores(PageLoop<Traits>::wait_page(ctx, w.seqlen, w.page_begin));
+          warpgroup_wait<0>();
+          warpgroup_fence_operand(tSrS);
+          softmax_page(w.page_begin);
+          rescale_o_and_stage_p(0);
+          auto prev_state = state;
+          ++state;
+          for (int page = w.page_begin + 1; page < w.page_end; ++page) {
+            const int slot = (page - w.page_begin) & 1;
+            const int stage = PageLoop<Traits>::wait_page(ctx, w.seqlen, page);
+            warpgroup_fence_operand(tSrS);
+            warpgroup_fence_operand(tOrO);
+            issue_scores(stage);
+            issue_pv(prev_state.index(), slot ^ 1);
+            warpgroup_wait<1>();
+            warpgroup_fence_operand(tSrS);
+            softmax_page(page);
+            warpgroup_wait<0>();  // page n-1's P V is in O^T; its stage can be refilled
+            warpgroup_fence_operand(tOrO);
+            pipeline.consumer_release(prev_state);
+            rescale_o_and_stage_p(slot);
+            prev_state = state;
+            ++state;
+          }
           warpgroup_fence_operand(tOrO);
-          warpgroup_arrive();
-          gemm_k_blocks<0, 0, kBlockN / 16>(mma_o, tOrV(_, _, _, stage), tOrP, tOrO);
-          warpgroup_commit_batch();
+          issue_pv(prev_state.index(), (w.page_end - 1 - w.page_begin) & 1);
           warpgroup_wait<0>();
           warpgroup_fence_operand(tOrO);
-          pipeline.consumer_release(state);
-          ++state;
+          pipeline.consumer_release(prev_state);
         }
 
         // Column totals and the epilogue.

@@ -174,6 +174,9 @@ struct DecodeTraits {
                                                     Shape<Int<kBlockN>, Int<kHeadDimRope>>{}));
   // Probabilities of one page (rows x tokens), the A operand of P V when scores are split.
   using SmemLayoutP = decltype(tile_to_shape(SmemLayoutAtomK{}, Shape<Int<kWGRows>, Int<kBlockN>>{}));
+  // The transposed consumer's P (query rows x tokens), the B operand of O^T, in two slots: one
+  // page's P is written while the previous page's P V may still read the other.
+  using SmemLayoutPT = decltype(tile_to_shape(SmemLayoutAtomK{}, Shape<Int<kWGRows>, Int<kBlockN>, _2>{}));
 
   // The epilogue stages each consumer warpgroup's 16-bit O tile (64 x kOutColsPerWG) in the Q
   // tile's shared memory, one tile after another.
@@ -194,7 +197,7 @@ struct DecodeTraits {
   }();
   static_assert(kNumPageWGs == 1 || (kNumRowWGs == 1 && kNumColWGs == 1 && kTurnChunk >= 16),
                 "page turns: one warpgroup's O reaches the other through the Q tile");
-  static constexpr int kPBytes = kSplitScores || kTransposed ? kWGRows * kBlockN * sizeof(Element) : 0;
+  static constexpr int kPBytes = (kSplitScores ? 1 : kTransposed ? 2 : 0) * kWGRows * kBlockN * sizeof(Element);
   // Bytes that one Element stage's TMA brings: the page and its RoPE rows; none for FP8,
   // whose Element stages the producer warpgroup writes.
   static constexpr int kStageTmaBytes = kFP8 ? 0 : kStageBytes;
@@ -289,12 +292,13 @@ struct DecodeTraits {
     alignas(1024) cute::array_aligned<Element, cute::cosize_v<SmemLayoutQ>> q;
     alignas(1024) cute::array_aligned<Element, cute::cosize_v<SmemLayoutK>> kv;
     alignas(1024) cute::array_aligned<Element, kSharedRope ? cute::cosize_v<SmemLayoutRope> : 1> rope;
-    alignas(1024) cute::array_aligned<Element, kSplitScores || kTransposed ? cute::cosize_v<SmemLayoutP> : 1> p;
+    alignas(1024) cute::array_aligned<Element, kSplitScores ? cute::cosize_v<SmemLayoutP>
+                                               : kTransposed ? cute::cosize_v<SmemLayoutPT> : 1> p;
     // Per-row statistics exchanged between consumer warpgroups: page maxima, final sums.
     float row_max[cute::max(kNumColWGs, kNumPageWGs)][kWGRows];
     float row_sum[cute::max(kNumColWGs, kNumPageWGs)][kWGRows];
     // Transposed: each warp's column maxima (then sums) of a page, for the other warps.
-    float col_exchange[kTransposed ? 4 : 1][kWGRows];
+    float col_exchange[kTransposed ? 4 : 1][kTransposed ? kWGRows : 1];
     typename Pipeline::SharedStorage pipeline;
     std::conditional_t<kFP8, RawRing, NoRawRing> raw;
   };
