@@ -12,8 +12,9 @@
 // lanes of a column reduce by shuffles, across warps through shared memory behind one barrier
 // per page; P goes to shared memory (the B operand of O^T) behind a second one.
 //
-// The producer, the schedule, the Q tile's load, the rows-past-end zeroing and the split/
-// combine contract are the other instances'; only the epilogue reads O^T's (dim, row) layout.
+// The producer (with an FP8 cache, the warpgroups that dequantise it into the same 16-bit
+// stages), the schedule, the Q tile's load, the rows-past-end zeroing and the split/combine
+// contract are the other instances'; only the epilogue reads O^T's (dim, row) layout.
 #pragma once
 
 #include <cute/tensor.hpp>

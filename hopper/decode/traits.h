@@ -76,8 +76,7 @@ struct DecodeTraits {
   static constexpr int kQueryCols = kQueryCols_;
   static constexpr bool kTransposed = kQueryCols > 0;
   static_assert(kQueryCols % 8 == 0 && kQueryCols <= kRowsPerWarpgroup, "wgmma N is a multiple of 8");
-  static_assert(!kTransposed || (kRowWGs_ == 1 && kCache_ == KVCache::kSameAsQ),
-                "the transposed consumer is one warpgroup over a 16-bit cache");
+  static_assert(!kTransposed || kRowWGs_ == 1, "the transposed consumer is one warpgroup");
 
   // Packed query rows per warpgroup: one wgmma M, or N of the transposed consumer.
   static constexpr int kWGRows = kTransposed ? kQueryCols : kRowsPerWarpgroup;
@@ -149,9 +148,11 @@ struct DecodeTraits {
   // keeps two wgmma batches and a second P in flight: it fits the registers except with split
   // scores (MLA: P goes through one shared buffer) and with two row warpgroups reading a
   // shared RoPE tile (12 bytes of spills, measured slower), which run page by page.
-  static constexpr bool kOverlapPV = kNumPageWGs > 1 || kTransposed ? false
-                                   : kFP8             ? !kSplitScores && kNumRowWGs == 1
-                                                      : !kSplitScores && !(kSharedRope && kNumRowWGs > 1);
+  // The transposed consumer always pipelines its pages (consumer_transposed.cuh).
+  static constexpr bool kOverlapPV = kTransposed       ? true
+                                   : kNumPageWGs > 1   ? false
+                                   : kFP8              ? !kSplitScores && kNumRowWGs == 1
+                                                       : !kSplitScores && !(kSharedRope && kNumRowWGs > 1);
   static constexpr bool kFP8QRopeFits =
       kBlockM * kHeadDimQK * int(sizeof(Element)) + 3 * kStageBytes + 3 * kRawStageBytes + kBarrierBytes <=
       kSmemBudgetBytes;

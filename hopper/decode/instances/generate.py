@@ -59,6 +59,10 @@ INSTANCES = [
              "GLA: e4m3 dv 256 latents, RoPE stored once, 128 rows per CTA"),
     Instance("gta_d128_fp8", "gta", 128, 64, 64, True, 1, True, 0, "GTA: e4m3 d 128 tied state, RoPE 64"),
     Instance("gta_d64_fp8", "gta", 64, 32, 32, True, 1, True, 0, "GTA: e4m3 d 64 tied state, RoPE 32"),
+    Instance("gta_d128_fp8_t16", "gta", 128, 64, 64, True, 1, True, 16,
+             "GTA: e4m3 d 128 tied state, RoPE 64, transposed for up to 16 query rows per KV head"),
+    Instance("gta_d64_fp8_t16", "gta", 64, 32, 32, True, 1, True, 16,
+             "GTA: e4m3 d 64 tied state, RoPE 32, transposed for up to 16 query rows per KV head"),
 ]
 DTYPES = {"bf16": "kBF16", "fp16": "kFP16"}
 
