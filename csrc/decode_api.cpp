@@ -36,14 +36,25 @@ const DecodeInstance& find_instance(const DecodeParams& params, DType dtype) {
     return inst.dtype == dtype && inst.head_dim_v == params.head_dim_v && inst.head_dim_nope == d_nope &&
            inst.head_dim_rope == params.head_dim_rope && inst.shared_rope == shared_rope && inst.kv_fp8 == kv_fp8;
   };
-  int max_row_warpgroups = 0;
-  for (const DecodeInstance& inst : kDecodeInstances) {
-    if (same_variant(inst)) { max_row_warpgroups = std::max(max_row_warpgroups, inst.row_warpgroups); }
-  }
-  const int row_warpgroups = row_warpgroups_for(params.rows_per_kv_head, max_row_warpgroups);
+  // A transposed instance (tokens as the wgmma's M) where one serves these rows, the one with
+  // the fewest query columns; else the row warpgroups that the tile policy picks.
   const DecodeInstance* found = nullptr;
   for (const DecodeInstance& inst : kDecodeInstances) {
-    if (same_variant(inst) && inst.row_warpgroups == row_warpgroups) { found = &inst; }
+    if (same_variant(inst) && inst.query_cols >= params.rows_per_kv_head &&
+        (found == nullptr || inst.query_cols < found->query_cols)) {
+      found = &inst;
+    }
+  }
+  if (found != nullptr) { return *found; }
+  int max_row_warpgroups = 0;
+  for (const DecodeInstance& inst : kDecodeInstances) {
+    if (same_variant(inst) && inst.query_cols == 0) {
+      max_row_warpgroups = std::max(max_row_warpgroups, inst.row_warpgroups);
+    }
+  }
+  const int row_warpgroups = row_warpgroups_for(params.rows_per_kv_head, max_row_warpgroups);
+  for (const DecodeInstance& inst : kDecodeInstances) {
+    if (same_variant(inst) && inst.query_cols == 0 && inst.row_warpgroups == row_warpgroups) { found = &inst; }
   }
   STD_TORCH_CHECK(found != nullptr, "flash_gla: no compiled decode kernel for head_dim_v=",
                     params.head_dim_v, ", d_nope=", d_nope, ", d_rope=", params.head_dim_rope,

@@ -7,28 +7,36 @@
 namespace flash_gla {
 
 inline constexpr DecodeInstance kDecodeInstances[] = {
-    {DType::kBF16, 512, 512, 64, false, 1, false, &hopper::run_decode<DType::kBF16, 512, 512, 64, hopper::RopeCache::kInline, 1, hopper::KVCache::kSameAsQ>},  // mla bf16
-    {DType::kFP16, 512, 512, 64, false, 1, false, &hopper::run_decode<DType::kFP16, 512, 512, 64, hopper::RopeCache::kInline, 1, hopper::KVCache::kSameAsQ>},  // mla fp16
-    {DType::kBF16, 256, 256, 64, false, 1, false, &hopper::run_decode<DType::kBF16, 256, 256, 64, hopper::RopeCache::kInline, 1, hopper::KVCache::kSameAsQ>},  // gla bf16
-    {DType::kFP16, 256, 256, 64, false, 1, false, &hopper::run_decode<DType::kFP16, 256, 256, 64, hopper::RopeCache::kInline, 1, hopper::KVCache::kSameAsQ>},  // gla fp16
-    {DType::kBF16, 256, 256, 64, false, 2, false, &hopper::run_decode<DType::kBF16, 256, 256, 64, hopper::RopeCache::kInline, 2, hopper::KVCache::kSameAsQ>},  // gla_m128 bf16
-    {DType::kFP16, 256, 256, 64, false, 2, false, &hopper::run_decode<DType::kFP16, 256, 256, 64, hopper::RopeCache::kInline, 2, hopper::KVCache::kSameAsQ>},  // gla_m128 fp16
-    {DType::kBF16, 256, 256, 64, true, 1, false, &hopper::run_decode<DType::kBF16, 256, 256, 64, hopper::RopeCache::kShared, 1, hopper::KVCache::kSameAsQ>},  // gla_rope1 bf16
-    {DType::kFP16, 256, 256, 64, true, 1, false, &hopper::run_decode<DType::kFP16, 256, 256, 64, hopper::RopeCache::kShared, 1, hopper::KVCache::kSameAsQ>},  // gla_rope1 fp16
-    {DType::kBF16, 256, 256, 64, true, 2, false, &hopper::run_decode<DType::kBF16, 256, 256, 64, hopper::RopeCache::kShared, 2, hopper::KVCache::kSameAsQ>},  // gla_rope1_m128 bf16
-    {DType::kFP16, 256, 256, 64, true, 2, false, &hopper::run_decode<DType::kFP16, 256, 256, 64, hopper::RopeCache::kShared, 2, hopper::KVCache::kSameAsQ>},  // gla_rope1_m128 fp16
-    {DType::kBF16, 128, 64, 64, true, 1, false, &hopper::run_decode<DType::kBF16, 128, 64, 64, hopper::RopeCache::kShared, 1, hopper::KVCache::kSameAsQ>},  // gta_d128 bf16
-    {DType::kFP16, 128, 64, 64, true, 1, false, &hopper::run_decode<DType::kFP16, 128, 64, 64, hopper::RopeCache::kShared, 1, hopper::KVCache::kSameAsQ>},  // gta_d128 fp16
-    {DType::kBF16, 64, 32, 32, true, 1, false, &hopper::run_decode<DType::kBF16, 64, 32, 32, hopper::RopeCache::kShared, 1, hopper::KVCache::kSameAsQ>},  // gta_d64 bf16
-    {DType::kFP16, 64, 32, 32, true, 1, false, &hopper::run_decode<DType::kFP16, 64, 32, 32, hopper::RopeCache::kShared, 1, hopper::KVCache::kSameAsQ>},  // gta_d64 fp16
-    {DType::kBF16, 256, 256, 64, true, 1, true, &hopper::run_decode<DType::kBF16, 256, 256, 64, hopper::RopeCache::kShared, 1, hopper::KVCache::kE4M3>},  // gla_rope1_fp8 bf16
-    {DType::kFP16, 256, 256, 64, true, 1, true, &hopper::run_decode<DType::kFP16, 256, 256, 64, hopper::RopeCache::kShared, 1, hopper::KVCache::kE4M3>},  // gla_rope1_fp8 fp16
-    {DType::kBF16, 256, 256, 64, true, 2, true, &hopper::run_decode<DType::kBF16, 256, 256, 64, hopper::RopeCache::kShared, 2, hopper::KVCache::kE4M3>},  // gla_rope1_m128_fp8 bf16
-    {DType::kFP16, 256, 256, 64, true, 2, true, &hopper::run_decode<DType::kFP16, 256, 256, 64, hopper::RopeCache::kShared, 2, hopper::KVCache::kE4M3>},  // gla_rope1_m128_fp8 fp16
-    {DType::kBF16, 128, 64, 64, true, 1, true, &hopper::run_decode<DType::kBF16, 128, 64, 64, hopper::RopeCache::kShared, 1, hopper::KVCache::kE4M3>},  // gta_d128_fp8 bf16
-    {DType::kFP16, 128, 64, 64, true, 1, true, &hopper::run_decode<DType::kFP16, 128, 64, 64, hopper::RopeCache::kShared, 1, hopper::KVCache::kE4M3>},  // gta_d128_fp8 fp16
-    {DType::kBF16, 64, 32, 32, true, 1, true, &hopper::run_decode<DType::kBF16, 64, 32, 32, hopper::RopeCache::kShared, 1, hopper::KVCache::kE4M3>},  // gta_d64_fp8 bf16
-    {DType::kFP16, 64, 32, 32, true, 1, true, &hopper::run_decode<DType::kFP16, 64, 32, 32, hopper::RopeCache::kShared, 1, hopper::KVCache::kE4M3>},  // gta_d64_fp8 fp16
+    {DType::kBF16, 512, 512, 64, false, 1, false, 0, &hopper::run_decode<DType::kBF16, 512, 512, 64, hopper::RopeCache::kInline, 1, hopper::KVCache::kSameAsQ, 0>},  // mla bf16
+    {DType::kFP16, 512, 512, 64, false, 1, false, 0, &hopper::run_decode<DType::kFP16, 512, 512, 64, hopper::RopeCache::kInline, 1, hopper::KVCache::kSameAsQ, 0>},  // mla fp16
+    {DType::kBF16, 256, 256, 64, false, 1, false, 0, &hopper::run_decode<DType::kBF16, 256, 256, 64, hopper::RopeCache::kInline, 1, hopper::KVCache::kSameAsQ, 0>},  // gla bf16
+    {DType::kFP16, 256, 256, 64, false, 1, false, 0, &hopper::run_decode<DType::kFP16, 256, 256, 64, hopper::RopeCache::kInline, 1, hopper::KVCache::kSameAsQ, 0>},  // gla fp16
+    {DType::kBF16, 256, 256, 64, false, 2, false, 0, &hopper::run_decode<DType::kBF16, 256, 256, 64, hopper::RopeCache::kInline, 2, hopper::KVCache::kSameAsQ, 0>},  // gla_m128 bf16
+    {DType::kFP16, 256, 256, 64, false, 2, false, 0, &hopper::run_decode<DType::kFP16, 256, 256, 64, hopper::RopeCache::kInline, 2, hopper::KVCache::kSameAsQ, 0>},  // gla_m128 fp16
+    {DType::kBF16, 256, 256, 64, true, 1, false, 0, &hopper::run_decode<DType::kBF16, 256, 256, 64, hopper::RopeCache::kShared, 1, hopper::KVCache::kSameAsQ, 0>},  // gla_rope1 bf16
+    {DType::kFP16, 256, 256, 64, true, 1, false, 0, &hopper::run_decode<DType::kFP16, 256, 256, 64, hopper::RopeCache::kShared, 1, hopper::KVCache::kSameAsQ, 0>},  // gla_rope1 fp16
+    {DType::kBF16, 256, 256, 64, true, 2, false, 0, &hopper::run_decode<DType::kBF16, 256, 256, 64, hopper::RopeCache::kShared, 2, hopper::KVCache::kSameAsQ, 0>},  // gla_rope1_m128 bf16
+    {DType::kFP16, 256, 256, 64, true, 2, false, 0, &hopper::run_decode<DType::kFP16, 256, 256, 64, hopper::RopeCache::kShared, 2, hopper::KVCache::kSameAsQ, 0>},  // gla_rope1_m128 fp16
+    {DType::kBF16, 128, 64, 64, true, 1, false, 0, &hopper::run_decode<DType::kBF16, 128, 64, 64, hopper::RopeCache::kShared, 1, hopper::KVCache::kSameAsQ, 0>},  // gta_d128 bf16
+    {DType::kFP16, 128, 64, 64, true, 1, false, 0, &hopper::run_decode<DType::kFP16, 128, 64, 64, hopper::RopeCache::kShared, 1, hopper::KVCache::kSameAsQ, 0>},  // gta_d128 fp16
+    {DType::kBF16, 64, 32, 32, true, 1, false, 0, &hopper::run_decode<DType::kBF16, 64, 32, 32, hopper::RopeCache::kShared, 1, hopper::KVCache::kSameAsQ, 0>},  // gta_d64 bf16
+    {DType::kFP16, 64, 32, 32, true, 1, false, 0, &hopper::run_decode<DType::kFP16, 64, 32, 32, hopper::RopeCache::kShared, 1, hopper::KVCache::kSameAsQ, 0>},  // gta_d64 fp16
+    {DType::kBF16, 128, 64, 64, true, 1, false, 16, &hopper::run_decode<DType::kBF16, 128, 64, 64, hopper::RopeCache::kShared, 1, hopper::KVCache::kSameAsQ, 16>},  // gta_d128_t16 bf16
+    {DType::kFP16, 128, 64, 64, true, 1, false, 16, &hopper::run_decode<DType::kFP16, 128, 64, 64, hopper::RopeCache::kShared, 1, hopper::KVCache::kSameAsQ, 16>},  // gta_d128_t16 fp16
+    {DType::kBF16, 64, 32, 32, true, 1, false, 16, &hopper::run_decode<DType::kBF16, 64, 32, 32, hopper::RopeCache::kShared, 1, hopper::KVCache::kSameAsQ, 16>},  // gta_d64_t16 bf16
+    {DType::kFP16, 64, 32, 32, true, 1, false, 16, &hopper::run_decode<DType::kFP16, 64, 32, 32, hopper::RopeCache::kShared, 1, hopper::KVCache::kSameAsQ, 16>},  // gta_d64_t16 fp16
+    {DType::kBF16, 256, 256, 64, true, 1, true, 0, &hopper::run_decode<DType::kBF16, 256, 256, 64, hopper::RopeCache::kShared, 1, hopper::KVCache::kE4M3, 0>},  // gla_rope1_fp8 bf16
+    {DType::kFP16, 256, 256, 64, true, 1, true, 0, &hopper::run_decode<DType::kFP16, 256, 256, 64, hopper::RopeCache::kShared, 1, hopper::KVCache::kE4M3, 0>},  // gla_rope1_fp8 fp16
+    {DType::kBF16, 256, 256, 64, true, 2, true, 0, &hopper::run_decode<DType::kBF16, 256, 256, 64, hopper::RopeCache::kShared, 2, hopper::KVCache::kE4M3, 0>},  // gla_rope1_m128_fp8 bf16
+    {DType::kFP16, 256, 256, 64, true, 2, true, 0, &hopper::run_decode<DType::kFP16, 256, 256, 64, hopper::RopeCache::kShared, 2, hopper::KVCache::kE4M3, 0>},  // gla_rope1_m128_fp8 fp16
+    {DType::kBF16, 128, 64, 64, true, 1, true, 0, &hopper::run_decode<DType::kBF16, 128, 64, 64, hopper::RopeCache::kShared, 1, hopper::KVCache::kE4M3, 0>},  // gta_d128_fp8 bf16
+    {DType::kFP16, 128, 64, 64, true, 1, true, 0, &hopper::run_decode<DType::kFP16, 128, 64, 64, hopper::RopeCache::kShared, 1, hopper::KVCache::kE4M3, 0>},  // gta_d128_fp8 fp16
+    {DType::kBF16, 64, 32, 32, true, 1, true, 0, &hopper::run_decode<DType::kBF16, 64, 32, 32, hopper::RopeCache::kShared, 1, hopper::KVCache::kE4M3, 0>},  // gta_d64_fp8 bf16
+    {DType::kFP16, 64, 32, 32, true, 1, true, 0, &hopper::run_decode<DType::kFP16, 64, 32, 32, hopper::RopeCache::kShared, 1, hopper::KVCache::kE4M3, 0>},  // gta_d64_fp8 fp16
+    {DType::kBF16, 128, 64, 64, true, 1, true, 16, &hopper::run_decode<DType::kBF16, 128, 64, 64, hopper::RopeCache::kShared, 1, hopper::KVCache::kE4M3, 16>},  // gta_d128_fp8_t16 bf16
+    {DType::kFP16, 128, 64, 64, true, 1, true, 16, &hopper::run_decode<DType::kFP16, 128, 64, 64, hopper::RopeCache::kShared, 1, hopper::KVCache::kE4M3, 16>},  // gta_d128_fp8_t16 fp16
+    {DType::kBF16, 64, 32, 32, true, 1, true, 16, &hopper::run_decode<DType::kBF16, 64, 32, 32, hopper::RopeCache::kShared, 1, hopper::KVCache::kE4M3, 16>},  // gta_d64_fp8_t16 bf16
+    {DType::kFP16, 64, 32, 32, true, 1, true, 16, &hopper::run_decode<DType::kFP16, 64, 32, 32, hopper::RopeCache::kShared, 1, hopper::KVCache::kE4M3, 16>},  // gta_d64_fp8_t16 fp16
 };
 
 }  // namespace flash_gla

@@ -26,20 +26,25 @@ class Instance(NamedTuple):
     shared_rope: bool  # RoPE in the shared rope cache, else inline after V
     row_warpgroups: int  # 64-row consumer warpgroups per CTA
     kv_fp8: bool  # e4m3 cache + float32 kv_scale per 128 values (RoPE stays in q's dtype)
+    query_cols: int  # 0, or a transposed instance for up to this many packed query rows
 
 
 DTYPES = ('bf16', 'fp16')
 
 INSTANCES = (
-    Instance('mla', 'mla', 512, 512, 64, False, 1, False),
-    Instance('gla', 'gla', 256, 256, 64, False, 1, False),
-    Instance('gla_m128', 'gla', 256, 256, 64, False, 2, False),
-    Instance('gla_rope1', 'gla_rope1', 256, 256, 64, True, 1, False),
-    Instance('gla_rope1_m128', 'gla_rope1', 256, 256, 64, True, 2, False),
-    Instance('gta_d128', 'gta', 128, 64, 64, True, 1, False),
-    Instance('gta_d64', 'gta', 64, 32, 32, True, 1, False),
-    Instance('gla_rope1_fp8', 'gla_rope1', 256, 256, 64, True, 1, True),
-    Instance('gla_rope1_m128_fp8', 'gla_rope1', 256, 256, 64, True, 2, True),
-    Instance('gta_d128_fp8', 'gta', 128, 64, 64, True, 1, True),
-    Instance('gta_d64_fp8', 'gta', 64, 32, 32, True, 1, True),
+    Instance('mla', 'mla', 512, 512, 64, False, 1, False, 0),
+    Instance('gla', 'gla', 256, 256, 64, False, 1, False, 0),
+    Instance('gla_m128', 'gla', 256, 256, 64, False, 2, False, 0),
+    Instance('gla_rope1', 'gla_rope1', 256, 256, 64, True, 1, False, 0),
+    Instance('gla_rope1_m128', 'gla_rope1', 256, 256, 64, True, 2, False, 0),
+    Instance('gta_d128', 'gta', 128, 64, 64, True, 1, False, 0),
+    Instance('gta_d64', 'gta', 64, 32, 32, True, 1, False, 0),
+    Instance('gta_d128_t16', 'gta', 128, 64, 64, True, 1, False, 16),
+    Instance('gta_d64_t16', 'gta', 64, 32, 32, True, 1, False, 16),
+    Instance('gla_rope1_fp8', 'gla_rope1', 256, 256, 64, True, 1, True, 0),
+    Instance('gla_rope1_m128_fp8', 'gla_rope1', 256, 256, 64, True, 2, True, 0),
+    Instance('gta_d128_fp8', 'gta', 128, 64, 64, True, 1, True, 0),
+    Instance('gta_d64_fp8', 'gta', 64, 32, 32, True, 1, True, 0),
+    Instance('gta_d128_fp8_t16', 'gta', 128, 64, 64, True, 1, True, 16),
+    Instance('gta_d64_fp8_t16', 'gta', 64, 32, 32, True, 1, True, 16),
 )

@@ -25,7 +25,9 @@ SHAPES = [
     (GLA, 128, 2, 256, 64, 2),  # 128-row CTAs
     (GLA, 128, 1, 512, 64, 1),  # MLA
     (GLA_ROPE1, 128, 2, 256, 64, 2),
-    (GTA, 32, 8, 128, 64, 1),
+    (GTA, 32, 8, 128, 64, 1),  # the transposed consumer
+    (GTA, 16, 4, 64, 32, 4),  # the transposed consumer at 16 rows, d 64
+    (GTA, 32, 8, 128, 64, 8),  # GTA on a 64-row tile
 ]
 SHAPE_IDS = [f"{v.name}-h{hq}kv{hkv}-dv{dv}-sq{sq}" for v, hq, hkv, dv, _, sq in SHAPES]
 # Watched: empty, one page, a whole chunk, just past it (two chunks), eight chunks of 137 pages.

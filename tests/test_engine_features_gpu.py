@@ -52,7 +52,9 @@ SHAPES = [
     Shape(GLA, 128, 2, 256, 64, 2),  # 128 rows: two row warpgroups
     Shape(GLA, 128, 1, 512, 64, 1),  # MLA: split scores, two column warpgroups
     Shape(GLA_ROPE1, 128, 2, 256, 64, 2),
-    Shape(GTA, 32, 8, 128, 64, 1),
+    Shape(GTA, 32, 8, 128, 64, 1),  # 4 rows: the transposed consumer
+    Shape(GTA, 16, 4, 64, 32, 4),  # 16 rows: the transposed consumer at its capacity, d 64
+    Shape(GTA, 32, 8, 128, 64, 8),  # 32 rows: a 64-row tile
 ]
 SHAPE_IDS = [s.id for s in SHAPES]
 # Empty, short, page-edge and long requests: with b 6 the long ones are split over parts

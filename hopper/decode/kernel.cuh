@@ -26,6 +26,7 @@
 
 #include "common/params.h"
 #include "decode/consumer.cuh"
+#include "decode/consumer_transposed.cuh"
 #include "decode/dequant.cuh"
 #include "decode/producer.cuh"
 #include "decode/roles.cuh"
@@ -86,7 +87,11 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
     }
   } else {
     if constexpr (Traits::kReallocRegs) { cutlass::arch::warpgroup_reg_alloc<Traits::kConsumerRegs>(); }
-    Consumer<Traits>::run(params, smem, pipeline, kv_head, m_block, threadIdx.x);
+    if constexpr (Traits::kTransposed) {
+      TransposedConsumer<Traits>::run(params, smem, pipeline, kv_head, m_block, threadIdx.x);
+    } else {
+      Consumer<Traits>::run(params, smem, pipeline, kv_head, m_block, threadIdx.x);
+    }
   }
 #endif
 }

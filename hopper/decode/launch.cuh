@@ -15,9 +15,9 @@
 namespace flash_gla::hopper {
 
 template <DType kDType, int kHeadDimV, int kHeadDimNope, int kHeadDimRope, RopeCache kRope,
-          int kRowWGs, KVCache kCache>
+          int kRowWGs, KVCache kCache, int kQueryCols>
 void run_decode(const DecodeParams& p, cudaStream_t stream) {
-  using Traits = DecodeTraits<kDType, kHeadDimV, kHeadDimNope, kHeadDimRope, kRope, kRowWGs, kCache>;
+  using Traits = DecodeTraits<kDType, kHeadDimV, kHeadDimNope, kHeadDimRope, kRope, kRowWGs, kCache, kQueryCols>;
   using Element = typename Traits::Element;
   using CacheElement = typename Traits::CacheElement;
 

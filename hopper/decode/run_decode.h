@@ -19,8 +19,9 @@ enum class KVCache { kSameAsQ, kE4M3 };
 // Launches the decode kernel for params.batch requests on `stream`; throws on launch failure.
 // The key is [row[:kHeadDimNope], RoPE (kHeadDimRope)], the value row[:kHeadDimV].
 // kRowWGs: consumer warpgroups stacked along the packed query rows (64 rows each).
+// kQueryCols: 0, or the transposed consumer for up to that many packed query rows.
 template <DType kDType, int kHeadDimV, int kHeadDimNope, int kHeadDimRope, RopeCache kRope,
-          int kRowWGs, KVCache kCache>
+          int kRowWGs, KVCache kCache, int kQueryCols>
 void run_decode(const DecodeParams& params, cudaStream_t stream);
 
 }  // namespace flash_gla::hopper
@@ -35,6 +36,7 @@ struct DecodeInstance {
   bool shared_rope;
   int row_warpgroups;
   bool kv_fp8;  // e4m3 cache + float32 scales
+  int query_cols;  // 0, or the transposed consumer for up to this many packed query rows
   void (*run)(const DecodeParams&, cudaStream_t);
 };
 

@@ -44,7 +44,7 @@ constexpr auto k_major_atom() {
 }
 
 template <DType kDType_, int kHeadDimV_, int kHeadDimNope_, int kHeadDimRope_, RopeCache kRope_,
-          int kRowWGs_ = 1, KVCache kCache_ = KVCache::kSameAsQ>
+          int kRowWGs_ = 1, KVCache kCache_ = KVCache::kSameAsQ, int kQueryCols_ = 0>
 struct DecodeTraits {
   using Element = typename ElementOf<kDType_>::type;
   // An e4m3 cache is TMA-loaded as is into a ring of raw stages and dequantised by the
@@ -70,7 +70,16 @@ struct DecodeTraits {
   static constexpr int kRopeBlocks = kHeadDimRope / 16;
   static constexpr int kRopeFirstBlockB = kSharedRope ? 0 : kNopeBlocks;
 
-  static constexpr int kWGRows = kRowsPerWarpgroup;  // packed query rows per warpgroup: one wgmma M
+  // Transposed (kQueryCols > 0; consumer_transposed.cuh): for a KV head with at most kQueryCols
+  // packed query rows, the page's tokens are the wgmma's M and the query rows its N, so that
+  // the MMA and softmax work per page follows the real rows instead of a 64-row tile.
+  static constexpr int kQueryCols = kQueryCols_;
+  static constexpr bool kTransposed = kQueryCols > 0;
+  static_assert(kQueryCols % 8 == 0 && kQueryCols <= kRowsPerWarpgroup, "wgmma N is a multiple of 8");
+  static_assert(!kTransposed || kRowWGs_ == 1, "the transposed consumer is one warpgroup");
+
+  // Packed query rows per warpgroup: one wgmma M, or N of the transposed consumer.
+  static constexpr int kWGRows = kTransposed ? kQueryCols : kRowsPerWarpgroup;
   // Warpgroups stacked along the rows: with two, each page loaded serves 128 rows and one
   // warpgroup's softmax runs while the other's wgmma uses the tensor cores.
   static constexpr int kNumRowWGs = kRowWGs_;
@@ -85,7 +94,7 @@ struct DecodeTraits {
   // and softmax, merged at the piece's end (turn_merge.cuh): one's softmax runs while the
   // other's wgmmas use the tensor cores, where one warpgroup alone leaves them idle during its
   // softmax. (FP8 caches: the producer warpgroups' conversion takes those registers.)
-  static constexpr int kNumPageWGs = !kFP8 && kNumRowWGs == 1 && kNumColWGs == 1 ? 2 : 1;
+  static constexpr int kNumPageWGs = !kFP8 && !kTransposed && kNumRowWGs == 1 && kNumColWGs == 1 ? 2 : 1;
   static constexpr int kNumConsumerWGs = kNumRowWGs * kNumColWGs * kNumPageWGs;
   static constexpr int kNumConsumerThreads = 128 * kNumConsumerWGs;
   // The consumer threads that work on one page: they release its stage and, for the piece's
@@ -139,9 +148,11 @@ struct DecodeTraits {
   // keeps two wgmma batches and a second P in flight: it fits the registers except with split
   // scores (MLA: P goes through one shared buffer) and with two row warpgroups reading a
   // shared RoPE tile (12 bytes of spills, measured slower), which run page by page.
-  static constexpr bool kOverlapPV = kNumPageWGs > 1 ? false
-                                   : kFP8             ? !kSplitScores && kNumRowWGs == 1
-                                                      : !kSplitScores && !(kSharedRope && kNumRowWGs > 1);
+  // The transposed consumer always pipelines its pages (consumer_transposed.cuh).
+  static constexpr bool kOverlapPV = kTransposed       ? true
+                                   : kNumPageWGs > 1   ? false
+                                   : kFP8              ? !kSplitScores && kNumRowWGs == 1
+                                                       : !kSplitScores && !(kSharedRope && kNumRowWGs > 1);
   static constexpr bool kFP8QRopeFits =
       kBlockM * kHeadDimQK * int(sizeof(Element)) + 3 * kStageBytes + 3 * kRawStageBytes + kBarrierBytes <=
       kSmemBudgetBytes;
@@ -164,6 +175,9 @@ struct DecodeTraits {
                                                     Shape<Int<kBlockN>, Int<kHeadDimRope>>{}));
   // Probabilities of one page (rows x tokens), the A operand of P V when scores are split.
   using SmemLayoutP = decltype(tile_to_shape(SmemLayoutAtomK{}, Shape<Int<kWGRows>, Int<kBlockN>>{}));
+  // The transposed consumer's P (query rows x tokens), the B operand of O^T, in two slots: one
+  // page's P is written while the previous page's P V may still read the other.
+  using SmemLayoutPT = decltype(tile_to_shape(SmemLayoutAtomK{}, Shape<Int<kWGRows>, Int<kBlockN>, _2>{}));
 
   // The epilogue stages each consumer warpgroup's 16-bit O tile (64 x kOutColsPerWG) in the Q
   // tile's shared memory, one tile after another.
@@ -184,7 +198,7 @@ struct DecodeTraits {
   }();
   static_assert(kNumPageWGs == 1 || (kNumRowWGs == 1 && kNumColWGs == 1 && kTurnChunk >= 16),
                 "page turns: one warpgroup's O reaches the other through the Q tile");
-  static constexpr int kPBytes = kSplitScores ? kWGRows * kBlockN * sizeof(Element) : 0;
+  static constexpr int kPBytes = (kSplitScores ? 1 : kTransposed ? 2 : 0) * kWGRows * kBlockN * sizeof(Element);
   // Bytes that one Element stage's TMA brings: the page and its RoPE rows; none for FP8,
   // whose Element stages the producer warpgroup writes.
   static constexpr int kStageTmaBytes = kFP8 ? 0 : kStageBytes;
@@ -208,21 +222,31 @@ struct DecodeTraits {
   using SmemLayoutRope = decltype(tile_to_shape(k_major_atom<Element, kHeadDimRope>(),
                                                 Shape<Int<kBlockN>, Int<kHeadDimRope>, Int<kStages>>{}));
 
+  // The transposed consumer's S^T = K Q^T (A: the page, B: the Q tile, both K-major) and
+  // O^T = V^T P^T (A: the page viewed dims x tokens, MN-major; B: P, query rows x tokens).
+  // Its MMA shapes stand in for the others' (whose M of 64 rows it does not have).
+  using ScoreTileShape = std::conditional_t<kTransposed, Shape<Int<kBlockN>, Int<kWGRows>, _64>,
+                                            Shape<Int<kWGRows>, Int<kScoreCols>, _64>>;
   using TiledMmaS = decltype(make_tiled_mma(
-      GMMA::ss_op_selector<Element, Element, float, Shape<Int<kWGRows>, Int<kScoreCols>, _64>,
-                           GMMA::Major::K, GMMA::Major::K>()));
+      GMMA::ss_op_selector<Element, Element, float, ScoreTileShape, GMMA::Major::K, GMMA::Major::K>()));
   // The RoPE part of S with Q's RoPE columns in registers (kQRopeInRegisters).
-  using TiledMmaSRope = decltype(make_tiled_mma(
-      GMMA::rs_op_selector<Element, Element, float, Shape<Int<kWGRows>, Int<kScoreCols>, _64>,
-                           GMMA::Major::K, GMMA::Major::K>()));
+  using TiledMmaSRope = std::conditional_t<
+      kTransposed, TiledMmaS,
+      decltype(make_tiled_mma(GMMA::rs_op_selector<Element, Element, float, ScoreTileShape,
+                                                   GMMA::Major::K, GMMA::Major::K>()))>;
   // P V: P from registers when one warpgroup holds all of it, else from shared memory.
-  using OutTileShape = Shape<Int<kWGRows>, Int<kOutColsPerWG>, Int<kBlockN>>;
+  using OutTileShape = std::conditional_t<kTransposed, Shape<Int<kHeadDimV>, Int<kWGRows>, Int<kBlockN>>,
+                                          Shape<Int<kWGRows>, Int<kOutColsPerWG>, Int<kBlockN>>>;
   using TiledMmaO = std::conditional_t<
-      kSplitScores,
+      kTransposed,
       decltype(make_tiled_mma(GMMA::ss_op_selector<Element, Element, float, OutTileShape,
-                                                   GMMA::Major::K, GMMA::Major::MN>())),
-      decltype(make_tiled_mma(GMMA::rs_op_selector<Element, Element, float, OutTileShape,
-                                                   GMMA::Major::K, GMMA::Major::MN>()))>;
+                                                   GMMA::Major::MN, GMMA::Major::K>())),
+      std::conditional_t<
+          kSplitScores,
+          decltype(make_tiled_mma(GMMA::ss_op_selector<Element, Element, float, OutTileShape,
+                                                       GMMA::Major::K, GMMA::Major::MN>())),
+          decltype(make_tiled_mma(GMMA::rs_op_selector<Element, Element, float, OutTileShape,
+                                                       GMMA::Major::K, GMMA::Major::MN>()))>>;
 
   using Pipeline = cutlass::PipelineTmaAsync<kStages>;
 
@@ -269,10 +293,13 @@ struct DecodeTraits {
     alignas(1024) cute::array_aligned<Element, cute::cosize_v<SmemLayoutQ>> q;
     alignas(1024) cute::array_aligned<Element, cute::cosize_v<SmemLayoutK>> kv;
     alignas(1024) cute::array_aligned<Element, kSharedRope ? cute::cosize_v<SmemLayoutRope> : 1> rope;
-    alignas(1024) cute::array_aligned<Element, kSplitScores ? cute::cosize_v<SmemLayoutP> : 1> p;
+    alignas(1024) cute::array_aligned<Element, kSplitScores ? cute::cosize_v<SmemLayoutP>
+                                               : kTransposed ? cute::cosize_v<SmemLayoutPT> : 1> p;
     // Per-row statistics exchanged between consumer warpgroups: page maxima, final sums.
     float row_max[cute::max(kNumColWGs, kNumPageWGs)][kWGRows];
     float row_sum[cute::max(kNumColWGs, kNumPageWGs)][kWGRows];
+    // Transposed: each warp's column maxima (then sums) of a page, for the other warps.
+    float col_exchange[kTransposed ? 4 : 1][kTransposed ? kWGRows : 1];
     typename Pipeline::SharedStorage pipeline;
     std::conditional_t<kFP8, RawRing, NoRawRing> raw;
   };

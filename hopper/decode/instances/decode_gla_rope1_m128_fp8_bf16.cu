@@ -3,5 +3,5 @@
 #include "decode/launch.cuh"
 
 namespace flash_gla::hopper {
-template void run_decode<DType::kBF16, 256, 256, 64, RopeCache::kShared, 2, KVCache::kE4M3>(const DecodeParams&, cudaStream_t);
+template void run_decode<DType::kBF16, 256, 256, 64, RopeCache::kShared, 2, KVCache::kE4M3, 0>(const DecodeParams&, cudaStream_t);
 }  // namespace flash_gla::hopper

@@ -3,5 +3,5 @@
 #include "decode/launch.cuh"
 
 namespace flash_gla::hopper {
-template void run_decode<DType::kFP16, 64, 32, 32, RopeCache::kShared, 1, KVCache::kE4M3>(const DecodeParams&, cudaStream_t);
+template void run_decode<DType::kFP16, 64, 32, 32, RopeCache::kShared, 1, KVCache::kE4M3, 0>(const DecodeParams&, cudaStream_t);
 }  // namespace flash_gla::hopper

@@ -27,6 +27,7 @@ class Instance(NamedTuple):
     shared_rope: bool  # RoPE in the rope cache shared by all KV heads, else inline after V
     row_warpgroups: int  # 64-row consumer warpgroups stacked on the packed query rows
     kv_fp8: bool  # the cache is e4m3 with float32 scales per 128 values, dequantised in the kernel
+    query_cols: int  # 0, or the transposed consumer for KV heads with up to this many packed query rows
     description: str  # for the instance file's header only
 
 
@@ -34,24 +35,34 @@ class Instance(NamedTuple):
 PYTHON_FIELD_NOTES = {"variant": "mla | gla | gla_rope1 | gta",
                       "shared_rope": "RoPE in the shared rope cache, else inline after V",
                       "row_warpgroups": "64-row consumer warpgroups per CTA",
-                      "kv_fp8": "e4m3 cache + float32 kv_scale per 128 values (RoPE stays in q's dtype)"}
+                      "kv_fp8": "e4m3 cache + float32 kv_scale per 128 values (RoPE stays in q's dtype)",
+                      "query_cols": "0, or a transposed instance for up to this many packed query rows"}
 
 
 INSTANCES = [
-    Instance("mla", "mla", 512, 512, 64, False, 1, False, "MLA: dv 512, 64 RoPE dims inline"),
-    Instance("gla", "gla", 256, 256, 64, False, 1, False, "GLA: dv 256, 64 RoPE dims inline"),
-    Instance("gla_m128", "gla", 256, 256, 64, False, 2, False, "GLA: dv 256, 64 RoPE dims inline, 128 rows per CTA"),
-    Instance("gla_rope1", "gla_rope1", 256, 256, 64, True, 1, False, "GLA: dv 256 latents, 64 RoPE dims stored once"),
-    Instance("gla_rope1_m128", "gla_rope1", 256, 256, 64, True, 2, False,
+    Instance("mla", "mla", 512, 512, 64, False, 1, False, 0, "MLA: dv 512, 64 RoPE dims inline"),
+    Instance("gla", "gla", 256, 256, 64, False, 1, False, 0, "GLA: dv 256, 64 RoPE dims inline"),
+    Instance("gla_m128", "gla", 256, 256, 64, False, 2, False, 0, "GLA: dv 256, 64 RoPE dims inline, 128 rows per CTA"),
+    Instance("gla_rope1", "gla_rope1", 256, 256, 64, True, 1, False, 0, "GLA: dv 256 latents, 64 RoPE dims stored once"),
+    Instance("gla_rope1_m128", "gla_rope1", 256, 256, 64, True, 2, False, 0,
              "GLA: dv 256 latents, 64 RoPE dims stored once, 128 rows per CTA"),
-    Instance("gta_d128", "gta", 128, 64, 64, True, 1, False, "GTA: d 128 tied state, K = [state[:64], RoPE 64]"),
-    Instance("gta_d64", "gta", 64, 32, 32, True, 1, False, "GTA: d 64 tied state, K = [state[:32], RoPE 32]"),
+    Instance("gta_d128", "gta", 128, 64, 64, True, 1, False, 0, "GTA: d 128 tied state, K = [state[:64], RoPE 64]"),
+    Instance("gta_d64", "gta", 64, 32, 32, True, 1, False, 0, "GTA: d 64 tied state, K = [state[:32], RoPE 32]"),
+    # Transposed (tokens as the wgmma's M) for KV heads with at most 16 packed query rows.
+    Instance("gta_d128_t16", "gta", 128, 64, 64, True, 1, False, 16,
+             "GTA: d 128 tied state, RoPE 64, transposed for up to 16 query rows per KV head"),
+    Instance("gta_d64_t16", "gta", 64, 32, 32, True, 1, False, 16,
+             "GTA: d 64 tied state, RoPE 32, transposed for up to 16 query rows per KV head"),
     # FP8 caches (e4m3 values, a float32 scale per 128 of them; RoPE stored once in q's dtype).
-    Instance("gla_rope1_fp8", "gla_rope1", 256, 256, 64, True, 1, True, "GLA: e4m3 dv 256 latents, RoPE stored once"),
-    Instance("gla_rope1_m128_fp8", "gla_rope1", 256, 256, 64, True, 2, True,
+    Instance("gla_rope1_fp8", "gla_rope1", 256, 256, 64, True, 1, True, 0, "GLA: e4m3 dv 256 latents, RoPE stored once"),
+    Instance("gla_rope1_m128_fp8", "gla_rope1", 256, 256, 64, True, 2, True, 0,
              "GLA: e4m3 dv 256 latents, RoPE stored once, 128 rows per CTA"),
-    Instance("gta_d128_fp8", "gta", 128, 64, 64, True, 1, True, "GTA: e4m3 d 128 tied state, RoPE 64"),
-    Instance("gta_d64_fp8", "gta", 64, 32, 32, True, 1, True, "GTA: e4m3 d 64 tied state, RoPE 32"),
+    Instance("gta_d128_fp8", "gta", 128, 64, 64, True, 1, True, 0, "GTA: e4m3 d 128 tied state, RoPE 64"),
+    Instance("gta_d64_fp8", "gta", 64, 32, 32, True, 1, True, 0, "GTA: e4m3 d 64 tied state, RoPE 32"),
+    Instance("gta_d128_fp8_t16", "gta", 128, 64, 64, True, 1, True, 16,
+             "GTA: e4m3 d 128 tied state, RoPE 64, transposed for up to 16 query rows per KV head"),
+    Instance("gta_d64_fp8_t16", "gta", 64, 32, 32, True, 1, True, 16,
+             "GTA: e4m3 d 64 tied state, RoPE 32, transposed for up to 16 query rows per KV head"),
 ]
 DTYPES = {"bf16": "kBF16", "fp16": "kFP16"}
 
@@ -78,7 +89,7 @@ def _template_args(inst: Instance, dtype_enum: str, scope: str = "") -> str:
     rope = f"{scope}RopeCache::kShared" if inst.shared_rope else f"{scope}RopeCache::kInline"
     cache = f"{scope}KVCache::kE4M3" if inst.kv_fp8 else f"{scope}KVCache::kSameAsQ"
     return (f"DType::{dtype_enum}, {inst.head_dim_v}, {inst.head_dim_nope}, {inst.head_dim_rope}, "
-            f"{rope}, {inst.row_warpgroups}, {cache}")
+            f"{rope}, {inst.row_warpgroups}, {cache}, {inst.query_cols}")
 
 
 def instance_file(inst: Instance, dtype: str, dtype_enum: str) -> str:
@@ -100,7 +111,7 @@ def dispatch_header() -> str:
             rows.append(
                 f"    {{DType::{dtype_enum}, {inst.head_dim_v}, {inst.head_dim_nope}, {inst.head_dim_rope}, "
                 f"{'true' if inst.shared_rope else 'false'}, {inst.row_warpgroups}, "
-                f"{'true' if inst.kv_fp8 else 'false'}, "
+                f"{'true' if inst.kv_fp8 else 'false'}, {inst.query_cols}, "
                 f"&hopper::run_decode<{_template_args(inst, dtype_enum, 'hopper::')}>}},  // {inst.name} {dtype}"
             )
     body = "\n".join(rows)
@@ -135,7 +146,7 @@ def shared_constants() -> dict[str, int]:
 def python_table() -> str:
     rows = "\n".join(
         f"    Instance({inst.name!r}, {inst.variant!r}, {inst.head_dim_v}, {inst.head_dim_nope}, "
-        f"{inst.head_dim_rope}, {inst.shared_rope}, {inst.row_warpgroups}, {inst.kv_fp8}),"
+        f"{inst.head_dim_rope}, {inst.shared_rope}, {inst.row_warpgroups}, {inst.kv_fp8}, {inst.query_cols}),"
         for inst in INSTANCES
     )
     fields = "\n".join(

@@ -1,0 +1,345 @@
+// The transposed consumer (Traits::kTransposed): one warpgroup for a KV head with at most
+// kQueryCols packed query rows (GTA's 4 to 16 query heads per KV head, small groups under
+// tensor parallelism).
+//
+// A 64-row tile would be mostly padding there (60 of 64 rows for GTA-8 at s_q 1), and every
+// padding row costs its share of both wgmmas and of the softmax. Here the page's 64 tokens are
+// the wgmma's M and the query rows its N:
+//   S^T = K Q^T      A: the page, K-major as the cache stores it; B: the Q tile (N x d_qk)
+//   O^T += V^T P^T   A: the same page viewed dims x tokens (MN-major); B: P (N x tokens)
+// so the MMA and softmax work per page follows the real rows. A query row's softmax runs over
+// the 64 tokens of a column, which the warpgroup's 4 warps hold 16 each: within a warp the 8
+// lanes of a column reduce by shuffles, across warps through shared memory behind one barrier
+// per page; P goes to shared memory (the B operand of O^T) behind a second one.
+//
+// The producer (with an FP8 cache, the warpgroups that dequantise it into the same 16-bit
+// stages), the schedule, the Q tile's load, the rows-past-end zeroing and the split/combine
+// contract are the other instances'; only the epilogue reads O^T's (dim, row) layout.
+#pragma once
+
+#include <cute/tensor.hpp>
+#include <cutlass/arch/barrier.h>
+
+#include "common/packed_rows.h"
+#include "common/params.h"
+#include "decode/fragment_utils.cuh"
+#include "decode/page_loop.cuh"
+#include "decode/roles.cuh"
+#include "decode/schedule.cuh"
+#include "decode/smem_io.cuh"
+
+namespace flash_gla::hopper {
+
+using namespace cute;
+
+template <class Traits>
+struct TransposedConsumer {
+  using Element = typename Traits::Element;
+  static constexpr int kN = Traits::kQueryCols;  // query rows of the tile: the wgmma N
+  static constexpr int kBlockN = Traits::kBlockN;  // tokens per page: the wgmma M of S^T
+  static constexpr int kHeadDimV = Traits::kHeadDimV;
+  static constexpr int kThreads = Traits::kNumConsumerThreads;  // one warpgroup
+  static constexpr int kChunk = 16 / sizeof(Element);
+  static_assert(kThreads == 128, "one consumer warpgroup");
+
+  static __device__ float warp_column_max(float x) {  // over the 8 lanes that share lane % 4
+    x = fmaxf(x, __shfl_xor_sync(0xffffffff, x, 4));
+    x = fmaxf(x, __shfl_xor_sync(0xffffffff, x, 8));
+    return fmaxf(x, __shfl_xor_sync(0xffffffff, x, 16));
+  }
+  static __device__ float warp_column_sum(float x) {
+    x += __shfl_xor_sync(0xffffffff, x, 4);
+    x += __shfl_xor_sync(0xffffffff, x, 8);
+    return x + __shfl_xor_sync(0xffffffff, x, 16);
+  }
+
+  // A per-column value of every warp (lanes 0-3 of each hold all kN columns) combined over the
+  // warpgroup through smem.col_exchange, behind barrier `id`.
+  template <bool kMax, int kCols, class TensorC>
+  static __device__ void across_warps(typename Traits::SharedStorage& smem, float (&value)[kCols],
+                                      TensorC const& coord, int warp, int lane, ConsumerBarrier id) {
+    if (lane < 4) {
+      CUTLASS_PRAGMA_UNROLL
+      for (int c = 0; c < kCols; ++c) { smem.col_exchange[warp][get<1>(coord(0, c))] = value[c]; }
+    }
+    consumer_sync(kThreads, id);
+    CUTLASS_PRAGMA_UNROLL
+    for (int c = 0; c < kCols; ++c) {
+      const int col = get<1>(coord(0, c));
+      float v = smem.col_exchange[0][col];
+      CUTLASS_PRAGMA_UNROLL
+      for (int w = 1; w < 4; ++w) { v = kMax ? fmaxf(v, smem.col_exchange[w][col]) : v + smem.col_exchange[w][col]; }
+      value[c] = v;
+    }
+  }
+
+  static __device__ void run(const DecodeParams& p, typename Traits::SharedStorage& smem,
+                             typename Traits::Pipeline& pipeline, int kv_head, int m_block, int consumer_tid) {
+    const int warp = __shfl_sync(0xffffffff, consumer_tid / 32, 0);
+    const int lane = consumer_tid % 32;
+    WarpgroupRole wg;
+    wg.row_wg = wg.col_wg = wg.page_wg = 0;
+    wg.row_base = m_block * kN;
+    wg.wg_tid = consumer_tid;
+
+    typename Traits::TiledMmaS mma_s;
+    typename Traits::TiledMmaO mma_o;
+    auto thr_s = mma_s.get_thread_slice(consumer_tid);
+    auto thr_o = mma_o.get_thread_slice(consumer_tid);
+
+    Tensor sQ = make_tensor(make_smem_ptr(smem.q.data()), typename Traits::SmemLayoutQ{});    // (N, d_qk)
+    Tensor sK = make_tensor(make_smem_ptr(smem.kv.data()), typename Traits::SmemLayoutK{});   // (tokens, width, stage)
+    Tensor sV = make_tensor(make_smem_ptr(smem.kv.data()), typename Traits::SmemLayoutV{});   // (width, tokens, stage)
+    Tensor sR = make_tensor(make_smem_ptr(smem.rope.data()), typename Traits::SmemLayoutRope{});
+    Tensor sP = make_tensor(make_smem_ptr(smem.p.data()), typename Traits::SmemLayoutPT{});   // (N, tokens, slot)
+    Tensor sVo = flat_divide(sV, Shape<Int<kHeadDimV>, Int<kBlockN>>{})(_, _, 0, 0, _);     // V: the first dv dims
+
+    Tensor tSrK = thr_s.partition_fragment_A(sK);   // (MMA, 1, width/16, stage) descriptors
+    Tensor tSrR = thr_s.partition_fragment_A(sR);   // (MMA, 1, d_rope/16, stage)
+    Tensor tSrQ = thr_s.partition_fragment_B(sQ);   // (MMA, 1, d_qk/16)
+    Tensor tOrV = thr_o.partition_fragment_A(sVo);  // (MMA, dv/64, tokens/16, stage)
+    Tensor tOrP = thr_o.partition_fragment_B(sP);   // (MMA, 1, tokens/16, slot)
+    Tensor tSrS = partition_fragment_C(mma_s, Shape<Int<kBlockN>, Int<kN>>{});
+    Tensor tOrO = partition_fragment_C(mma_o, Shape<Int<kHeadDimV>, Int<kN>>{});
+    // (token or dim, query column) views and coordinates: a thread holds 2 tokens of each of its
+    // kN / 4 columns, and the same columns of O^T (the accumulator's column map does not depend
+    // on M).
+    Tensor tSrS_rc = make_tensor(tSrS.data(), accumulator_rowcol(tSrS.layout()));
+    Tensor tOrO_rc = make_tensor(tOrO.data(), accumulator_rowcol(tOrO.layout()));
+    Tensor tScS = thr_s.partition_C(make_identity_tensor(Shape<Int<kBlockN>, Int<kN>>{}));
+    Tensor tScS_rc = make_tensor(tScS.data(), accumulator_rowcol(tScS.layout()));
+    Tensor tOcO = thr_o.partition_C(make_identity_tensor(Shape<Int<kHeadDimV>, Int<kN>>{}));
+    Tensor tOcO_rc = make_tensor(tOcO.data(), accumulator_rowcol(tOcO.layout()));
+    constexpr int kTokens = decltype(size<0>(tSrS_rc))::value;  // 2
+    constexpr int kCols = decltype(size<1>(tSrS_rc))::value;    // kN / 4
+    static_assert(kCols == decltype(size<1>(tOrO_rc))::value, "S^T and O^T columns must coincide");
+
+    typename Traits::Pipeline::PipelineState state;
+    PageContext<Traits> ctx{p, smem, pipeline, state, wg, consumer_tid};
+    const PackedRows rows(p.group_size, kv_head);
+
+    bool producer_released = false;
+    PieceWalk</*kReload=*/true> walk;
+    for (walk.first_part(); walk.in_parts(p); walk.next_part()) {
+      for (walk.first_item(p); walk.in_part(p); walk.next_item()) {
+        const int request = walk.request(p);
+        consumer_sync(kThreads, ConsumerBarrier::kQFree);
+        SmemIO<Traits>::load_q(p, smem, request, rows, m_block, consumer_tid);
+        if (!producer_released) {
+          barrier_arrive(kThreads + 32, ConsumerBarrier::kQIssued);
+          producer_released = true;
+        }
+        const WorkPiece w = walk.piece(p, request);
+        asm volatile("cp.async.wait_group 0;\n" ::: "memory");
+        cutlass::arch::fence_view_async_shared();  // Q written by threads, read by wgmma
+        consumer_sync(kThreads, ConsumerBarrier::kQReady);
+
+        // Causal: query token r of s_q sees keys up to L - s_q + r.
+        int col_last_key[kCols];
+        CUTLASS_PRAGMA_UNROLL
+        for (int c = 0; c < kCols; ++c) {
+          const int token = rows.group.div(wg.row_base + int(get<1>(tScS_rc(0, c))));
+          col_last_key[c] = p.causal ? min(w.seqlen - p.seqlen_q + token, w.seqlen - 1) : w.seqlen - 1;
+        }
+        const int mask_from = p.causal ? w.seqlen - p.seqlen_q + 1 : w.seqlen;
+
+        float col_max[kCols], col_sum[kCols];  // log2 units; thread-partial sums of its 2 tokens
+        CUTLASS_PRAGMA_UNROLL
+        for (int c = 0; c < kCols; ++c) {
+          col_max[c] = -INFINITY;
+          col_sum[c] = 0.f;
+        }
+        clear(tOrO);
+        // The steps of a page. S^T = K Q^T: the page's latent k-blocks, then its RoPE k-blocks
+        // (the next k-blocks of the page inline, the stage's rope tile when shared) against Q's.
+        auto issue_scores = [&](int stage) {
+          constexpr int kNope = Traits::kNopeBlocks, kRope = Traits::kRopeBlocks;
+          warpgroup_arrive();
+          mma_s.accumulate_ = GMMA::ScaleOut::Zero;
+          gemm_k_blocks<0, 0, kNope>(mma_s, tSrK(_, _, _, stage), tSrQ, tSrS);
+          if constexpr (Traits::kSharedRope) {
+            gemm_k_blocks<0, kNope, kRope>(mma_s, tSrR(_, _, _, stage), tSrQ, tSrS);
+          } else {
+            gemm_k_blocks<kNope, kNope, kRope>(mma_s, tSrK(_, _, _, stage), tSrQ, tSrS);
+          }
+          warpgroup_commit_batch();
+        };
+        // O^T += V^T P^T, P from its slot.
+        auto issue_pv = [&](int stage, int slot) {
+          warpgroup_arrive();
+          gemm_k_blocks<0, 0, kBlockN / 16>(mma_o, tOrV(_, _, _, stage), tOrP(_, _, _, slot), tOrO);
+          warpgroup_commit_batch();
+        };
+        // Scale and mask the page's scores, each column's maximum over all 4 warps, the online
+        // softmax per column: probabilities in place, rescale[c] for O^T's column c.
+        float rescale[kCols];
+        auto softmax_page = [&](int page) {
+          const bool needs_mask = page * kBlockN + kBlockN > mask_from;
+          float page_max[kCols];
+          CUTLASS_PRAGMA_UNROLL
+          for (int c = 0; c < kCols; ++c) {
+            float m = -INFINITY;
+            CUTLASS_PRAGMA_UNROLL
+            for (int t = 0; t < kTokens; ++t) {
+              const int key = page * kBlockN + get<0>(tScS_rc(t, c));
+              const float s = tSrS_rc(t, c) * p.scale_log2;
+              tSrS_rc(t, c) = needs_mask && key > col_last_key[c] ? -INFINITY : s;
+              m = fmaxf(m, tSrS_rc(t, c));
+            }
+            page_max[c] = warp_column_max(m);
+          }
+          across_warps</*kMax=*/true>(smem, page_max, tScS_rc, warp, lane, ConsumerBarrier::kScoresMax);
+          CUTLASS_PRAGMA_UNROLL
+          for (int c = 0; c < kCols; ++c) {
+            const float new_max = fmaxf(col_max[c], page_max[c]);
+            // A column that has seen no key yet keeps max -inf; subtract 0 so exp2 gives 0.
+            const float ref = new_max == -INFINITY ? 0.f : new_max;
+            rescale[c] = exp2f(col_max[c] - ref);
+            col_max[c] = new_max;
+            float sum = 0.f;
+            CUTLASS_PRAGMA_UNROLL
+            for (int t = 0; t < kTokens; ++t) {
+              tSrS_rc(t, c) = exp2f(tSrS_rc(t, c) - ref);
+              sum += tSrS_rc(t, c);
+            }
+            col_sum[c] = col_sum[c] * rescale[c] + sum;
+          }
+        };
+        // Once the previous page's P V is done: rescale O^T, and P (query row x token) into its
+        // slot for this page's P V. The slot alternates: the other one may still be read by
+        // the previous page's P V in another warp, while this slot's last reader (two pages
+        // back) finished in every warp before any reached this page's kScoresMax.
+        auto rescale_o_and_stage_p = [&](int slot) {
+          bool changed = false;
+          CUTLASS_PRAGMA_UNROLL
+          for (int c = 0; c < kCols; ++c) { changed |= rescale[c] != 1.f; }
+          if (__any_sync(0xffffffff, changed)) {
+            CUTLASS_PRAGMA_UNROLL
+            for (int d = 0; d < size<0>(tOrO_rc); ++d) {
+              CUTLASS_PRAGMA_UNROLL
+              for (int c = 0; c < kCols; ++c) { tOrO_rc(d, c) *= rescale[c]; }
+            }
+          }
+          CUTLASS_PRAGMA_UNROLL
+          for (int c = 0; c < kCols; ++c) {
+            CUTLASS_PRAGMA_UNROLL
+            for (int t = 0; t < kTokens; ++t) {
+              sP(get<1>(tScS_rc(t, c)), get<0>(tScS_rc(t, c)), slot) = Element(tSrS_rc(t, c));
+            }
+          }
+          cutlass::arch::fence_view_async_shared();  // P written by threads, read by wgmma
+          consumer_sync(kThreads, ConsumerBarrier::kPReady);
+        };
+
+        // A software pipeline over the pages, as PageLoop::overlapped: page n's S^T and page
+        // n-1's P V are issued back to back, and page n's scores are reduced while the tensor
+        // cores finish page n-1's P V. The first page is peeled off, so that no branch sits
+        // between two open wgmma batches.
+        if (w.page_begin < w.page_end) {
+          warpgroup_fence_operand(tSrS);
+          issue_scores(PageLoop<Traits>::wait_page(ctx, w.seqlen, w.page_begin));
+          warpgroup_wait<0>();
+          warpgroup_fence_operand(tSrS);
+          softmax_page(w.page_begin);
+          rescale_o_and_stage_p(0);
+          auto prev_state = state;
+          ++state;
+          for (int page = w.page_begin + 1; page < w.page_end; ++page) {
+            const int slot = (page - w.page_begin) & 1;
+            const int stage = PageLoop<Traits>::wait_page(ctx, w.seqlen, page);
+            warpgroup_fence_operand(tSrS);
+            warpgroup_fence_operand(tOrO);
+            issue_scores(stage);
+            issue_pv(prev_state.index(), slot ^ 1);
+            warpgroup_wait<1>();
+            warpgroup_fence_operand(tSrS);
+            softmax_page(page);
+            warpgroup_wait<0>();  // page n-1's P V is in O^T; its stage can be refilled
+            warpgroup_fence_operand(tOrO);
+            pipeline.consumer_release(prev_state);
+            rescale_o_and_stage_p(slot);
+            prev_state = state;
+            ++state;
+          }
+          warpgroup_fence_operand(tOrO);
+          issue_pv(prev_state.index(), (w.page_end - 1 - w.page_begin) & 1);
+          warpgroup_wait<0>();
+          warpgroup_fence_operand(tOrO);
+          pipeline.consumer_release(prev_state);
+        }
+
+        // Column totals and the epilogue.
+        CUTLASS_PRAGMA_UNROLL
+        for (int c = 0; c < kCols; ++c) { col_sum[c] = warp_column_sum(col_sum[c]); }
+        across_warps</*kMax=*/false>(smem, col_sum, tScS_rc, warp, lane, ConsumerBarrier::kRowSums);
+        store(p, smem, w, tOrO_rc, tOcO_rc, tScS_rc, col_max, col_sum, rows, wg.row_base, warp, lane);
+      }
+    }
+    if (!producer_released) {  // a CTA without work
+      barrier_arrive(kThreads + 32, ConsumerBarrier::kQIssued);
+    }
+  }
+
+  // Normalised O and LSE of the piece: final rows as 16-bit O through shared memory (the Q
+  // tile, which no wgmma reads after the last S^T) in whole 16-byte vectors; a split request's
+  // fp32 partials straight from the accumulator.
+  template <class TensorO, class TensorCO, class TensorCS, int kCols>
+  static __device__ void store(const DecodeParams& p, typename Traits::SharedStorage& smem, const WorkPiece& w,
+                               TensorO const& o, TensorCO const& o_coord, TensorCS const& s_coord,
+                               float const (&col_max)[kCols], float const (&total)[kCols],
+                               PackedRows const& rows, int row_base, int warp, int lane) {
+    float scale[kCols];
+    CUTLASS_PRAGMA_UNROLL
+    for (int c = 0; c < kCols; ++c) {
+      const int m = row_base + get<1>(s_coord(0, c));
+      int token, head;
+      rows.query(m, token, head);
+      const bool empty = total[c] == 0.f;
+      const float lse = empty ? -INFINITY : (col_max[c] + __log2f(total[c])) * float(M_LN2);
+      const float inv_sum = empty ? 0.f : 1.f / total[c];
+      // A final row takes its sink here; a split request's partials take it in the combine.
+      scale[c] = p.attn_sink != nullptr && !w.is_split && m < p.rows_per_kv_head
+                     ? inv_sum * sink_factor(lse, p.attn_sink[head])
+                     : inv_sum;
+      if (warp == 0 && lane < 4 && m < p.rows_per_kv_head) {  // lanes 0-3 of a warp hold every column
+        if (w.is_split) {
+          p.lse_accum[accum_row(p, w.slot, rows.kv_head, m)] = lse;
+        } else {
+          // A row that saw no key reports +inf, so that a later merge ignores it.
+          p.lse[lse_index(p, w.request, head, token)] = lse == -INFINITY ? INFINITY : lse;
+        }
+      }
+    }
+    if (w.is_split) {
+      CUTLASS_PRAGMA_UNROLL
+      for (int c = 0; c < kCols; ++c) {
+        const int m = row_base + get<1>(s_coord(0, c));
+        if (m >= p.rows_per_kv_head) { continue; }  // padding column
+        float* dst = p.o_accum + accum_row(p, w.slot, rows.kv_head, m) * kHeadDimV;
+        CUTLASS_PRAGMA_UNROLL
+        for (int d = 0; d < size<0>(o); ++d) { dst[get<0>(o_coord(d, c))] = o(d, c) * scale[c]; }
+      }
+      return;
+    }
+    Tensor sO = make_tensor(make_smem_ptr(smem.q.data()), typename Traits::SmemLayoutOStage{});  // (N, dv)
+    CUTLASS_PRAGMA_UNROLL
+    for (int c = 0; c < kCols; ++c) {
+      CUTLASS_PRAGMA_UNROLL
+      for (int d = 0; d < size<0>(o); ++d) {
+        sO(get<1>(o_coord(d, c)), get<0>(o_coord(d, c))) = Element(o(d, c) * scale[c]);
+      }
+    }
+    consumer_sync(kThreads, ConsumerBarrier::kOutputStaged);
+    constexpr int kChunksPerRow = kHeadDimV / kChunk;
+    for (int idx = warp * 32 + lane; idx < kN * kChunksPerRow; idx += kThreads) {
+      const int r = idx / kChunksPerRow, col = (idx % kChunksPerRow) * kChunk;
+      const int m = row_base + r;
+      if (m >= p.rows_per_kv_head) { continue; }
+      Element* dst = static_cast<Element*>(p.out) + w.request * p.o_batch_stride +
+                     rows.offset(m, p.o_seq_stride, p.o_head_stride) + col;
+      *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(&sO(r, col));
+    }
+  }
+};
+
+}  // namespace flash_gla::hopper

@@ -1,0 +1,50 @@
+"""The transposed GTA instances against the reference on an sm_90 GPU.
+
+A KV head with at most 16 packed query rows (s_q * h_q / h_kv <= 16) runs on a transposed
+instance (the page's tokens as the wgmma's M, the query rows its N: gta_d128_t16, gta_d64_t16
+in hopper/decode/instances/generate.py); more rows on the 64-row instances. This grid takes
+every group size 1-16 at s_q 1 and at the largest s_q that stays transposed, and where there
+is one the next s_q, which does not; both widths and dtypes, causal and not, page-edge, long
+and varlen lengths with empty requests, FP8 caches, through the harness of test_decode_gpu.py (NaN-poisoned
+rows past each length and spare pages, garbage block-table entries, NaN-filled outputs).
+Sinks, batch invariance and CUDA graphs of transposed shapes are in test_engine_features_gpu.py,
+test_batch_invariant_gpu.py and below.
+"""
+
+from __future__ import annotations
+
+import pytest
+from helpers import check_case, check_graph_replay, distinct, grid_tests, gta_case
+
+TRANSPOSED_ROWS = 16  # the query columns of the *_t16 instances
+LENGTHS = [1, 63, 65, 4113, "mix"]
+
+
+def build_grid():
+    cases = []
+    for g in range(1, 17):
+        h_kv = (1, 2, 4, 8)[g % 4]
+        largest = min(8, TRANSPOSED_ROWS // g)
+        s_qs = {1, largest} | ({largest + 1} if largest < 8 else set())
+        length = LENGTHS[g % len(LENGTHS)]
+        for i, s_q in enumerate(sorted(s_qs)):
+            cases.append(gta_case(d=128 if (g + i) % 2 else 64, h_q=g * h_kv, h_kv=h_kv,
+                                  dtype="fp16" if (g + i) % 3 == 0 else "bf16", s_q=s_q,
+                                  causal=s_q > 1 and (g + i) % 4 != 1, length=length,
+                                  b=5 if length == "mix" else 3))
+    # An FP8 cache (dequantised into the same stages), both widths, at and below the capacity.
+    cases += [gta_case(d=d, fp8=True, s_q=s_q, causal=s_q > 1, length=length, b=b)
+              for d, s_q, length, b in ((128, 1, 4113, 3), (128, 4, "mix", 5), (64, 2, 65, 3), (64, 4, "mix", 5))]
+    # A request split over many parts at both widths, at the transposed capacity.
+    cases.append(gta_case(d=128, h_q=16, h_kv=1, s_q=1, length=16384, b=1))
+    cases.append(gta_case(d=64, h_q=32, h_kv=8, s_q=4, causal=True, length=16384, b=1))
+    return distinct(cases)
+
+
+test_grid_size, test_transposed_matches_reference = grid_tests(build_grid(), range(40, 60))
+
+
+@pytest.mark.sm90
+@pytest.mark.parametrize("d", [128, 64])
+def test_transposed_cuda_graph_capture_and_replay(d):
+    check_graph_replay(gta_case(d=d, h_q=32, h_kv=8, s_q=2, causal=True, length="graph", b=4))
