@@ -18,4 +18,11 @@ constexpr int row_warpgroups_for(int rows_per_kv_head, int max_row_warpgroups) {
 
 constexpr int ceil_div(int a, int b) { return (a + b - 1) / b; }
 
+// A KV head with at most this many packed query rows may be served by a transposed instance
+// (tokens as the wgmma's M), whose CTAs are small enough that kSmallGroupCtasPerSm of them
+// share an SM: one warpgroup's page loop is a serial chain, and a second CTA's runs while it
+// waits.
+constexpr int kSmallGroupRows = 16;
+constexpr int kSmallGroupCtasPerSm = 2;
+
 }  // namespace flash_gla

@@ -35,7 +35,7 @@
 namespace flash_gla::hopper {
 
 template <class Traits>
-__global__ void __launch_bounds__(Traits::kNumThreads, 1)
+__global__ void __launch_bounds__(Traits::kNumThreads, Traits::kCtasPerSm)
     decode_kernel(CUTE_GRID_CONSTANT const DecodeParams params,
                   CUTE_GRID_CONSTANT const typename Traits::TmaKV tma_kv,
                   CUTE_GRID_CONSTANT const typename Traits::TmaRope tma_rope) {

@@ -44,12 +44,16 @@ void run_decode(const DecodeParams& p, cudaStream_t stream) {
   static const cudaError_t attr_status =
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
   check_cuda(attr_status, "raising the decode kernel's shared-memory limit");
+  // All of the SM's unified L1 as shared memory, so that kCtasPerSm CTAs fit beside each other.
+  static const cudaError_t carveout_status = cudaFuncSetAttribute(
+      kernel, cudaFuncAttributePreferredSharedMemoryCarveout, int(cudaSharedmemCarveoutMaxShared));
+  check_cuda(carveout_status, "preferring shared memory for the decode kernel");
 
   const int num_m_blocks = ceil_div(p.rows_per_kv_head, Traits::kBlockM);
-  // About one CTA per SM; a CTA walks scheduler parts blockIdx.z, + gridDim.z, ... so that
-  // the metadata's part count need not match this instance's rows per CTA.
+  // About kCtasPerSm CTAs per SM; a CTA walks scheduler parts blockIdx.z, + gridDim.z, ... so
+  // that the metadata's part count need not match this instance's rows per CTA.
   const int ctas_per_part = num_m_blocks * p.num_heads_kv;
-  const int grid_parts = std::max(1, std::min(p.num_parts, p.num_sms / ctas_per_part));
+  const int grid_parts = std::max(1, std::min(p.num_parts, Traits::kCtasPerSm * p.num_sms / ctas_per_part));
   dim3 grid(num_m_blocks, p.num_heads_kv, grid_parts);
   kernel<<<grid, Traits::kNumThreads, kSmemBytes, stream>>>(p, tma_kv, tma_rope);
   check_launch("decode");

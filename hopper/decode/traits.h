@@ -30,8 +30,10 @@ struct ElementOf<DType::kBF16> { using type = cutlass::bfloat16_t; };
 template <>
 struct ElementOf<DType::kFP16> { using type = cutlass::half_t; };
 
-// Dynamic shared memory available to one block on sm_90 (227 KB).
+// Dynamic shared memory available to one block on sm_90 (227 KB), and to each of two blocks
+// that share an SM (228 KB of the SM, 1 KB of which each block reserves).
 constexpr int kSmemBudgetBytes = 232448;
+constexpr int kSmemBudgetBytesOfTwo = 233472 / 2 - 1024;
 
 // The widest K-major wgmma swizzle atom whose width divides kCols: 128-byte rows for
 // 64-element tiles, 64-byte rows for GTA-64's 32 RoPE dims.
@@ -107,6 +109,12 @@ struct DecodeTraits {
   static constexpr int kNumProducerWGs = kFP8 && kNumConsumerWGs == 1 ? 2 : 1;
   static constexpr int kNumProducerThreads = 128 * kNumProducerWGs;
   static constexpr int kNumThreads = kNumConsumerThreads + kNumProducerThreads;
+  // CTAs per SM: the transposed consumer's one warpgroup runs its page loop as a serial chain,
+  // so two of its CTAs share an SM (kSmallGroupCtasPerSm), each with half the shared memory and
+  // at most 128 registers per thread. FP8's two producer warpgroups need more registers.
+  static constexpr int kCtasPerSm = kTransposed && !kFP8 ? kSmallGroupCtasPerSm : 1;
+  static constexpr int kSmemBudget = kCtasPerSm > 1 ? kSmemBudgetBytesOfTwo : kSmemBudgetBytes;
+  static_assert(kCtasPerSm == 1 || kNumThreads * kCtasPerSm <= 512, "128 registers per thread");
   // Registers per thread of each role where there are more than two warpgroups (setmaxnreg).
   // They come out of what the CTA was launched with (384 threads x 168), or setmaxnreg.inc
   // waits forever: 2 x 128 x 240 + 128 x 24 = 64,512 with two consumer warpgroups; FP8 with
@@ -155,7 +163,7 @@ struct DecodeTraits {
                                                        : !kSplitScores && !(kSharedRope && kNumRowWGs > 1);
   static constexpr bool kFP8QRopeFits =
       kBlockM * kHeadDimQK * int(sizeof(Element)) + 3 * kStageBytes + 3 * kRawStageBytes + kBarrierBytes <=
-      kSmemBudgetBytes;
+      kSmemBudget;
   static constexpr bool kQRopeInRegisters = kNumRowWGs > 1 || (kFP8 && kOverlapPV && !kFP8QRopeFits);
   static constexpr int kQSmemCols = kQRopeInRegisters ? kHeadDimNope : kHeadDimQK;
 
@@ -206,7 +214,7 @@ struct DecodeTraits {
   // As many pages in flight as fit: 2 for MLA (576-wide rows), 4 for GLA (320-wide), capped
   // at 8 for the narrow GTA pages. FP8 keeps as many Element stages as the consumers hold at
   // once plus one being written, and gives the rest to raw pages in flight.
-  static constexpr int kSmemForStages = kSmemBudgetBytes - kQBytes - kPBytes - kBarrierBytes;
+  static constexpr int kSmemForStages = kSmemBudget - kQBytes - kPBytes - kBarrierBytes;
   static constexpr int kStages = kFP8 ? (kOverlapPV ? 3 : 2) : cute::min(8, kSmemForStages / kStageBytes);
   static constexpr int kRawStages = kFP8 ? cute::min(8, (kSmemForStages - kStages * kStageBytes) / kRawStageBytes) : 1;
   static_assert(kStages >= 2, "shared memory must hold Q and at least two KV pages");
@@ -303,7 +311,7 @@ struct DecodeTraits {
     typename Pipeline::SharedStorage pipeline;
     std::conditional_t<kFP8, RawRing, NoRawRing> raw;
   };
-  static_assert(sizeof(SharedStorage) <= kSmemBudgetBytes, "shared memory budget of sm_90");
+  static_assert(sizeof(SharedStorage) <= kSmemBudget, "shared memory budget of sm_90");
 };
 
 }  // namespace flash_gla::hopper
