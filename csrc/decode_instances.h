@@ -21,6 +21,10 @@ inline constexpr DecodeInstance kDecodeInstances[] = {
     {DType::kFP16, 128, 64, 64, true, 1, false, 0, &hopper::run_decode<DType::kFP16, 128, 64, 64, hopper::RopeCache::kShared, 1, hopper::KVCache::kSameAsQ, 0>},  // gta_d128 fp16
     {DType::kBF16, 64, 32, 32, true, 1, false, 0, &hopper::run_decode<DType::kBF16, 64, 32, 32, hopper::RopeCache::kShared, 1, hopper::KVCache::kSameAsQ, 0>},  // gta_d64 bf16
     {DType::kFP16, 64, 32, 32, true, 1, false, 0, &hopper::run_decode<DType::kFP16, 64, 32, 32, hopper::RopeCache::kShared, 1, hopper::KVCache::kSameAsQ, 0>},  // gta_d64 fp16
+    {DType::kBF16, 128, 64, 64, true, 1, false, 8, &hopper::run_decode<DType::kBF16, 128, 64, 64, hopper::RopeCache::kShared, 1, hopper::KVCache::kSameAsQ, 8>},  // gta_d128_t8 bf16
+    {DType::kFP16, 128, 64, 64, true, 1, false, 8, &hopper::run_decode<DType::kFP16, 128, 64, 64, hopper::RopeCache::kShared, 1, hopper::KVCache::kSameAsQ, 8>},  // gta_d128_t8 fp16
+    {DType::kBF16, 64, 32, 32, true, 1, false, 8, &hopper::run_decode<DType::kBF16, 64, 32, 32, hopper::RopeCache::kShared, 1, hopper::KVCache::kSameAsQ, 8>},  // gta_d64_t8 bf16
+    {DType::kFP16, 64, 32, 32, true, 1, false, 8, &hopper::run_decode<DType::kFP16, 64, 32, 32, hopper::RopeCache::kShared, 1, hopper::KVCache::kSameAsQ, 8>},  // gta_d64_t8 fp16
     {DType::kBF16, 128, 64, 64, true, 1, false, 16, &hopper::run_decode<DType::kBF16, 128, 64, 64, hopper::RopeCache::kShared, 1, hopper::KVCache::kSameAsQ, 16>},  // gta_d128_t16 bf16
     {DType::kFP16, 128, 64, 64, true, 1, false, 16, &hopper::run_decode<DType::kFP16, 128, 64, 64, hopper::RopeCache::kShared, 1, hopper::KVCache::kSameAsQ, 16>},  // gta_d128_t16 fp16
     {DType::kBF16, 64, 32, 32, true, 1, false, 16, &hopper::run_decode<DType::kBF16, 64, 32, 32, hopper::RopeCache::kShared, 1, hopper::KVCache::kSameAsQ, 16>},  // gta_d64_t16 bf16

@@ -39,6 +39,8 @@ INSTANCES = (
     Instance('gla_rope1_m128', 'gla_rope1', 256, 256, 64, True, 2, False, 0),
     Instance('gta_d128', 'gta', 128, 64, 64, True, 1, False, 0),
     Instance('gta_d64', 'gta', 64, 32, 32, True, 1, False, 0),
+    Instance('gta_d128_t8', 'gta', 128, 64, 64, True, 1, False, 8),
+    Instance('gta_d64_t8', 'gta', 64, 32, 32, True, 1, False, 8),
     Instance('gta_d128_t16', 'gta', 128, 64, 64, True, 1, False, 16),
     Instance('gta_d64_t16', 'gta', 64, 32, 32, True, 1, False, 16),
     Instance('gla_rope1_fp8', 'gla_rope1', 256, 256, 64, True, 1, True, 0),

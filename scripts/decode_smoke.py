@@ -23,7 +23,7 @@ if importlib.util.find_spec("flash_gla") is None:  # a source checkout: its in-p
 
 # (name, variant, h_q, h_kv, d, d_rope, s_q, fp8): together they reach every row of
 # hopper/decode/instances/generate.py's list (s_q * h_q / h_kv > 64 selects the 128-row ones,
-# at most 16 a transposed one where the variant has it).
+# at most 8 or 16 the narrowest transposed one where the variant has it).
 CALLS = [
     ("mla", "gla", 16, 1, 512, 64, 1, False),
     ("gla", "gla", 64, 1, 256, 64, 1, False),
@@ -32,8 +32,10 @@ CALLS = [
     ("gla_rope1_m128", "gla_rope1", 64, 1, 256, 64, 2, False),
     ("gta_d128", "gta", 32, 8, 128, 64, 8, False),
     ("gta_d64", "gta", 16, 4, 64, 32, 8, False),
-    ("gta_d128_t16", "gta", 32, 8, 128, 64, 1, False),
-    ("gta_d64_t16", "gta", 16, 4, 64, 32, 2, False),
+    ("gta_d128_t8", "gta", 32, 8, 128, 64, 1, False),
+    ("gta_d64_t8", "gta", 16, 4, 64, 32, 2, False),
+    ("gta_d128_t16", "gta", 32, 8, 128, 64, 3, False),
+    ("gta_d64_t16", "gta", 16, 4, 64, 32, 4, False),
     ("gla_rope1_fp8", "gla_rope1", 64, 1, 256, 64, 1, True),
     ("gla_rope1_m128_fp8", "gla_rope1", 64, 1, 256, 64, 2, True),
     ("gta_d128_fp8", "gta", 32, 8, 128, 64, 8, True),

@@ -1,10 +1,11 @@
 """The transposed GTA instances against the reference on an sm_90 GPU.
 
 A KV head with at most 16 packed query rows (s_q * h_q / h_kv <= 16) runs on a transposed
-instance (the page's tokens as the wgmma's M, the query rows its N: gta_d128_t16, gta_d64_t16
-in hopper/decode/instances/generate.py); more rows on the 64-row instances. This grid takes
-every group size 1-16 at s_q 1 and at the largest s_q that stays transposed, and where there
-is one the next s_q, which does not; both widths and dtypes, causal and not, page-edge, long
+instance (the page's tokens as the wgmma's M, the query rows its N: gta_d*_t8 for up to 8
+rows, gta_d*_t16 for up to 16, FP8 caches always t16; hopper/decode/instances/generate.py);
+more rows on the 64-row instances. This grid takes every group size 1-16 at s_q 1 and at the
+largest s_q that stays transposed, and where there is one the next s_q, which does not (so
+both sides of the 8/9 and 16/17-row boundaries); both widths and dtypes, causal and not, page-edge, long
 and varlen lengths with empty requests, FP8 caches, through the harness of test_decode_gpu.py (NaN-poisoned
 rows past each length and spare pages, garbage block-table entries, NaN-filled outputs).
 Sinks, batch invariance and CUDA graphs of transposed shapes are in test_engine_features_gpu.py,
@@ -16,7 +17,7 @@ from __future__ import annotations
 import pytest
 from helpers import check_case, check_graph_replay, distinct, grid_tests, gta_case
 
-TRANSPOSED_ROWS = 16  # the query columns of the *_t16 instances
+TRANSPOSED_ROWS = 16  # the query columns of the widest transposed instances (*_t16)
 LENGTHS = [1, 63, 65, 4113, "mix"]
 
 
