@@ -51,9 +51,13 @@ void run_decode(const DecodeParams& p, cudaStream_t stream) {
 
   const int num_m_blocks = ceil_div(p.rows_per_kv_head, Traits::kBlockM);
   // About kCtasPerSm CTAs per SM; a CTA walks scheduler parts blockIdx.z, + gridDim.z, ... so
-  // that the metadata's part count need not match this instance's rows per CTA.
+  // that the metadata's part count need not match this instance's rows per CTA. Where the
+  // parts do not divide evenly over the CTAs that fit (small groups, planned for the transposed
+  // instances' CTAs), each part gets its own CTA and the SMs take them in waves instead, which
+  // no CTA outlasts by a whole part.
   const int ctas_per_part = num_m_blocks * p.num_heads_kv;
-  const int grid_parts = std::max(1, std::min(p.num_parts, Traits::kCtasPerSm * p.num_sms / ctas_per_part));
+  int grid_parts = std::max(1, std::min(p.num_parts, Traits::kCtasPerSm * p.num_sms / ctas_per_part));
+  if (p.num_parts % grid_parts != 0) { grid_parts = p.num_parts; }
   dim3 grid(num_m_blocks, p.num_heads_kv, grid_parts);
   kernel<<<grid, Traits::kNumThreads, kSmemBytes, stream>>>(p, tma_kv, tma_rope);
   check_launch("decode");

@@ -199,9 +199,9 @@ int num_sm_parts(int num_sms, int num_q_tokens_per_head_k, int num_heads_k) {
   // may pick for these rows: with 128-row CTAs (GLA with more than 64 rows) each CTA takes
   // one part, 64-row CTAs (MLA, GTA, small groups) walk several parts each
   // (hopper/decode/launch.cuh). A multiple of the 64-row grid that fits the 128-row grid gives
-  // every CTA of either kind the same number of parts. Small groups plan for the transposed
-  // instances' CTAs, kSmallGroupCtasPerSm per SM, where that many parts fit a request's
-  // splits; a 64-row CTA then walks that many parts.
+  // every CTA of either kind the same number of parts. Small groups plan one part per CTA of
+  // the transposed instances, kSmallGroupCtasPerSm per SM, where that many parts fit a
+  // request's splits.
   auto grid_parts = [&](int row_warpgroups) {
     const int m_blocks = ceil_div(num_q_tokens_per_head_k, row_warpgroups * kRowsPerWarpgroup);
     return std::max(1, num_sms / (num_heads_k * m_blocks));
@@ -209,9 +209,10 @@ int num_sm_parts(int num_sms, int num_q_tokens_per_head_k, int num_heads_k) {
   const int parts_64 = grid_parts(1);
   const int parts_128 = grid_parts(row_warpgroups_for(num_q_tokens_per_head_k, kMaxRowWarpgroups));
   const int parts = parts_64 * std::max(1, parts_128 / parts_64);
-  const int small_group_parts = parts * kSmallGroupCtasPerSm;
-  return num_q_tokens_per_head_k <= kSmallGroupRows && small_group_parts <= kMaxSplitsPerRequest ? small_group_parts
-                                                                                                  : parts;
+  const int small_group_parts = kSmallGroupCtasPerSm * num_sms / num_heads_k;
+  return num_q_tokens_per_head_k <= kSmallGroupRows && small_group_parts <= kMaxSplitsPerRequest
+             ? std::max(parts, small_group_parts)
+             : parts;
 }
 
 void run_scheduler(const int* cache_seqlens, int batch, int num_parts, PartPlan* plans,
