@@ -27,6 +27,7 @@
 #include "decode/roles.cuh"
 #include "decode/schedule.cuh"
 #include "decode/smem_io.cuh"
+#include "decode/softmax.cuh"
 
 namespace flash_gla::hopper {
 
@@ -105,6 +106,7 @@ struct TransposedConsumer {
     // kN / 4 columns, and the same columns of O^T (the accumulator's column map does not depend
     // on M).
     Tensor tSrS_rc = make_tensor(tSrS.data(), accumulator_rowcol(tSrS.layout()));
+    Tensor tSrS_cr = make_tensor(tSrS.data(), select<1, 0>(accumulator_rowcol(tSrS.layout())));  // (column, token)
     Tensor tOrO_rc = make_tensor(tOrO.data(), accumulator_rowcol(tOrO.layout()));
     Tensor tScS = thr_s.partition_C(make_identity_tensor(Shape<Int<kBlockN>, Int<kN>>{}));
     Tensor tScS_rc = make_tensor(tScS.data(), accumulator_rowcol(tScS.layout()));
@@ -143,12 +145,10 @@ struct TransposedConsumer {
         }
         const int mask_from = p.causal ? w.seqlen - p.seqlen_q + 1 : w.seqlen;
 
-        float col_max[kCols], col_sum[kCols];  // log2 units; thread-partial sums of its 2 tokens
-        CUTLASS_PRAGMA_UNROLL
-        for (int c = 0; c < kCols; ++c) {
-          col_max[c] = -INFINITY;
-          col_sum[c] = 0.f;
-        }
+        // The online softmax of the other instances with its rows as this tile's columns: running
+        // maxima over the whole warpgroup, sums thread-partial over its 2 tokens.
+        OnlineSoftmax<kCols> softmax;
+        softmax.reset();
         clear(tOrO);
         // The steps of a page. S^T = K Q^T: the page's latent k-blocks, then its RoPE k-blocks
         // (the next k-blocks of the page inline, the stage's rope tile when shared) against Q's.
@@ -189,21 +189,7 @@ struct TransposedConsumer {
             page_max[c] = warp_column_max(m);
           }
           across_warps</*kMax=*/true>(smem, page_max, tScS_rc, warp, lane, ConsumerBarrier::kScoresMax);
-          CUTLASS_PRAGMA_UNROLL
-          for (int c = 0; c < kCols; ++c) {
-            const float new_max = fmaxf(col_max[c], page_max[c]);
-            // A column that has seen no key yet keeps max -inf; subtract 0 so exp2 gives 0.
-            const float ref = new_max == -INFINITY ? 0.f : new_max;
-            rescale[c] = exp2f(col_max[c] - ref);
-            col_max[c] = new_max;
-            float sum = 0.f;
-            CUTLASS_PRAGMA_UNROLL
-            for (int t = 0; t < kTokens; ++t) {
-              tSrS_rc(t, c) = exp2f(tSrS_rc(t, c) - ref);
-              sum += tSrS_rc(t, c);
-            }
-            col_sum[c] = col_sum[c] * rescale[c] + sum;
-          }
+          softmax.update(tSrS_cr, page_max, rescale);
         };
         // Once the previous page's P V is done: rescale O^T, and P (query row x token) into its
         // slot for this page's P V. The slot alternates: the other one may still be read by
@@ -270,9 +256,11 @@ struct TransposedConsumer {
 
         // Column totals and the epilogue.
         CUTLASS_PRAGMA_UNROLL
-        for (int c = 0; c < kCols; ++c) { col_sum[c] = warp_column_sum(col_sum[c]); }
+        float col_sum[kCols];
+        CUTLASS_PRAGMA_UNROLL
+        for (int c = 0; c < kCols; ++c) { col_sum[c] = warp_column_sum(softmax.row_sum[c]); }
         across_warps</*kMax=*/false>(smem, col_sum, tScS_rc, warp, lane, ConsumerBarrier::kRowSums);
-        store(p, smem, w, tOrO_rc, tOcO_rc, tScS_rc, col_max, col_sum, rows, wg.row_base, warp, lane);
+        store(p, smem, w, tOrO_rc, tOcO_rc, tScS_rc, softmax.row_max, col_sum, rows, wg.row_base, warp, lane);
       }
     }
     if (!producer_released) {  // a CTA without work
