@@ -37,6 +37,10 @@ inline constexpr DecodeInstance kDecodeInstances[] = {
     {DType::kFP16, 128, 64, 64, true, 1, true, 0, &hopper::run_decode<DType::kFP16, 128, 64, 64, hopper::RopeCache::kShared, 1, hopper::KVCache::kE4M3, 0>},  // gta_d128_fp8 fp16
     {DType::kBF16, 64, 32, 32, true, 1, true, 0, &hopper::run_decode<DType::kBF16, 64, 32, 32, hopper::RopeCache::kShared, 1, hopper::KVCache::kE4M3, 0>},  // gta_d64_fp8 bf16
     {DType::kFP16, 64, 32, 32, true, 1, true, 0, &hopper::run_decode<DType::kFP16, 64, 32, 32, hopper::RopeCache::kShared, 1, hopper::KVCache::kE4M3, 0>},  // gta_d64_fp8 fp16
+    {DType::kBF16, 128, 64, 64, true, 1, true, 8, &hopper::run_decode<DType::kBF16, 128, 64, 64, hopper::RopeCache::kShared, 1, hopper::KVCache::kE4M3, 8>},  // gta_d128_fp8_t8 bf16
+    {DType::kFP16, 128, 64, 64, true, 1, true, 8, &hopper::run_decode<DType::kFP16, 128, 64, 64, hopper::RopeCache::kShared, 1, hopper::KVCache::kE4M3, 8>},  // gta_d128_fp8_t8 fp16
+    {DType::kBF16, 64, 32, 32, true, 1, true, 8, &hopper::run_decode<DType::kBF16, 64, 32, 32, hopper::RopeCache::kShared, 1, hopper::KVCache::kE4M3, 8>},  // gta_d64_fp8_t8 bf16
+    {DType::kFP16, 64, 32, 32, true, 1, true, 8, &hopper::run_decode<DType::kFP16, 64, 32, 32, hopper::RopeCache::kShared, 1, hopper::KVCache::kE4M3, 8>},  // gta_d64_fp8_t8 fp16
     {DType::kBF16, 128, 64, 64, true, 1, true, 16, &hopper::run_decode<DType::kBF16, 128, 64, 64, hopper::RopeCache::kShared, 1, hopper::KVCache::kE4M3, 16>},  // gta_d128_fp8_t16 bf16
     {DType::kFP16, 128, 64, 64, true, 1, true, 16, &hopper::run_decode<DType::kFP16, 128, 64, 64, hopper::RopeCache::kShared, 1, hopper::KVCache::kE4M3, 16>},  // gta_d128_fp8_t16 fp16
     {DType::kBF16, 64, 32, 32, true, 1, true, 16, &hopper::run_decode<DType::kBF16, 64, 32, 32, hopper::RopeCache::kShared, 1, hopper::KVCache::kE4M3, 16>},  // gta_d64_fp8_t16 bf16

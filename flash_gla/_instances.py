@@ -47,6 +47,8 @@ INSTANCES = (
     Instance('gla_rope1_m128_fp8', 'gla_rope1', 256, 256, 64, True, 2, True, 0),
     Instance('gta_d128_fp8', 'gta', 128, 64, 64, True, 1, True, 0),
     Instance('gta_d64_fp8', 'gta', 64, 32, 32, True, 1, True, 0),
+    Instance('gta_d128_fp8_t8', 'gta', 128, 64, 64, True, 1, True, 8),
+    Instance('gta_d64_fp8_t8', 'gta', 64, 32, 32, True, 1, True, 8),
     Instance('gta_d128_fp8_t16', 'gta', 128, 64, 64, True, 1, True, 16),
     Instance('gta_d64_fp8_t16', 'gta', 64, 32, 32, True, 1, True, 16),
 )

@@ -40,8 +40,10 @@ CALLS = [
     ("gla_rope1_m128_fp8", "gla_rope1", 64, 1, 256, 64, 2, True),
     ("gta_d128_fp8", "gta", 32, 8, 128, 64, 8, True),
     ("gta_d64_fp8", "gta", 16, 4, 64, 32, 8, True),
-    ("gta_d128_fp8_t16", "gta", 32, 8, 128, 64, 1, True),
-    ("gta_d64_fp8_t16", "gta", 16, 4, 64, 32, 2, True),
+    ("gta_d128_fp8_t8", "gta", 32, 8, 128, 64, 1, True),
+    ("gta_d64_fp8_t8", "gta", 16, 4, 64, 32, 2, True),
+    ("gta_d128_fp8_t16", "gta", 32, 8, 128, 64, 3, True),
+    ("gta_d64_fp8_t16", "gta", 16, 4, 64, 32, 4, True),
 ]
 LENGTHS = [0, 100, 700]  # an empty request, a short last page, a request long enough to be split
 

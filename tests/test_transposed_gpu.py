@@ -2,7 +2,7 @@
 
 A KV head with at most 16 packed query rows (s_q * h_q / h_kv <= 16) runs on a transposed
 instance (the page's tokens as the wgmma's M, the query rows its N: gta_d*_t8 for up to 8
-rows, gta_d*_t16 for up to 16, FP8 caches always t16; hopper/decode/instances/generate.py);
+rows, gta_d*_t16 for up to 16, FP8 caches alike; hopper/decode/instances/generate.py);
 more rows on the 64-row instances. This grid takes every group size 1-16 at s_q 1 and at the
 largest s_q that stays transposed, and where there is one the next s_q, which does not (so
 both sides of the 8/9 and 16/17-row boundaries); both widths and dtypes, causal and not, page-edge, long

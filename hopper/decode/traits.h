@@ -102,31 +102,6 @@ struct DecodeTraits {
   // The consumer threads that work on one page: they release its stage and, for the piece's
   // last, write the output (all consumers but with page turns).
   static constexpr int kTurnThreads = kNumConsumerThreads / kNumPageWGs;
-  // Consumer warpgroups first, then a producer warpgroup (of which one thread works): whole
-  // warpgroups so that setmaxnreg can move the producer's registers to the consumers.
-  // FP8 with one consumer warpgroup: two producer warpgroups share the dequantisation (one
-  // warpgroup alone, one warp per scheduler, is latency-bound at ~1.8 us a GLA page).
-  static constexpr int kNumProducerWGs = kFP8 && kNumConsumerWGs == 1 ? 2 : 1;
-  static constexpr int kNumProducerThreads = 128 * kNumProducerWGs;
-  static constexpr int kNumThreads = kNumConsumerThreads + kNumProducerThreads;
-  // CTAs per SM: the transposed consumer's one warpgroup runs its page loop as a serial chain,
-  // so two of its CTAs share an SM (kSmallGroupCtasPerSm), each with half the shared memory and
-  // at most 128 registers per thread. FP8's two producer warpgroups need more registers.
-  static constexpr int kCtasPerSm = kTransposed && !kFP8 ? kSmallGroupCtasPerSm : 1;
-  static constexpr int kSmemBudget = kCtasPerSm > 1 ? kSmemBudgetBytesOfTwo : kSmemBudgetBytes;
-  static_assert(kCtasPerSm == 1 || kNumThreads * kCtasPerSm <= 512, "128 registers per thread");
-  // Registers per thread of each role where there are more than two warpgroups (setmaxnreg).
-  // They come out of what the CTA was launched with (384 threads x 168), or setmaxnreg.inc
-  // waits forever: 2 x 128 x 240 + 128 x 24 = 64,512 with two consumer warpgroups; FP8 with
-  // two consumer warpgroups: 208 and 88, the most the page-by-page consumers give up without
-  // spilling, so that the producer can keep a whole scale group's chunks in flight; FP8 with
-  // one consumer and two producer warpgroups: 128 x 240 + 256 x 128 = 63,488.
-  static constexpr bool kReallocRegs = kNumConsumerWGs + kNumProducerWGs > 2;
-  static constexpr uint32_t kProducerRegs = !kFP8 ? 24 : kNumProducerWGs > 1 ? 128 : 88;
-  static constexpr uint32_t kConsumerRegs = kFP8 && kNumConsumerWGs > 1 ? 208 : 240;
-  static_assert(!kReallocRegs || kNumConsumerThreads * int(kConsumerRegs) + kNumProducerThreads * int(kProducerRegs) <=
-                                     kNumThreads * (65536 / kNumThreads / 8 * 8),
-                "setmaxnreg can only move the registers the CTA was launched with");
 
   // With several consumer warpgroups each computes the scores of its own share of the page's
   // tokens (no QK^T is computed twice); the probabilities meet in shared memory for P V.
@@ -152,6 +127,36 @@ struct DecodeTraits {
   static constexpr int kRawStageBytes = kFP8 ? kRawPageBytes + kRopePageBytes + kBlockN * kScaleGroups * 4 : 0;
   // The P slot, row statistics and barriers, padded to the 1 KB alignment of the tiles.
   static constexpr int kBarrierBytes = kFP8 ? 1024 + 64 : 2048;
+  // CTAs per SM: the transposed consumer's one warpgroup runs its page loop as a serial chain,
+  // so two of its CTAs share an SM (kSmallGroupCtasPerSm) where half the SM's shared memory
+  // holds one: Q, P's two slots, two KV stages (FP8: three and two raw pages in flight).
+  static constexpr int kTwoCtaSmemBytes =
+      kBlockM * kHeadDimQK * int(sizeof(Element)) + 2 * kWGRows * kBlockN * int(sizeof(Element)) +
+      (kFP8 ? 3 * kStageBytes + 2 * kRawStageBytes : 2 * kStageBytes) + kBarrierBytes;
+  static constexpr int kCtasPerSm = kTransposed && kTwoCtaSmemBytes <= kSmemBudgetBytesOfTwo ? kSmallGroupCtasPerSm : 1;
+  static constexpr int kSmemBudget = kCtasPerSm > 1 ? kSmemBudgetBytesOfTwo : kSmemBudgetBytes;
+
+  // Consumer warpgroups first, then a producer warpgroup (of which one thread works): whole
+  // warpgroups so that setmaxnreg can move the producer's registers to the consumers.
+  // FP8 with one consumer warpgroup: two producer warpgroups share the dequantisation (one
+  // warpgroup alone, one warp per scheduler, is latency-bound at ~1.8 us a GLA page), or with
+  // two CTAs per SM one each.
+  static constexpr int kNumProducerWGs = kFP8 && kNumConsumerWGs == 1 && kCtasPerSm == 1 ? 2 : 1;
+  static constexpr int kNumProducerThreads = 128 * kNumProducerWGs;
+  static constexpr int kNumThreads = kNumConsumerThreads + kNumProducerThreads;
+  static_assert(kCtasPerSm == 1 || kNumThreads * kCtasPerSm <= 512, "128 registers per thread");
+  // Registers per thread of each role where there are more than two warpgroups (setmaxnreg).
+  // They come out of what the CTA was launched with (384 threads x 168), or setmaxnreg.inc
+  // waits forever: 2 x 128 x 240 + 128 x 24 = 64,512 with two consumer warpgroups; FP8 with
+  // two consumer warpgroups: 208 and 88, the most the page-by-page consumers give up without
+  // spilling, so that the producer can keep a whole scale group's chunks in flight; FP8 with
+  // one consumer and two producer warpgroups: 128 x 240 + 256 x 128 = 63,488.
+  static constexpr bool kReallocRegs = kNumConsumerWGs + kNumProducerWGs > 2;
+  static constexpr uint32_t kProducerRegs = !kFP8 ? 24 : kNumProducerWGs > 1 ? 128 : 88;
+  static constexpr uint32_t kConsumerRegs = kFP8 && kNumConsumerWGs > 1 ? 208 : 240;
+  static_assert(!kReallocRegs || kNumConsumerThreads * int(kConsumerRegs) + kNumProducerThreads * int(kProducerRegs) <=
+                                     kNumThreads * (65536 / kNumThreads / 8 * 8),
+                "setmaxnreg can only move the registers the CTA was launched with");
   // Whether page n's softmax overlaps page n-1's P V (S and P V issued back to back). That
   // keeps two wgmma batches and a second P in flight: it fits the registers except with split
   // scores (MLA: P goes through one shared buffer) and with two row warpgroups reading a
@@ -164,7 +169,7 @@ struct DecodeTraits {
   static constexpr bool kFP8QRopeFits =
       kBlockM * kHeadDimQK * int(sizeof(Element)) + 3 * kStageBytes + 3 * kRawStageBytes + kBarrierBytes <=
       kSmemBudget;
-  static constexpr bool kQRopeInRegisters = kNumRowWGs > 1 || (kFP8 && kOverlapPV && !kFP8QRopeFits);
+  static constexpr bool kQRopeInRegisters = !kTransposed && (kNumRowWGs > 1 || (kFP8 && kOverlapPV && !kFP8QRopeFits));
   static constexpr int kQSmemCols = kQRopeInRegisters ? kHeadDimNope : kHeadDimQK;
 
   static_assert(kHeadDimV % kOutColsPerWG == 0, "dv must split evenly over consumer warpgroups");
@@ -218,7 +223,7 @@ struct DecodeTraits {
   static constexpr int kStages = kFP8 ? (kOverlapPV ? 3 : 2) : cute::min(8, kSmemForStages / kStageBytes);
   static constexpr int kRawStages = kFP8 ? cute::min(8, (kSmemForStages - kStages * kStageBytes) / kRawStageBytes) : 1;
   static_assert(kStages >= 2, "shared memory must hold Q and at least two KV pages");
-  static_assert(!kFP8 || kRawStages >= 3, "FP8: at least two raw pages in flight besides the one converted");
+  static_assert(!kFP8 || kRawStages >= 4 - kCtasPerSm, "FP8: at least two raw pages in flight per SM besides those converted");
 
   using SmemLayoutK = decltype(tile_to_shape(SmemLayoutAtomK{},
                                              Shape<Int<kBlockN>, Int<kKVWidth>, Int<kStages>>{}));

@@ -49,7 +49,8 @@ INSTANCES = [
     Instance("gta_d128", "gta", 128, 64, 64, True, 1, False, 0, "GTA: d 128 tied state, K = [state[:64], RoPE 64]"),
     Instance("gta_d64", "gta", 64, 32, 32, True, 1, False, 0, "GTA: d 64 tied state, K = [state[:32], RoPE 32]"),
     # Transposed (tokens as the wgmma's M) for KV heads with at most 8 or 16 packed query rows:
-    # the host takes the narrowest that serves the rows (GTA-8 and GTA d 64 at s_q 1: 4 rows).
+    # the host takes the narrowest that serves the rows (GTA-8 and GTA d 64 at s_q 1: 4 rows;
+    # FP8 below).
     Instance("gta_d128_t8", "gta", 128, 64, 64, True, 1, False, 8,
              "GTA: d 128 tied state, RoPE 64, transposed for up to 8 query rows per KV head"),
     Instance("gta_d64_t8", "gta", 64, 32, 32, True, 1, False, 8,
@@ -64,6 +65,10 @@ INSTANCES = [
              "GLA: e4m3 dv 256 latents, RoPE stored once, 128 rows per CTA"),
     Instance("gta_d128_fp8", "gta", 128, 64, 64, True, 1, True, 0, "GTA: e4m3 d 128 tied state, RoPE 64"),
     Instance("gta_d64_fp8", "gta", 64, 32, 32, True, 1, True, 0, "GTA: e4m3 d 64 tied state, RoPE 32"),
+    Instance("gta_d128_fp8_t8", "gta", 128, 64, 64, True, 1, True, 8,
+             "GTA: e4m3 d 128 tied state, RoPE 64, transposed for up to 8 query rows per KV head"),
+    Instance("gta_d64_fp8_t8", "gta", 64, 32, 32, True, 1, True, 8,
+             "GTA: e4m3 d 64 tied state, RoPE 32, transposed for up to 8 query rows per KV head"),
     Instance("gta_d128_fp8_t16", "gta", 128, 64, 64, True, 1, True, 16,
              "GTA: e4m3 d 128 tied state, RoPE 64, transposed for up to 16 query rows per KV head"),
     Instance("gta_d64_fp8_t16", "gta", 64, 32, 32, True, 1, True, 16,
