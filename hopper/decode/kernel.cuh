@@ -1,9 +1,10 @@
 // Paged decode attention for one traits instance (MLA, GLA, GLA with RoPE stored once, GTA).
 //
-// Grid: (m-blocks of 64 or 128 packed query rows, KV heads, up to the scheduler's parts). Each
-// CTA is persistent over the parts blockIdx.z, + gridDim.z, ... and the request pieces that
-// hopper/schedule/scheduler.cu assigned to them (schedule.cuh); for each piece it computes
-// softmax(Q K^T * scale) V over that piece's KV pages.
+// Grid: (m-blocks of 64 or 128 packed query rows, or of 8 or 16 for the transposed instances;
+// KV heads; up to the scheduler's parts). Each CTA is persistent over the parts blockIdx.z,
+// + gridDim.z, ... and the request pieces that hopper/schedule/scheduler.cu assigned to them
+// (schedule.cuh); for each piece it computes softmax(Q K^T * scale) V over that piece's KV
+// pages. Transposed CTAs run two per SM where half the SM's shared memory holds one.
 //
 // Roles (warp-specialised):
 //   producer (last warpgroup, one thread; producer.cuh): TMA-loads whole KV pages of this KV
@@ -13,7 +14,9 @@
 //     S = Q K^T, online softmax, O += P V with wgmma, and release the stage; then the epilogue
 //     (epilogue.cuh) writes O and LSE, or fp32 partials that hopper/combine/combine.cu merges.
 //     The warpgroups split the tile's rows (128-row tiles), its output columns (MLA), or take
-//     its pages in turn (64-row GLA and GTA tiles: page turns, merged by turn_merge.cuh).
+//     its pages in turn (64-row GLA and GTA tiles: page turns, merged by turn_merge.cuh). For
+//     KV heads with at most 16 query rows one warpgroup computes S^T = K Q^T and O^T = V^T P^T
+//     instead, tokens as the wgmma's M (consumer_transposed.cuh).
 //
 // Shared memory (traits.h): Q (64 or 128 rows x d_qk, or x d_nope with its RoPE columns in
 // registers) + kStages pages (64 x kv_width), 128B-swizzled K-major [+ kStages shared RoPE
