@@ -15,6 +15,7 @@
 #include "decode/schedule.cuh"
 #include "decode/smem_io.cuh"
 #include "decode/page_loop.cuh"
+#include "decode/q_tile.cuh"
 #include "decode/softmax.cuh"
 #include "decode/turn_merge.cuh"
 
@@ -101,30 +102,20 @@ struct Consumer {
 
     const PackedRows rows(p.group_size, kv_head);
 
-    // The producer starts its KV loads only once the first Q tile's loads are issued: all
-    // CTAs start together and their first pages fill the memory system, so a Q load queued
-    // behind them would arrive late while the ring sat full.
-    bool producer_released = false;
+    QTile<Traits> q_tile;
     int pages_walked = 0;  // page turns: the pages of the CTA's earlier pieces
     PieceWalk</*kReload=*/true> walk;
     for (walk.first_part(); walk.in_parts(p); walk.next_part()) {
       for (walk.first_item(p); walk.in_part(p); walk.next_item()) {
         const int request = walk.request(p);
-        consumer_sync(kConsumerThreads, ConsumerBarrier::kQFree);
-        SmemIO<Traits>::load_q(p, smem, request, rows, m_block, consumer_tid);
-        if (!producer_released) {  // the RoPE register loads need not wait
-          barrier_arrive(kConsumerThreads + 32, ConsumerBarrier::kQIssued);
-          producer_released = true;
-        }
-        if constexpr (Traits::kQRopeInRegisters) {
-          SmemIO<Traits>::load_q_rope(p, request, rows, wg.row_base, tSrQr, tScQr);
-        }
-        // The piece's bounds (a chain of dependent global loads) are read while Q is in flight.
-        const WorkPiece w = walk.piece(p, request);
-        asm volatile("cp.async.wait_group 0;\n" ::: "memory");
+        // Q's RoPE columns in registers are loaded after the producer's release: it need not
+        // wait for them.
+        const WorkPiece w = q_tile.load(p, smem, walk, request, rows, m_block, consumer_tid, [&] {
+          if constexpr (Traits::kQRopeInRegisters) {
+            SmemIO<Traits>::load_q_rope(p, request, rows, wg.row_base, tSrQr, tScQr);
+          }
+        });
         if constexpr (Traits::kQRopeInRegisters) { warpgroup_fence_operand(tSrQr); }
-        cutlass::arch::fence_view_async_shared();  // Q written by threads, read by wgmma
-        consumer_sync(kConsumerThreads, ConsumerBarrier::kQReady);
 
         // Causal: query token r of s_q sees keys up to L - s_q + r.
         PieceMask<kRows> mask;
@@ -154,9 +145,7 @@ struct Consumer {
         Epilogue<Traits>::store(p, smem, w, tOrO, tOrO_rc, tOcO_rc, inv_sum, lse, rows, wg);
       }
     }
-    if (!producer_released) {  // a CTA without work
-      barrier_arrive(kConsumerThreads + 32, ConsumerBarrier::kQIssued);
-    }
+    q_tile.finish();
   }
 };
 

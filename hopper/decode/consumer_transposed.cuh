@@ -24,6 +24,7 @@
 #include "common/params.h"
 #include "decode/fragment_utils.cuh"
 #include "decode/page_loop.cuh"
+#include "decode/q_tile.cuh"
 #include "decode/roles.cuh"
 #include "decode/schedule.cuh"
 #include "decode/smem_io.cuh"
@@ -120,21 +121,12 @@ struct TransposedConsumer {
     PageContext<Traits> ctx{p, smem, pipeline, state, wg, consumer_tid};
     const PackedRows rows(p.group_size, kv_head);
 
-    bool producer_released = false;
+    QTile<Traits> q_tile;
     PieceWalk</*kReload=*/true> walk;
     for (walk.first_part(); walk.in_parts(p); walk.next_part()) {
       for (walk.first_item(p); walk.in_part(p); walk.next_item()) {
         const int request = walk.request(p);
-        consumer_sync(kThreads, ConsumerBarrier::kQFree);
-        SmemIO<Traits>::load_q(p, smem, request, rows, m_block, consumer_tid);
-        if (!producer_released) {
-          barrier_arrive(kThreads + 32, ConsumerBarrier::kQIssued);
-          producer_released = true;
-        }
-        const WorkPiece w = walk.piece(p, request);
-        asm volatile("cp.async.wait_group 0;\n" ::: "memory");
-        cutlass::arch::fence_view_async_shared();  // Q written by threads, read by wgmma
-        consumer_sync(kThreads, ConsumerBarrier::kQReady);
+        const WorkPiece w = q_tile.load(p, smem, walk, request, rows, m_block, consumer_tid, [] {});
 
         // Causal: query token r of s_q sees keys up to L - s_q + r.
         int col_last_key[kCols];
@@ -263,9 +255,7 @@ struct TransposedConsumer {
         store(p, smem, w, tOrO_rc, tOcO_rc, tScS_rc, softmax.row_max, col_sum, rows, wg.row_base, warp, lane);
       }
     }
-    if (!producer_released) {  // a CTA without work
-      barrier_arrive(kThreads + 32, ConsumerBarrier::kQIssued);
-    }
+    q_tile.finish();
   }
 
   // Normalised O and LSE of the piece: final rows as 16-bit O through shared memory (the Q
