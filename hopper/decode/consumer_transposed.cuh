@@ -247,7 +247,6 @@ struct TransposedConsumer {
         }
 
         // Column totals and the epilogue.
-        CUTLASS_PRAGMA_UNROLL
         float col_sum[kCols];
         CUTLASS_PRAGMA_UNROLL
         for (int c = 0; c < kCols; ++c) { col_sum[c] = warp_column_sum(softmax.row_sum[c]); }
