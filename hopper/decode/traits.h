@@ -306,10 +306,10 @@ struct DecodeTraits {
   struct RawRing {
     alignas(1024) cute::array_aligned<CacheElement, cute::cosize_v<SmemLayoutRaw>> pages;
     alignas(1024) cute::array_aligned<Element, cute::cosize_v<SmemLayoutRawRope>> rope;
-    float scale[kRawStages][kBlockN][kScaleGroups];
+    alignas(16) float scale[kRawStages][kBlockN][kScaleGroups];
     // kUnscaledStages: each Element stage's token scales (0 past the sequence end), written by
     // the producer with the stage, read by the consumer.
-    float stage_scale[kUnscaledStages ? kStages : 1][kUnscaledStages ? kBlockN : 1];
+    alignas(16) float stage_scale[kUnscaledStages ? kStages : 1][kUnscaledStages ? kBlockN : 1];
     // A raw stage is full once its TMAs (page, RoPE rows) landed and the kBlockN threads that
     // copy its scales arrived (cp.async.mbarrier.arrive.noinc).
     uint64_t full[kRawStages];
