@@ -52,9 +52,11 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--list", action="store_true")
     ap.add_argument("--dtypes", default="bf16,fp16")
+    ap.add_argument("--only", default="", help="only the calls whose name contains this (e.g. fp8_t)")
     args = ap.parse_args()
+    calls = [call for call in CALLS if args.only in call[0]]
     if args.list:
-        for call in CALLS:
+        for call in calls:
             print(call)
         return 0
     from helpers import DTYPES, VARIANTS, Variant, assert_close, make_inputs
@@ -62,7 +64,7 @@ def main() -> int:
     import flash_gla
 
     failures = 0
-    for name, variant_name, h_q, h_kv, d, d_rope, s_q, fp8 in CALLS:
+    for name, variant_name, h_q, h_kv, d, d_rope, s_q, fp8 in calls:
         for dtype_name in args.dtypes.split(","):
             dtype = DTYPES[dtype_name]
             base = VARIANTS[variant_name]

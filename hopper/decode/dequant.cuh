@@ -152,15 +152,18 @@ struct DequantProducer {
       reinterpret_cast<RawBarrier&>(smem.raw.full[slot]).wait((n / kRawStages) % 2);
       pipeline.producer_acquire(state);  // every thread waits for the Element stage to be free
       const int rows = int(valid_rows >> (8 * slot)) & 0xff;
-      convert_page(smem, at, slot, state.index(), token, token < rows);
+      convert_page(smem, at, slot, state.index(), token, parity, token < rows);
       copy_rope(smem, slot, state.index(), ptid, rows);
-      if constexpr (Traits::kUnscaledStages) {
-        if (ptid % 32 == 0 && ptid < kBlockN) { copy_stage_scales(smem, slot, state.index(), ptid, rows); }
-      }
       cutlass::arch::fence_view_async_shared();  // written by threads, read by wgmma
-      __syncwarp();
       auto* stage_full = pipeline.producer_get_barrier(state);
-      if (ptid % 32 == 0) { cutlass::arch::ClusterBarrier::arrive(stage_full); }  // one arrival per warp
+      if (Traits::kUnscaledStages && ptid < kBlockN) {
+        // The threads that wrote the stage's token scales (read by the consumer's plain loads,
+        // not only by wgmma) arrive each for themselves, their writes ordered by their own arrival.
+        cutlass::arch::ClusterBarrier::arrive(stage_full);
+      } else {
+        __syncwarp();
+        if (ptid % 32 == 0) { cutlass::arch::ClusterBarrier::arrive(stage_full); }  // one arrival per warp
+      }
       if (!walk.done) {
         // Refill raw stage `slot` kRawStages pages ahead. Only the threads that do (the leader
         // and one scale copier per token: warps 0 and 1) wait for every warp to be done with
@@ -196,23 +199,6 @@ struct DequantProducer {
     }
   }
 
-  // Unscaled stages: the scales of tokens [first, first + 32) into the Element stage's, 0 past
-  // valid_rows, by the lane that then arrives on the stage's barrier for its warp: the consumer's
-  // plain loads of them are ordered behind that arrival (the stage itself is read by wgmma).
-  static __device__ void copy_stage_scales(typename Traits::SharedStorage& smem, int slot, int stage, int first,
-                                           int valid_rows) {
-    static_assert(kGroups == 1 && kBlockN % 32 == 0, "one scale per token, whole warps of tokens");
-    CUTLASS_PRAGMA_UNROLL
-    for (int t = first; t < first + 32; t += 4) {
-      float4 v = *reinterpret_cast<const float4*>(&smem.raw.scale[slot][t][0]);
-      v.x = t < valid_rows ? v.x : 0.f;
-      v.y = t + 1 < valid_rows ? v.y : 0.f;
-      v.z = t + 2 < valid_rows ? v.z : 0.f;
-      v.w = t + 3 < valid_rows ? v.w : 0.f;
-      *reinterpret_cast<float4*>(&smem.raw.stage_scale[stage][t]) = v;
-    }
-  }
-
   // A thread's chunks of one scale group (kScaleGroup / 16 chunks of 16 values): every
   // kThreadsPerToken-th one.
   static constexpr int kChunksPerGroup = cute::min(kScaleGroup / 16, kChunksPerRow) / kThreadsPerToken;
@@ -243,8 +229,11 @@ struct DequantProducer {
   // a token past the sequence end (its bytes and scale may be anything, NaN included, and
   // 0 * NaN would poison P V). So the consumers never write a stage that the producers fill.
   static __device__ void convert_page(typename Traits::SharedStorage& smem, ChunkAddresses const& at,
-                                      int slot, int stage, int token, bool live) {
+                                      int slot, int stage, int token, int parity, bool live) {
     const uint32_t raw_offset = slot * kRawStageStride, out_offset = stage * kStageStride;
+    if constexpr (Traits::kUnscaledStages) {
+      if (parity == 0) { smem.raw.stage_scale[stage][token] = live ? smem.raw.scale[slot][token][0] : 0.f; }
+    }
     if (!live) {
       const uint32_t zero[4] = {0, 0, 0, 0};
       CUTLASS_PRAGMA_UNROLL

@@ -152,6 +152,10 @@ struct DecodeTraits {
   static constexpr int kNumProducerWGs = kFP8 && kNumConsumerWGs == 1 && kCtasPerSm == 1 ? 2 : 1;
   static constexpr int kNumProducerThreads = 128 * kNumProducerWGs;
   static constexpr int kNumThreads = kNumConsumerThreads + kNumProducerThreads;
+  // FP8: arrivals on an Element stage's full barrier, one per producer warp, but with unscaled
+  // stages one per thread of the kBlockN that write the token scales (dequant.cuh).
+  static constexpr int kStageFullArrivals =
+      kUnscaledStages ? kBlockN + (kNumProducerThreads - kBlockN) / 32 : kNumProducerThreads / 32;
   static_assert(kCtasPerSm == 1 || kNumThreads * kCtasPerSm <= 512, "128 registers per thread");
   // Registers per thread of each role where there are more than two warpgroups (setmaxnreg).
   // They come out of what the CTA was launched with (384 threads x 168), or setmaxnreg.inc
