@@ -143,3 +143,25 @@ def test_fp8_long_context_retrieval(shape):
         assert cosine[worst] > 0.999 and rel < 2e-2, (
             f"[fp8-{shape.name}-needle] request {i} (L {lengths[i]}): head {worst} returned a value with cosine "
             f"{cosine[worst].item():.4f} to its needle's; worst relative error {rel:.3g}")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("magnitude", [2.0**-12, 2.0**-3], ids=["scales-2^-12", "scales-2^-3"])
+@pytest.mark.parametrize("shape", SHAPES[1:], ids=lambda s: s.name)
+def test_fp8_gta_scales_of_any_magnitude(shape, magnitude, dtype):
+    """GTA keeps each token's scale out of its fp16 stage and folds it into the probabilities: the
+    bound holds with scales far below the usual amax / 448 (products with P that fp16 could not
+    hold unnormalised) and with scales that differ by up to 2^12 between tokens of one request."""
+    inp = inputs(shape, [65, 4113, 20_000], dtype, s_q=1, seed=11)
+    gen = torch.Generator(device="cuda").manual_seed(5)
+    spread = torch.exp2(torch.empty_like(inp.kv_scale).uniform_(-6.0, 6.0, generator=gen).round())
+    inp.kv_scale.mul_(spread * magnitude)
+    out, lse = decode(shape, inp)
+    ref, lse_ref = reference(shape, inp, inp.q.double())
+    assert not torch.isnan(out).any() and not torch.isnan(lse).any()
+    rel = ((out.double() - ref).norm() / ref.norm()).item()
+    lse_err = (lse.double() - lse_ref).abs().max().item()
+    tag = f"fp8-{shape.name}-scale{magnitude:g}-{str(dtype)[6:]}"
+    print(f"{tag}: relative error {rel:.2e} (bound {FP8_REL_BOUND[dtype]:.1e}), max |lse error| {lse_err:.2e}")
+    assert rel <= FP8_REL_BOUND[dtype], f"[{tag}] relative error {rel:.3g} > {FP8_REL_BOUND[dtype]}"
+    assert lse_err <= FP8_LSE_BOUND[dtype], f"[{tag}] max |lse - lse_ref| {lse_err:.3g} > {FP8_LSE_BOUND[dtype]}"

@@ -15,6 +15,13 @@
 // The producer (with an FP8 cache, the warpgroups that dequantise it into the same 16-bit
 // stages), the schedule, the Q tile's load, the rows-past-end zeroing and the split/combine
 // contract are the other instances'; only the epilogue reads O^T's (dim, row) layout.
+//
+// FP8 with unscaled stages (Traits::kUnscaledStages, GTA: one scale group per token): a stage
+// holds the e4m3 values as fp16 without their scales, and the page's token scales beside it.
+// The scale of token t multiplies row t of S^T's latent part, accumulated apart from the RoPE
+// part (whose keys are not scaled), and is folded into P for P V: P'[c][t] = P[c][t] s_t u. The
+// unit u, a power of two fixed per piece from its first token's scale, keeps P' within fp16's
+// range whatever the scales' magnitude; O^T is divided by it at the end.
 #pragma once
 
 #include <cute/tensor.hpp>
@@ -37,6 +44,9 @@ using namespace cute;
 template <class Traits>
 struct TransposedConsumer {
   using Element = typename Traits::Element;
+  using StageElement = typename Traits::StageElement;  // of the KV stages and P
+  static constexpr bool kUnscaled = Traits::kUnscaledStages;
+  static_assert(!kUnscaled || Traits::kSharedRope, "unscaled stages: S^T's RoPE part comes from the rope tile");
   static constexpr int kN = Traits::kQueryCols;  // query rows of the tile: the wgmma N
   static constexpr int kBlockN = Traits::kBlockN;  // tokens per page: the wgmma M of S^T
   static constexpr int kHeadDimV = Traits::kHeadDimV;
@@ -75,6 +85,12 @@ struct TransposedConsumer {
     }
   }
 
+  // A power of two u with u * scale in [1, 2) (1 for a zero, subnormal or non-finite scale).
+  static __device__ float unit_for(float scale) {
+    const int exponent = (__float_as_int(scale) >> 23) & 0xff;
+    return exponent >= 1 && exponent <= 253 ? __int_as_float((254 - exponent) << 23) : 1.f;
+  }
+
   static __device__ void run(const DecodeParams& p, typename Traits::SharedStorage& smem,
                              typename Traits::Pipeline& pipeline, int kv_head, int m_block, int consumer_tid) {
     const int warp = __shfl_sync(0xffffffff, consumer_tid / 32, 0);
@@ -85,11 +101,16 @@ struct TransposedConsumer {
     wg.wg_tid = consumer_tid;
 
     typename Traits::TiledMmaS mma_s;
+    typename Traits::TiledMmaSRope mma_r;  // S^T's RoPE part (q's dtype)
     typename Traits::TiledMmaO mma_o;
     auto thr_s = mma_s.get_thread_slice(consumer_tid);
+    auto thr_r = mma_r.get_thread_slice(consumer_tid);
     auto thr_o = mma_o.get_thread_slice(consumer_tid);
 
     Tensor sQ = make_tensor(make_smem_ptr(smem.q.data()), typename Traits::SmemLayoutQ{});    // (N, d_qk)
+    // Q's latent columns as they multiply the stages (in place converted to fp16 if unscaled).
+    Tensor sQs = make_tensor(make_smem_ptr(reinterpret_cast<StageElement*>(smem.q.data())),
+                             typename Traits::SmemLayoutQ{});
     Tensor sK = make_tensor(make_smem_ptr(smem.kv.data()), typename Traits::SmemLayoutK{});   // (tokens, width, stage)
     Tensor sV = make_tensor(make_smem_ptr(smem.kv.data()), typename Traits::SmemLayoutV{});   // (width, tokens, stage)
     Tensor sR = make_tensor(make_smem_ptr(smem.rope.data()), typename Traits::SmemLayoutRope{});
@@ -97,16 +118,21 @@ struct TransposedConsumer {
     Tensor sVo = flat_divide(sV, Shape<Int<kHeadDimV>, Int<kBlockN>>{})(_, _, 0, 0, _);     // V: the first dv dims
 
     Tensor tSrK = thr_s.partition_fragment_A(sK);   // (MMA, 1, width/16, stage) descriptors
-    Tensor tSrR = thr_s.partition_fragment_A(sR);   // (MMA, 1, d_rope/16, stage)
-    Tensor tSrQ = thr_s.partition_fragment_B(sQ);   // (MMA, 1, d_qk/16)
+    Tensor tSrQ = thr_s.partition_fragment_B(sQs);  // (MMA, 1, d_qk/16)
+    // The RoPE k-blocks: (MMA, 1, d_rope/16, stage), and Q for them (unscaled: in q's dtype).
+    auto const& thr_rope = conditional_return(bool_constant<kUnscaled>{}, thr_r, thr_s);
+    Tensor tSrR = thr_rope.partition_fragment_A(sR);
+    Tensor tSrQr = thr_rope.partition_fragment_B(sQ);
     Tensor tOrV = thr_o.partition_fragment_A(sVo);  // (MMA, dv/64, tokens/16, stage)
     Tensor tOrP = thr_o.partition_fragment_B(sP);   // (MMA, 1, tokens/16, slot)
     Tensor tSrS = partition_fragment_C(mma_s, Shape<Int<kBlockN>, Int<kN>>{});
+    Tensor tSrSr = partition_fragment_C(mma_r, Shape<Int<kBlockN>, Int<kN>>{});  // unscaled: the RoPE part
     Tensor tOrO = partition_fragment_C(mma_o, Shape<Int<kHeadDimV>, Int<kN>>{});
     // (token or dim, query column) views and coordinates: a thread holds 2 tokens of each of its
     // kN / 4 columns, and the same columns of O^T (the accumulator's column map does not depend
     // on M).
     Tensor tSrS_rc = make_tensor(tSrS.data(), accumulator_rowcol(tSrS.layout()));
+    Tensor tSrSr_rc = make_tensor(tSrSr.data(), accumulator_rowcol(tSrSr.layout()));
     Tensor tSrS_cr = make_tensor(tSrS.data(), select<1, 0>(accumulator_rowcol(tSrS.layout())));  // (column, token)
     Tensor tOrO_rc = make_tensor(tOrO.data(), accumulator_rowcol(tOrO.layout()));
     Tensor tScS = thr_s.partition_C(make_identity_tensor(Shape<Int<kBlockN>, Int<kN>>{}));
@@ -149,7 +175,10 @@ struct TransposedConsumer {
           warpgroup_arrive();
           mma_s.accumulate_ = GMMA::ScaleOut::Zero;
           gemm_k_blocks<0, 0, kNope>(mma_s, tSrK(_, _, _, stage), tSrQ, tSrS);
-          if constexpr (Traits::kSharedRope) {
+          if constexpr (kUnscaled) {
+            mma_r.accumulate_ = GMMA::ScaleOut::Zero;
+            gemm_k_blocks<0, kNope, kRope>(mma_r, tSrR(_, _, _, stage), tSrQr, tSrSr);
+          } else if constexpr (Traits::kSharedRope) {
             gemm_k_blocks<0, kNope, kRope>(mma_s, tSrR(_, _, _, stage), tSrQ, tSrS);
           } else {
             gemm_k_blocks<kNope, kNope, kRope>(mma_s, tSrK(_, _, _, stage), tSrQ, tSrS);
@@ -164,9 +193,19 @@ struct TransposedConsumer {
         };
         // Scale and mask the page's scores, each column's maximum over all 4 warps, the online
         // softmax per column: probabilities in place, rescale[c] for O^T's column c.
-        float rescale[kCols];
-        auto softmax_page = [&](int page) {
+        // Unscaled stages: the scales of the thread's tokens in the page, and P's factors.
+        float rescale[kCols], token_scale[kTokens], p_factor[kTokens];
+        float unit = 1.f;
+        auto softmax_page = [&](int page, int stage) {
           const bool needs_mask = page * kBlockN + kBlockN > mask_from;
+          if constexpr (kUnscaled) {
+            if (page == w.page_begin) { unit = unit_for(smem.raw.stage_scale[stage][0]); }
+            CUTLASS_PRAGMA_UNROLL
+            for (int t = 0; t < kTokens; ++t) {
+              token_scale[t] = smem.raw.stage_scale[stage][get<0>(tScS_rc(t, 0))];
+              p_factor[t] = token_scale[t] * unit;
+            }
+          }
           float page_max[kCols];
           CUTLASS_PRAGMA_UNROLL
           for (int c = 0; c < kCols; ++c) {
@@ -174,7 +213,12 @@ struct TransposedConsumer {
             CUTLASS_PRAGMA_UNROLL
             for (int t = 0; t < kTokens; ++t) {
               const int key = page * kBlockN + get<0>(tScS_rc(t, c));
-              const float s = tSrS_rc(t, c) * p.scale_log2;
+              float s;
+              if constexpr (kUnscaled) {
+                s = fmaf(tSrS_rc(t, c), token_scale[t], tSrSr_rc(t, c)) * p.scale_log2;
+              } else {
+                s = tSrS_rc(t, c) * p.scale_log2;
+              }
               tSrS_rc(t, c) = needs_mask && key > col_last_key[c] ? -INFINITY : s;
               m = fmaxf(m, tSrS_rc(t, c));
             }
@@ -202,7 +246,8 @@ struct TransposedConsumer {
           for (int c = 0; c < kCols; ++c) {
             CUTLASS_PRAGMA_UNROLL
             for (int t = 0; t < kTokens; ++t) {
-              sP(get<1>(tScS_rc(t, c)), get<0>(tScS_rc(t, c)), slot) = Element(tSrS_rc(t, c));
+              const float prob = kUnscaled ? tSrS_rc(t, c) * p_factor[t] : tSrS_rc(t, c);
+              sP(get<1>(tScS_rc(t, c)), get<0>(tScS_rc(t, c)), slot) = StageElement(prob);
             }
           }
           cutlass::arch::fence_view_async_shared();  // P written by threads, read by wgmma
@@ -215,10 +260,13 @@ struct TransposedConsumer {
         // between two open wgmma batches.
         if (w.page_begin < w.page_end) {
           warpgroup_fence_operand(tSrS);
-          issue_scores(PageLoop<Traits>::wait_page(ctx, w.seqlen, w.page_begin));
+          if constexpr (kUnscaled) { warpgroup_fence_operand(tSrSr); }
+          const int first_stage = PageLoop<Traits>::wait_page(ctx, w.seqlen, w.page_begin);
+          issue_scores(first_stage);
           warpgroup_wait<0>();
           warpgroup_fence_operand(tSrS);
-          softmax_page(w.page_begin);
+          if constexpr (kUnscaled) { warpgroup_fence_operand(tSrSr); }
+          softmax_page(w.page_begin, first_stage);
           rescale_o_and_stage_p(0);
           auto prev_state = state;
           ++state;
@@ -226,12 +274,14 @@ struct TransposedConsumer {
             const int slot = (page - w.page_begin) & 1;
             const int stage = PageLoop<Traits>::wait_page(ctx, w.seqlen, page);
             warpgroup_fence_operand(tSrS);
+            if constexpr (kUnscaled) { warpgroup_fence_operand(tSrSr); }
             warpgroup_fence_operand(tOrO);
             issue_scores(stage);
             issue_pv(prev_state.index(), slot ^ 1);
             warpgroup_wait<1>();
             warpgroup_fence_operand(tSrS);
-            softmax_page(page);
+            if constexpr (kUnscaled) { warpgroup_fence_operand(tSrSr); }
+            softmax_page(page, stage);
             warpgroup_wait<0>();  // page n-1's P V is in O^T; its stage can be refilled
             warpgroup_fence_operand(tOrO);
             pipeline.consumer_release(prev_state);
@@ -251,7 +301,8 @@ struct TransposedConsumer {
         CUTLASS_PRAGMA_UNROLL
         for (int c = 0; c < kCols; ++c) { col_sum[c] = warp_column_sum(softmax.row_sum[c]); }
         across_warps</*kMax=*/false>(smem, col_sum, tScS_rc, warp, lane, ConsumerBarrier::kRowSums);
-        store(p, smem, w, tOrO_rc, tOcO_rc, tScS_rc, softmax.row_max, col_sum, rows, wg.row_base, warp, lane);
+        store(p, smem, w, tOrO_rc, tOcO_rc, tScS_rc, softmax.row_max, col_sum, 1.f / unit, rows, wg.row_base,
+              warp, lane);
       }
     }
     q_tile.finish();
@@ -263,7 +314,7 @@ struct TransposedConsumer {
   template <class TensorO, class TensorCO, class TensorCS, int kCols>
   static __device__ void store(const DecodeParams& p, typename Traits::SharedStorage& smem, const WorkPiece& w,
                                TensorO const& o, TensorCO const& o_coord, TensorCS const& s_coord,
-                               float const (&col_max)[kCols], float const (&total)[kCols],
+                               float const (&col_max)[kCols], float const (&total)[kCols], float o_unit,
                                PackedRows const& rows, int row_base, int warp, int lane) {
     float scale[kCols];
     CUTLASS_PRAGMA_UNROLL
@@ -273,7 +324,7 @@ struct TransposedConsumer {
       rows.query(m, token, head);
       const bool empty = total[c] == 0.f;
       const float lse = empty ? -INFINITY : (col_max[c] + __log2f(total[c])) * float(M_LN2);
-      const float inv_sum = empty ? 0.f : 1.f / total[c];
+      const float inv_sum = empty ? 0.f : o_unit / total[c];  // o_unit: 1 / the unit P was scaled by
       // A final row takes its sink here; a split request's partials take it in the combine.
       scale[c] = p.attn_sink != nullptr && !w.is_split && m < p.rows_per_kv_head
                      ? inv_sum * sink_factor(lse, p.attn_sink[head])

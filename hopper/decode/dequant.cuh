@@ -16,6 +16,10 @@
 // atom, so neither side has bank conflicts. The RoPE rows are copied as they are (both rings
 // use the same swizzled layout). Rows past the sequence end are written as zeros, so that the
 // consumers read the stage as it comes and never write to it.
+//
+// Unscaled stages (Traits::kUnscaledStages: GTA through the transposed consumer, one scale
+// group per token): the values go to fp16 as they are, exact, one conversion per two, and the
+// token's scale (0 past the end) into the stage's scales, which the consumer applies.
 #pragma once
 
 #include <cuda_fp8.h>
@@ -47,6 +51,16 @@ __device__ __forceinline__ void dequantise4(uint32_t word, float scale, uint32_t
       const __half2 b = __float22half2_rn(f);
       return *reinterpret_cast<const uint32_t*>(&b);
     }
+  };
+  lo = pair(static_cast<uint16_t>(word & 0xffffu));
+  hi = pair(static_cast<uint16_t>(word >> 16));
+}
+
+// Four e4m3 values (one 32-bit word) as two pairs of fp16, unscaled: exact.
+__device__ __forceinline__ void widen4(uint32_t word, uint32_t& lo, uint32_t& hi) {
+  auto pair = [](uint16_t bits) -> uint32_t {
+    const __half2_raw h = __nv_cvt_fp8x2_to_halfraw2(static_cast<__nv_fp8x2_storage_t>(bits), __NV_E4M3);
+    return *reinterpret_cast<const uint32_t*>(&h);
   };
   lo = pair(static_cast<uint16_t>(word & 0xffffu));
   hi = pair(static_cast<uint16_t>(word >> 16));
@@ -138,12 +152,18 @@ struct DequantProducer {
       reinterpret_cast<RawBarrier&>(smem.raw.full[slot]).wait((n / kRawStages) % 2);
       pipeline.producer_acquire(state);  // every thread waits for the Element stage to be free
       const int rows = int(valid_rows >> (8 * slot)) & 0xff;
-      convert_page(smem, at, slot, state.index(), token, token < rows);
+      convert_page(smem, at, slot, state.index(), token, parity, token < rows);
       copy_rope(smem, slot, state.index(), ptid, rows);
       cutlass::arch::fence_view_async_shared();  // written by threads, read by wgmma
-      __syncwarp();
       auto* stage_full = pipeline.producer_get_barrier(state);
-      if (ptid % 32 == 0) { cutlass::arch::ClusterBarrier::arrive(stage_full); }  // one arrival per warp
+      if (Traits::kUnscaledStages && ptid < kBlockN) {
+        // The threads that wrote the stage's token scales (read by the consumer's plain loads,
+        // not only by wgmma) arrive each for themselves, their writes ordered by their own arrival.
+        cutlass::arch::ClusterBarrier::arrive(stage_full);
+      } else {
+        __syncwarp();
+        if (ptid % 32 == 0) { cutlass::arch::ClusterBarrier::arrive(stage_full); }  // one arrival per warp
+      }
       if (!walk.done) {
         // Refill raw stage `slot` kRawStages pages ahead. Only the threads that do (the leader
         // and one scale copier per token: warps 0 and 1) wait for every warp to be done with
@@ -204,12 +224,16 @@ struct DequantProducer {
     lo = cute::cast_smem_ptr_to_uint(&sK(token, col, 0));
   }
 
-  // One thread's share of a page: e4m3 chunks of its token -> Element, times their scales; zeros
-  // for a token past the sequence end (its bytes and scale may be anything, NaN included, and
+  // One thread's share of a page: e4m3 chunks of its token -> Element, times their scales (with
+  // unscaled stages: fp16 as they are, and the token's scale into the stage's scales); zeros for
+  // a token past the sequence end (its bytes and scale may be anything, NaN included, and
   // 0 * NaN would poison P V). So the consumers never write a stage that the producers fill.
   static __device__ void convert_page(typename Traits::SharedStorage& smem, ChunkAddresses const& at,
-                                      int slot, int stage, int token, bool live) {
+                                      int slot, int stage, int token, int parity, bool live) {
     const uint32_t raw_offset = slot * kRawStageStride, out_offset = stage * kStageStride;
+    if constexpr (Traits::kUnscaledStages) {
+      if (parity == 0) { smem.raw.stage_scale[stage][token] = live ? smem.raw.scale[slot][token][0] : 0.f; }
+    }
     if (!live) {
       const uint32_t zero[4] = {0, 0, 0, 0};
       CUTLASS_PRAGMA_UNROLL
@@ -236,10 +260,17 @@ struct DequantProducer {
       CUTLASS_PRAGMA_UNROLL
       for (int i = 0; i < kChunksPerGroup; ++i) {
         uint32_t lo[4], hi[4];
-        dequantise4<Element>(raw[i][0], s, lo[0], lo[1]);
-        dequantise4<Element>(raw[i][1], s, lo[2], lo[3]);
-        dequantise4<Element>(raw[i][2], s, hi[0], hi[1]);
-        dequantise4<Element>(raw[i][3], s, hi[2], hi[3]);
+        if constexpr (Traits::kUnscaledStages) {
+          widen4(raw[i][0], lo[0], lo[1]);
+          widen4(raw[i][1], lo[2], lo[3]);
+          widen4(raw[i][2], hi[0], hi[1]);
+          widen4(raw[i][3], hi[2], hi[3]);
+        } else {
+          dequantise4<Element>(raw[i][0], s, lo[0], lo[1]);
+          dequantise4<Element>(raw[i][1], s, lo[2], lo[3]);
+          dequantise4<Element>(raw[i][2], s, hi[0], hi[1]);
+          dequantise4<Element>(raw[i][3], s, hi[2], hi[3]);
+        }
         store_shared(lo_at[i] + out_offset, lo);
         store_shared((lo_at[i] + out_offset) ^ 16u, hi);
       }

@@ -54,8 +54,9 @@ __global__ void __launch_bounds__(Traits::kNumThreads, Traits::kCtasPerSm)
 
   typename Pipeline::Params pipeline_params;
   pipeline_params.transaction_bytes = Traits::kStageTmaBytes;
-  // FP8: every producer warp arrives on an Element stage's full barrier (dequant.cuh).
-  pipeline_params.num_producers = Traits::kFP8 ? Traits::kNumProducerThreads / 32 : 1;
+  // FP8: the producer warps (with unscaled stages some of their threads) arrive on an Element
+  // stage's full barrier (dequant.cuh).
+  pipeline_params.num_producers = Traits::kFP8 ? Traits::kStageFullArrivals : 1;
   pipeline_params.role = is_producer ? Pipeline::ThreadCategory::Producer
                                      : Pipeline::ThreadCategory::Consumer;
   // FP8: no TMA fills an Element stage (dequant.cuh).

@@ -2,6 +2,8 @@
 // (the KV pages come by TMA): the Q tile of a piece, and zeroing a page's rows past the end.
 #pragma once
 
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
 #include <cute/tensor.hpp>
 
 #include "common/packed_rows.h"
@@ -38,6 +40,33 @@ struct SmemIO {
                    "r"(valid ? 16 : 0));
     }
     asm volatile("cp.async.commit_group;\n" ::: "memory");
+  }
+
+  // Unscaled FP8 stages (Traits::kUnscaledStages) are fp16, and so must be the Q columns that
+  // multiply them: once load_q's copies have landed, each thread converts the 16-byte vectors of
+  // Q's latent columns that it copied itself, in place. (|q| beyond fp16's 65,504 is out of
+  // range there.)
+  static __device__ void q_latent_to_stage_type(SharedStorage& smem, int consumer_tid) {
+    using StageElement = typename Traits::StageElement;
+    if constexpr (!std::is_same_v<Element, StageElement>) {
+      Tensor sQ = make_tensor(make_smem_ptr(smem.q.data()), typename Traits::SmemLayoutQ{});
+      constexpr int kChunksPerRow = Traits::kQSmemCols / kChunk;
+      for (int idx = consumer_tid; idx < Traits::kBlockM * kChunksPerRow; idx += Traits::kNumConsumerThreads) {
+        const int row = idx / kChunksPerRow;
+        const int col = (idx % kChunksPerRow) * kChunk;
+        if (col >= Traits::kHeadDimNope) { continue; }
+        static_assert(std::is_same_v<Element, cutlass::bfloat16_t> && std::is_same_v<StageElement, cutlass::half_t>);
+        uint4* vector = reinterpret_cast<uint4*>(&sQ(row, col));
+        alignas(16) uint32_t pairs[4];
+        *reinterpret_cast<uint4*>(pairs) = *vector;
+        CUTLASS_PRAGMA_UNROLL
+        for (int i = 0; i < 4; ++i) {
+          const __half2 h = __float22half2_rn(__bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&pairs[i])));
+          pairs[i] = *reinterpret_cast<const uint32_t*>(&h);
+        }
+        *vector = *reinterpret_cast<const uint4*>(pairs);
+      }
+    }
   }
 
   // Loads this thread's elements of its warpgroup's Q RoPE columns (64 rows x d_rope) into the

@@ -121,6 +121,14 @@ struct DecodeTraits {
   // columns in registers: overlapping the consumers' pages is worth more than a fourth raw
   // stage.
   static constexpr int kScaleGroups = ceil_div(kKVWidth, kScaleGroup);
+  // FP8 through the transposed consumer with one scale group per token (GTA): the Element
+  // stages hold the e4m3 values unscaled as fp16 (exact, one conversion per two values), and
+  // the consumer applies each token's scale to its row of S^T's latent part and folds it into P
+  // (consumer_transposed.cuh). Those stages, Q's latent columns and P are then fp16 whatever
+  // q's dtype; Q's RoPE columns and the RoPE keys stay in q's dtype.
+  static constexpr bool kUnscaledStages = kFP8 && kTransposed && kScaleGroups == 1;
+  using StageElement = std::conditional_t<kUnscaledStages, cutlass::half_t, Element>;
+  static constexpr int kStageScaleBytes = kUnscaledStages ? 3 * kBlockN * 4 : 0;  // three stages' token scales
   static constexpr int kRopePageBytes = kSharedRope ? kBlockN * kHeadDimRope * sizeof(Element) : 0;
   static constexpr int kStageBytes = kBlockN * kKVWidth * sizeof(Element) + kRopePageBytes;  // one Element stage
   static constexpr int kRawPageBytes = kFP8 ? kBlockN * kKVWidth : 0;  // e4m3
@@ -132,7 +140,7 @@ struct DecodeTraits {
   // holds one: Q, P's two slots, two KV stages (FP8: three and two raw pages in flight).
   static constexpr int kTwoCtaSmemBytes =
       kBlockM * kHeadDimQK * int(sizeof(Element)) + 2 * kWGRows * kBlockN * int(sizeof(Element)) +
-      (kFP8 ? 3 * kStageBytes + 2 * kRawStageBytes : 2 * kStageBytes) + kBarrierBytes;
+      (kFP8 ? 3 * kStageBytes + 2 * kRawStageBytes : 2 * kStageBytes) + kStageScaleBytes + kBarrierBytes;
   static constexpr int kCtasPerSm = kTransposed && kTwoCtaSmemBytes <= kSmemBudgetBytesOfTwo ? kSmallGroupCtasPerSm : 1;
   static constexpr int kSmemBudget = kCtasPerSm > 1 ? kSmemBudgetBytesOfTwo : kSmemBudgetBytes;
 
@@ -144,6 +152,10 @@ struct DecodeTraits {
   static constexpr int kNumProducerWGs = kFP8 && kNumConsumerWGs == 1 && kCtasPerSm == 1 ? 2 : 1;
   static constexpr int kNumProducerThreads = 128 * kNumProducerWGs;
   static constexpr int kNumThreads = kNumConsumerThreads + kNumProducerThreads;
+  // FP8: arrivals on an Element stage's full barrier, one per producer warp, but with unscaled
+  // stages one per thread of the kBlockN that write the token scales (dequant.cuh).
+  static constexpr int kStageFullArrivals =
+      kUnscaledStages ? kBlockN + (kNumProducerThreads - kBlockN) / 32 : kNumProducerThreads / 32;
   static_assert(kCtasPerSm == 1 || kNumThreads * kCtasPerSm <= 512, "128 registers per thread");
   // Registers per thread of each role where there are more than two warpgroups (setmaxnreg).
   // They come out of what the CTA was launched with (384 threads x 168), or setmaxnreg.inc
@@ -240,11 +252,14 @@ struct DecodeTraits {
   // Its MMA shapes stand in for the others' (whose M of 64 rows it does not have).
   using ScoreTileShape = std::conditional_t<kTransposed, Shape<Int<kBlockN>, Int<kWGRows>, _64>,
                                             Shape<Int<kWGRows>, Int<kScoreCols>, _64>>;
-  using TiledMmaS = decltype(make_tiled_mma(
-      GMMA::ss_op_selector<Element, Element, float, ScoreTileShape, GMMA::Major::K, GMMA::Major::K>()));
-  // The RoPE part of S with Q's RoPE columns in registers (kQRopeInRegisters).
+  using TiledMmaS = decltype(make_tiled_mma(GMMA::ss_op_selector<StageElement, StageElement, float, ScoreTileShape,
+                                                                  GMMA::Major::K, GMMA::Major::K>()));
+  // The RoPE part of S: with Q's RoPE columns in registers (kQRopeInRegisters); transposed,
+  // from shared memory in q's dtype (with unscaled stages, into an accumulator of its own).
   using TiledMmaSRope = std::conditional_t<
-      kTransposed, TiledMmaS,
+      kTransposed,
+      decltype(make_tiled_mma(GMMA::ss_op_selector<Element, Element, float, ScoreTileShape,
+                                                   GMMA::Major::K, GMMA::Major::K>())),
       decltype(make_tiled_mma(GMMA::rs_op_selector<Element, Element, float, ScoreTileShape,
                                                    GMMA::Major::K, GMMA::Major::K>()))>;
   // P V: P from registers when one warpgroup holds all of it, else from shared memory.
@@ -252,7 +267,7 @@ struct DecodeTraits {
                                           Shape<Int<kWGRows>, Int<kOutColsPerWG>, Int<kBlockN>>>;
   using TiledMmaO = std::conditional_t<
       kTransposed,
-      decltype(make_tiled_mma(GMMA::ss_op_selector<Element, Element, float, OutTileShape,
+      decltype(make_tiled_mma(GMMA::ss_op_selector<StageElement, StageElement, float, OutTileShape,
                                                    GMMA::Major::MN, GMMA::Major::K>())),
       std::conditional_t<
           kSplitScores,
@@ -295,7 +310,10 @@ struct DecodeTraits {
   struct RawRing {
     alignas(1024) cute::array_aligned<CacheElement, cute::cosize_v<SmemLayoutRaw>> pages;
     alignas(1024) cute::array_aligned<Element, cute::cosize_v<SmemLayoutRawRope>> rope;
-    float scale[kRawStages][kBlockN][kScaleGroups];
+    alignas(16) float scale[kRawStages][kBlockN][kScaleGroups];
+    // kUnscaledStages: each Element stage's token scales (0 past the sequence end), written by
+    // the producer with the stage, read by the consumer.
+    alignas(16) float stage_scale[kUnscaledStages ? kStages : 1][kUnscaledStages ? kBlockN : 1];
     // A raw stage is full once its TMAs (page, RoPE rows) landed and the kBlockN threads that
     // copy its scales arrived (cp.async.mbarrier.arrive.noinc).
     uint64_t full[kRawStages];
@@ -304,9 +322,9 @@ struct DecodeTraits {
 
   struct SharedStorage {
     alignas(1024) cute::array_aligned<Element, cute::cosize_v<SmemLayoutQ>> q;
-    alignas(1024) cute::array_aligned<Element, cute::cosize_v<SmemLayoutK>> kv;
+    alignas(1024) cute::array_aligned<StageElement, cute::cosize_v<SmemLayoutK>> kv;
     alignas(1024) cute::array_aligned<Element, kSharedRope ? cute::cosize_v<SmemLayoutRope> : 1> rope;
-    alignas(1024) cute::array_aligned<Element, kSplitScores ? cute::cosize_v<SmemLayoutP>
+    alignas(1024) cute::array_aligned<StageElement, kSplitScores ? cute::cosize_v<SmemLayoutP>
                                                : kTransposed ? cute::cosize_v<SmemLayoutPT> : 1> p;
     // Per-row statistics exchanged between consumer warpgroups: page maxima, final sums.
     float row_max[cute::max(kNumColWGs, kNumPageWGs)][kWGRows];
