@@ -3,19 +3,22 @@
 // that the consumers (and everything after them) are exactly those of a cache in q's dtype.
 //
 // Two rings in shared memory (traits.h):
-//   raw stages   an e4m3 page, its RoPE rows (q's dtype) and its scales, loaded kRawStages - 1
-//                pages ahead of the page being converted: the leader's TMAs, plus one thread per
-//                token copying the token's scales with cp.async. Only the producers read a raw
-//                stage, so it is free again as soon as they have converted it.
+//   raw stages   an e4m3 page and its scales, loaded kRawStages - 1 pages ahead of the page
+//                being converted: the leader's TMA, plus one thread per token copying the
+//                token's scales with cp.async. Only the producers read a raw stage, so it is
+//                free again as soon as they have converted it.
 //   Element stages  the pipeline of the unquantised kernel; each producer warp arrives on a
-//                stage's full barrier (no TMA) once its threads have written their share, so
-//                that the warps need not wait for each other page by page.
+//                stage's full barrier once its threads have written their share, so that the
+//                warps need not wait for each other page by page. The page's RoPE rows, in q's
+//                dtype in the cache, come by the leader's TMA straight into the stage once it
+//                is free (its barrier also counts their bytes): copying them through the raw
+//                ring would cost each raw stage as many bytes again and fewer pages in flight.
 // Per page a thread converts one token's 16-value chunks c = parity, parity + k, ... (k threads
 // per token; producer thread t: token t % 64, parity t / 64): each chunk is one 16-byte read
 // and two 16-byte writes, and the 8 threads of a quarter-warp touch 8 tokens of one swizzle
-// atom, so neither side has bank conflicts. The RoPE rows are copied as they are (both rings
-// use the same swizzled layout). Rows past the sequence end are written as zeros, so that the
-// consumers read the stage as it comes and never write to it.
+// atom, so neither side has bank conflicts. Rows past the sequence end are written as zeros, so
+// that the consumers read the stage as it comes and never write to it (their RoPE rows are as
+// the cache holds them, NaN included: they reach only scores, which the consumers mask).
 //
 // Unscaled stages (Traits::kUnscaledStages: GTA through the transposed consumer, one scale
 // group per token): the values go to fp16 as they are, exact, one conversion per two, and the
@@ -100,19 +103,19 @@ struct DequantProducer {
                                       group_modes<0, 2>(sRaw), group_modes<0, 2>(mKV(_, _, kv_head, _)));
     Tensor mR = tma_rope.get_tma_tensor(
         make_shape(Int<kBlockN>{}, Int<Traits::kHeadDimRope>{}, p.num_pages));
-    Tensor sRawRope = make_tensor(make_smem_ptr(smem.raw.rope.data()), typename Traits::SmemLayoutRawRope{});
+    Tensor sRope = make_tensor(make_smem_ptr(smem.rope.data()), typename Traits::SmemLayoutRope{});
     auto [tRgR, tRsR] = tma_partition(tma_rope, Int<0>{}, Layout<_1>{},
-                                      group_modes<0, 2>(sRawRope), group_modes<0, 2>(mR));
+                                      group_modes<0, 2>(sRope), group_modes<0, 2>(mR));
     Tensor sK = make_tensor(make_smem_ptr(smem.kv.data()), typename Traits::SmemLayoutK{});
 
     const int token = ptid % kBlockN;
     const int parity = ptid / kBlockN;  // which of the token's threads: its first chunk
     const float* scale_row = p.kv_scale + token * p.kv_scale_token_stride + kv_head * p.kv_scale_head_stride;
 
-    // Loads the walk's next page into raw stage `slot`: the leader's TMAs of the e4m3 page and
-    // its RoPE rows, and (threads of parity 0) the token's scales, each copying thread arriving
-    // on the stage's barrier once its copies have landed. Every thread notes the page's rows
-    // before the sequence end in byte `slot` of valid_rows.
+    // Loads the walk's next page into raw stage `slot`: the leader's TMA of the e4m3 page (and
+    // it notes the physical page for the RoPE rows' TMA), and (threads of parity 0) the token's
+    // scales, each copying thread arriving on the stage's barrier once its copies have landed.
+    // Every thread notes the page's rows before the sequence end in byte `slot` of valid_rows.
     PageWalk walk;
     walk.begin(p);
     uint64_t valid_rows = 0;
@@ -123,9 +126,9 @@ struct DequantProducer {
       valid_rows = (valid_rows & ~(uint64_t{0xff} << shift)) | (uint64_t(walk.valid_rows()) << shift);
       uint64_t& full = smem.raw.full[slot];
       if (leader) {
-        reinterpret_cast<RawBarrier&>(full).arrive_and_expect_tx(Traits::kRawPageBytes + Traits::kRopePageBytes);
+        reinterpret_cast<RawBarrier&>(full).arrive_and_expect_tx(Traits::kRawPageBytes);
         copy(tma_kv.with(full), tKgK(_, physical_page), tKsK(_, slot));
-        copy(tma_rope.with(full), tRgR(_, physical_page), tRsR(_, slot));
+        smem.raw.physical_page[slot] = physical_page;  // read back by this thread only
       }
       if (parity == 0) {  // one thread per token
         const float* src = scale_row + physical_page * p.kv_scale_page_stride;
@@ -149,13 +152,18 @@ struct DequantProducer {
     auto state = cutlass::make_producer_start_state<Pipeline>();
     for (int n = 0; n < fetched; ++n) {
       const int slot = n % kRawStages;
-      reinterpret_cast<RawBarrier&>(smem.raw.full[slot]).wait((n / kRawStages) % 2);
       pipeline.producer_acquire(state);  // every thread waits for the Element stage to be free
+      auto* stage_full = pipeline.producer_get_barrier(state);
+      if (leader) {
+        // The page's RoPE rows are in q's dtype already: TMA'd straight into the Element stage,
+        // whose barrier then also waits for their bytes (the leader's warp arrives below).
+        RawBarrier::expect_transaction(stage_full, Traits::kRopePageBytes);
+        copy(tma_rope.with(*stage_full), tRgR(_, smem.raw.physical_page[slot]), tRsR(_, state.index()));
+      }
+      reinterpret_cast<RawBarrier&>(smem.raw.full[slot]).wait((n / kRawStages) % 2);
       const int rows = int(valid_rows >> (8 * slot)) & 0xff;
       convert_page(smem, at, slot, state.index(), token, parity, token < rows);
-      copy_rope(smem, slot, state.index(), ptid, rows);
       cutlass::arch::fence_view_async_shared();  // written by threads, read by wgmma
-      auto* stage_full = pipeline.producer_get_barrier(state);
       if (Traits::kUnscaledStages && ptid < kBlockN) {
         // The threads that wrote the stage's token scales (read by the consumer's plain loads,
         // not only by wgmma) arrive each for themselves, their writes ordered by their own arrival.
@@ -164,38 +172,17 @@ struct DequantProducer {
         __syncwarp();
         if (ptid % 32 == 0) { cutlass::arch::ClusterBarrier::arrive(stage_full); }  // one arrival per warp
       }
+      __syncwarp();
+      if (ptid % 32 == 0) { cutlass::arch::ClusterBarrier::arrive(&smem.raw.empty[slot]); }  // the warp read it
       if (!walk.done) {
         // Refill raw stage `slot` kRawStages pages ahead. Only the threads that do (the leader
         // and one scale copier per token: warps 0 and 1) wait for every warp to be done with
         // the page; the others go on to the next one.
-        if (ptid < kBlockN) { cutlass::arch::ClusterBarrier::wait(stage_full, state.phase() ^ 1); }
+        if (ptid < kBlockN) { cutlass::arch::ClusterBarrier::wait(&smem.raw.empty[slot], (n / kRawStages) % 2); }
         fetch(slot);
         ++fetched;
       }
       ++state;
-    }
-  }
-
-  // The page's RoPE rows, raw stage -> Element stage: the same bytes (both rings use one
-  // swizzled layout, which moves 16-byte vectors only within a row), 16 at a time by
-  // consecutive threads, and zeros for the rows past valid_rows.
-  static __device__ void copy_rope(typename Traits::SharedStorage& smem, int slot, int stage, int ptid,
-                                   int valid_rows) {
-    constexpr int kVectors = Traits::kRopePageBytes / 16;
-    constexpr int kVectorsPerRow = Traits::kHeadDimRope * int(sizeof(Element)) / 16;
-    static_assert(kVectors % kThreads == 0, "every thread copies as many vectors");
-    const uint4* src = reinterpret_cast<const uint4*>(smem.raw.rope.data()) + slot * kVectors;
-    const uint32_t dst = cute::cast_smem_ptr_to_uint(smem.rope.data()) + stage * Traits::kRopePageBytes;
-    CUTLASS_PRAGMA_UNROLL
-    for (int k = 0; k < kVectors / kThreads; ++k) {
-      const int i = ptid + k * kThreads;
-      uint32_t v[4] = {0, 0, 0, 0};
-      if (i / kVectorsPerRow < valid_rows) {
-        asm volatile("ld.shared.v4.b32 {%0, %1, %2, %3}, [%4];\n"
-                     : "=r"(v[0]), "=r"(v[1]), "=r"(v[2]), "=r"(v[3])
-                     : "r"(cute::cast_smem_ptr_to_uint(src + i)));
-      }
-      store_shared(dst + i * 16, v);
     }
   }
 

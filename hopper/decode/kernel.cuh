@@ -59,7 +59,8 @@ __global__ void __launch_bounds__(Traits::kNumThreads, Traits::kCtasPerSm)
   pipeline_params.num_producers = Traits::kFP8 ? Traits::kStageFullArrivals : 1;
   pipeline_params.role = is_producer ? Pipeline::ThreadCategory::Producer
                                      : Pipeline::ThreadCategory::Consumer;
-  // FP8: no TMA fills an Element stage (dequant.cuh).
+  // FP8: the Element stages are written by the producer threads; the leader expects the bytes
+  // of the RoPE rows it TMAs into them itself (dequant.cuh).
   pipeline_params.is_leader = is_producer_leader && !Traits::kFP8;
   pipeline_params.num_consumers = Traits::kTurnThreads;  // the threads that release a stage
   Pipeline pipeline(smem.pipeline, pipeline_params, Shape<_1, _1, _1>{});
@@ -70,6 +71,7 @@ __global__ void __launch_bounds__(Traits::kNumThreads, Traits::kCtasPerSm)
       for (int slot = 0; slot < Traits::kRawStages; ++slot) {
         // The leader's arrival with the TMA bytes, and one per thread that copies scales.
         cutlass::arch::ClusterTransactionBarrier::init(&smem.raw.full[slot], 1 + Traits::kBlockN);
+        cutlass::arch::ClusterBarrier::init(&smem.raw.empty[slot], Traits::kNumProducerThreads / 32);
       }
       cutlass::arch::fence_barrier_init();
     }

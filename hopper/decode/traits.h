@@ -114,12 +114,11 @@ struct DecodeTraits {
   // Q's RoPE columns in registers instead (the A operand of register-sourced wgmma: 16 per
   // thread for d_rope 64) frees the 16 KB that make a fourth stage fit.
   //
-  // FP8 (dequant.cuh): a raw stage holds an e4m3 page, its RoPE rows and its scales, TMA-loaded
-  // kRawStages - 1 pages ahead; the consumers' Element stages are written by the producer
-  // warpgroup. The overlapped consumer holds two Element stages, so it needs three, plus three
-  // raw stages for two loads in flight: for GLA's 64-row tile that fits only with Q's RoPE
-  // columns in registers: overlapping the consumers' pages is worth more than a fourth raw
-  // stage.
+  // FP8 (dequant.cuh): a raw stage holds an e4m3 page and its scales, TMA-loaded kRawStages - 1
+  // pages ahead; the consumers' Element stages are written by the producer warpgroup (the RoPE
+  // rows come by TMA). The overlapped consumer holds two Element stages, so it needs three; Q's
+  // RoPE columns stay in shared memory only if four raw stages (three loads in flight) fit
+  // beside them: for GLA's 64-row tile they go to registers.
   static constexpr int kScaleGroups = ceil_div(kKVWidth, kScaleGroup);
   // FP8 through the transposed consumer with one scale group per token (GTA): the Element
   // stages hold the e4m3 values unscaled as fp16 (exact, one conversion per two values), and
@@ -132,7 +131,7 @@ struct DecodeTraits {
   static constexpr int kRopePageBytes = kSharedRope ? kBlockN * kHeadDimRope * sizeof(Element) : 0;
   static constexpr int kStageBytes = kBlockN * kKVWidth * sizeof(Element) + kRopePageBytes;  // one Element stage
   static constexpr int kRawPageBytes = kFP8 ? kBlockN * kKVWidth : 0;  // e4m3
-  static constexpr int kRawStageBytes = kFP8 ? kRawPageBytes + kRopePageBytes + kBlockN * kScaleGroups * 4 : 0;
+  static constexpr int kRawStageBytes = kFP8 ? kRawPageBytes + kBlockN * kScaleGroups * 4 : 0;
   // The P slot, row statistics and barriers, padded to the 1 KB alignment of the tiles.
   static constexpr int kBarrierBytes = kFP8 ? 1024 + 64 : 2048;
   // CTAs per SM: the transposed consumer's one warpgroup runs its page loop as a serial chain,
@@ -141,7 +140,11 @@ struct DecodeTraits {
   static constexpr int kTwoCtaSmemBytes =
       kBlockM * kHeadDimQK * int(sizeof(Element)) + 2 * kWGRows * kBlockN * int(sizeof(Element)) +
       (kFP8 ? 3 * kStageBytes + 2 * kRawStageBytes : 2 * kStageBytes) + kStageScaleBytes + kBarrierBytes;
-  static constexpr int kCtasPerSm = kTransposed && kTwoCtaSmemBytes <= kSmemBudgetBytesOfTwo ? kSmallGroupCtasPerSm : 1;
+  // ... and where 128 registers a thread hold each role: not the FP8 consumer of d 128 with 16
+  // columns (O^T's 16 columns beside S^T's two accumulators spill there).
+  static constexpr bool kTwoCtaRegistersFit = !(kFP8 && kHeadDimV * kQueryCols > 128 * 8);
+  static constexpr int kCtasPerSm =
+      kTransposed && kTwoCtaSmemBytes <= kSmemBudgetBytesOfTwo && kTwoCtaRegistersFit ? kSmallGroupCtasPerSm : 1;
   static constexpr int kSmemBudget = kCtasPerSm > 1 ? kSmemBudgetBytesOfTwo : kSmemBudgetBytes;
 
   // Consumer warpgroups first, then a producer warpgroup (of which one thread works): whole
@@ -179,7 +182,7 @@ struct DecodeTraits {
                                    : kFP8              ? !kSplitScores && kNumRowWGs == 1
                                                        : !kSplitScores && !(kSharedRope && kNumRowWGs > 1);
   static constexpr bool kFP8QRopeFits =
-      kBlockM * kHeadDimQK * int(sizeof(Element)) + 3 * kStageBytes + 3 * kRawStageBytes + kBarrierBytes <=
+      kBlockM * kHeadDimQK * int(sizeof(Element)) + 3 * kStageBytes + 4 * kRawStageBytes + kBarrierBytes <=
       kSmemBudget;
   static constexpr bool kQRopeInRegisters = !kTransposed && (kNumRowWGs > 1 || (kFP8 && kOverlapPV && !kFP8QRopeFits));
   static constexpr int kQSmemCols = kQRopeInRegisters ? kHeadDimNope : kHeadDimQK;
@@ -224,8 +227,8 @@ struct DecodeTraits {
   static_assert(kNumPageWGs == 1 || (kNumRowWGs == 1 && kNumColWGs == 1 && kTurnChunk >= 16),
                 "page turns: one warpgroup's O reaches the other through the Q tile");
   static constexpr int kPBytes = (kSplitScores ? 1 : kTransposed ? 2 : 0) * kWGRows * kBlockN * sizeof(Element);
-  // Bytes that one Element stage's TMA brings: the page and its RoPE rows; none for FP8,
-  // whose Element stages the producer warpgroup writes.
+  // Bytes that one Element stage's TMA brings: the page and its RoPE rows; for FP8, whose
+  // pages the producer warpgroup writes, the leader expects its RoPE rows' bytes itself.
   static constexpr int kStageTmaBytes = kFP8 ? 0 : kStageBytes;
 
   // As many pages in flight as fit: 2 for MLA (576-wide rows), 4 for GLA (320-wide), capped
@@ -285,8 +288,6 @@ struct DecodeTraits {
   using SmemLayoutRaw = decltype(tile_to_shape(k_major_atom<CacheElement, kKVWidth>(),
                                                Shape<Int<kBlockN>, Int<kKVWidth>, Int<kRawStages>>{}));
   using SmemLayoutCachePage = std::conditional_t<kFP8, SmemLayoutRawPage, SmemLayoutPage>;
-  using SmemLayoutRawRope = decltype(tile_to_shape(k_major_atom<Element, kHeadDimRope>(),
-                                                   Shape<Int<kBlockN>, Int<kHeadDimRope>, Int<kRawStages>>{}));
 
   // Global view of the paged cache that the TMA descriptor is built from:
   // (token in page, dim, kv head, page) with the dim contiguous.
@@ -309,14 +310,18 @@ struct DecodeTraits {
   // FP8's raw stages (dequant.cuh); other instances hold an empty struct in their place.
   struct RawRing {
     alignas(1024) cute::array_aligned<CacheElement, cute::cosize_v<SmemLayoutRaw>> pages;
-    alignas(1024) cute::array_aligned<Element, cute::cosize_v<SmemLayoutRawRope>> rope;
     alignas(16) float scale[kRawStages][kBlockN][kScaleGroups];
     // kUnscaledStages: each Element stage's token scales (0 past the sequence end), written by
     // the producer with the stage, read by the consumer.
     alignas(16) float stage_scale[kUnscaledStages ? kStages : 1][kUnscaledStages ? kBlockN : 1];
-    // A raw stage is full once its TMAs (page, RoPE rows) landed and the kBlockN threads that
-    // copy its scales arrived (cp.async.mbarrier.arrive.noinc).
+    // A raw stage is full once its page's TMA landed and the kBlockN threads that copy its
+    // scales arrived (cp.async.mbarrier.arrive.noinc).
     uint64_t full[kRawStages];
+    // ... and empty once every producer warp has converted it (one arrival per warp): the
+    // threads that refill it wait for this, not for the Element stage, whose barrier also
+    // waits for the RoPE rows' TMA.
+    uint64_t empty[kRawStages];
+    int physical_page[kRawStages];  // of each raw stage's page, for its RoPE rows' TMA (the leader's)
   };
   struct NoRawRing {};
 
