@@ -9,8 +9,8 @@
 //   O^T += V^T P^T   A: the same page viewed dims x tokens (MN-major); B: P (N x tokens)
 // so the MMA and softmax work per page follows the real rows. A query row's softmax runs over
 // the 64 tokens of a column, which the warpgroup's 4 warps hold 16 each: within a warp the 8
-// lanes of a column reduce by shuffles, across warps through shared memory behind one barrier
-// per page; P goes to shared memory (the B operand of O^T) behind a second one.
+// lanes of a column reduce by shuffles; P goes to shared memory (the B operand of O^T) behind
+// one barrier per page, which also tells whether any warp's maxima rose (stage_p below).
 //
 // The producer (with an FP8 cache, the warpgroups that dequantise it into the same 16-bit
 // stages), the schedule, the Q tile's load, the rows-past-end zeroing and the split/combine
@@ -65,23 +65,21 @@ struct TransposedConsumer {
     return x + __shfl_xor_sync(0xffffffff, x, 16);
   }
 
-  // A per-column value of every warp (lanes 0-3 of each hold all kN columns) combined over the
-  // warpgroup through smem.col_exchange, behind barrier `id`.
-  template <bool kMax, int kCols, class TensorC>
-  static __device__ void across_warps(typename Traits::SharedStorage& smem, float (&value)[kCols],
-                                      TensorC const& coord, int warp, int lane, ConsumerBarrier id) {
+  // Per-column sums of every warp (lanes 0-3 of each hold all kN columns) added over the
+  // warpgroup through smem.col_exchange.
+  template <int kCols, class TensorC>
+  static __device__ void sum_across_warps(typename Traits::SharedStorage& smem, float (&value)[kCols],
+                                          TensorC const& coord, int warp, int lane) {
     if (lane < 4) {
       CUTLASS_PRAGMA_UNROLL
       for (int c = 0; c < kCols; ++c) { smem.col_exchange[warp][get<1>(coord(0, c))] = value[c]; }
     }
-    consumer_sync(kThreads, id);
+    consumer_sync(kThreads, ConsumerBarrier::kRowSums);
     CUTLASS_PRAGMA_UNROLL
     for (int c = 0; c < kCols; ++c) {
       const int col = get<1>(coord(0, c));
-      float v = smem.col_exchange[0][col];
-      CUTLASS_PRAGMA_UNROLL
-      for (int w = 1; w < 4; ++w) { v = kMax ? fmaxf(v, smem.col_exchange[w][col]) : v + smem.col_exchange[w][col]; }
-      value[c] = v;
+      value[c] = smem.col_exchange[0][col] + smem.col_exchange[1][col] + smem.col_exchange[2][col] +
+                 smem.col_exchange[3][col];
     }
   }
 
@@ -191,12 +189,11 @@ struct TransposedConsumer {
           gemm_k_blocks<0, 0, kBlockN / 16>(mma_o, tOrV(_, _, _, stage), tOrP(_, _, _, slot), tOrO);
           warpgroup_commit_batch();
         };
-        // Scale and mask the page's scores, each column's maximum over all 4 warps, the online
-        // softmax per column: probabilities in place, rescale[c] for O^T's column c.
+        // Scale and mask the page's scores, then each column's maximum over the warp's 16 tokens.
         // Unscaled stages: the scales of the thread's tokens in the page, and P's factors.
-        float rescale[kCols], token_scale[kTokens], p_factor[kTokens];
+        float warp_max[kCols], token_scale[kTokens], p_factor[kTokens];
         float unit = 1.f;
-        auto softmax_page = [&](int page, int stage) {
+        auto score_page = [&](int page, int stage) {
           const bool needs_mask = page * kBlockN + kBlockN > mask_from;
           if constexpr (kUnscaled) {
             if (page == w.page_begin) { unit = unit_for(smem.raw.stage_scale[stage][0]); }
@@ -206,7 +203,6 @@ struct TransposedConsumer {
               p_factor[t] = token_scale[t] * unit;
             }
           }
-          float page_max[kCols];
           CUTLASS_PRAGMA_UNROLL
           for (int c = 0; c < kCols; ++c) {
             float m = -INFINITY;
@@ -222,36 +218,70 @@ struct TransposedConsumer {
               tSrS_rc(t, c) = needs_mask && key > col_last_key[c] ? -INFINITY : s;
               m = fmaxf(m, tSrS_rc(t, c));
             }
-            page_max[c] = warp_column_max(m);
+            warp_max[c] = warp_column_max(m);
           }
-          across_warps</*kMax=*/true>(smem, page_max, tScS_rc, warp, lane, ConsumerBarrier::kScoresMax);
-          softmax.update(tSrS_cr, page_max, rescale);
         };
-        // Once the previous page's P V is done: rescale O^T, and P (query row x token) into its
-        // slot for this page's P V. The slot alternates: the other one may still be read by
-        // the previous page's P V in another warp, while this slot's last reader (two pages
-        // back) finished in every warp before any reached this page's kScoresMax.
-        auto rescale_o_and_stage_p = [&](int slot) {
-          bool changed = false;
-          CUTLASS_PRAGMA_UNROLL
-          for (int c = 0; c < kCols; ++c) { changed |= rescale[c] != 1.f; }
-          if (__any_sync(0xffffffff, changed)) {
+        // P (query row x token) into its slot for the page's P V, once the previous page's P V is
+        // done. The slot alternates: the other one may still be read by the previous page's P V
+        // in another warp, while this slot's last reader (two pages back) finished in every warp
+        // before any passed the previous page's kPReady.
+        //
+        // The column maxima over the warpgroup are only needed where a page raises one: P is
+        // written against the running maxima, which hold unless a warp saw a larger score, and
+        // the barrier that publishes P also tells every thread whether any did. Only then are
+        // the warps' maxima combined (through smem.col_exchange, written before the barrier),
+        // O^T rescaled and P written again behind a second barrier: at the first page and when
+        // the scores climb, a few pages of a long sequence. Either way P, O^T and the sums are
+        // those of the page-by-page online softmax.
+        auto stage_p = [&](int slot) {
+          auto write_p = [&](auto const& prob) {
             CUTLASS_PRAGMA_UNROLL
-            for (int d = 0; d < size<0>(tOrO_rc); ++d) {
+            for (int c = 0; c < kCols; ++c) {
               CUTLASS_PRAGMA_UNROLL
-              for (int c = 0; c < kCols; ++c) { tOrO_rc(d, c) *= rescale[c]; }
+              for (int t = 0; t < kTokens; ++t) {
+                const float v = kUnscaled ? prob(t, c) * p_factor[t] : prob(t, c);
+                sP(get<1>(tScS_rc(t, c)), get<0>(tScS_rc(t, c)), slot) = StageElement(v);
+              }
             }
-          }
+            cutlass::arch::fence_view_async_shared();  // P written by threads, read by wgmma
+          };
+          float prob_buf[kTokens * kCols], page_sum[kCols];
+          Tensor prob = make_tensor(&prob_buf[0], make_layout(Shape<Int<kTokens>, Int<kCols>>{}));
+          bool raises = false;
           CUTLASS_PRAGMA_UNROLL
           for (int c = 0; c < kCols; ++c) {
+            raises |= warp_max[c] > softmax.row_max[c];
+            // A column that has seen no key yet subtracts 0, so that exp2 gives 0, not NaN.
+            const float ref = softmax.row_max[c] == -INFINITY ? 0.f : softmax.row_max[c];
+            page_sum[c] = 0.f;
             CUTLASS_PRAGMA_UNROLL
             for (int t = 0; t < kTokens; ++t) {
-              const float prob = kUnscaled ? tSrS_rc(t, c) * p_factor[t] : tSrS_rc(t, c);
-              sP(get<1>(tScS_rc(t, c)), get<0>(tScS_rc(t, c)), slot) = StageElement(prob);
+              prob(t, c) = exp2f(tSrS_rc(t, c) - ref);
+              page_sum[c] += prob(t, c);
             }
+            if (lane < 4) { smem.col_exchange[warp][get<1>(tScS_rc(0, c))] = warp_max[c]; }
           }
-          cutlass::arch::fence_view_async_shared();  // P written by threads, read by wgmma
-          consumer_sync(kThreads, ConsumerBarrier::kPReady);
+          write_p(prob);
+          if (!consumer_sync_any(kThreads, ConsumerBarrier::kPReady, raises)) {
+            CUTLASS_PRAGMA_UNROLL
+            for (int c = 0; c < kCols; ++c) { softmax.row_sum[c] += page_sum[c]; }
+            return;
+          }
+          float page_max[kCols], rescale[kCols];
+          CUTLASS_PRAGMA_UNROLL
+          for (int c = 0; c < kCols; ++c) {
+            const int col = get<1>(tScS_rc(0, c));
+            page_max[c] = fmaxf(fmaxf(smem.col_exchange[0][col], smem.col_exchange[1][col]),
+                                fmaxf(smem.col_exchange[2][col], smem.col_exchange[3][col]));
+          }
+          softmax.update(tSrS_cr, page_max, rescale);
+          CUTLASS_PRAGMA_UNROLL
+          for (int d = 0; d < size<0>(tOrO_rc); ++d) {
+            CUTLASS_PRAGMA_UNROLL
+            for (int c = 0; c < kCols; ++c) { tOrO_rc(d, c) *= rescale[c]; }
+          }
+          write_p(tSrS_rc);
+          consumer_sync(kThreads, ConsumerBarrier::kScoresMax);
         };
 
         // A software pipeline over the pages, as PageLoop::overlapped: page n's S^T and page
@@ -266,8 +296,8 @@ struct TransposedConsumer {
           warpgroup_wait<0>();
           warpgroup_fence_operand(tSrS);
           if constexpr (kUnscaled) { warpgroup_fence_operand(tSrSr); }
-          softmax_page(w.page_begin, first_stage);
-          rescale_o_and_stage_p(0);
+          score_page(w.page_begin, first_stage);
+          stage_p(0);
           auto prev_state = state;
           ++state;
           for (int page = w.page_begin + 1; page < w.page_end; ++page) {
@@ -281,11 +311,11 @@ struct TransposedConsumer {
             warpgroup_wait<1>();
             warpgroup_fence_operand(tSrS);
             if constexpr (kUnscaled) { warpgroup_fence_operand(tSrSr); }
-            softmax_page(page, stage);
+            score_page(page, stage);
             warpgroup_wait<0>();  // page n-1's P V is in O^T; its stage can be refilled
             warpgroup_fence_operand(tOrO);
             pipeline.consumer_release(prev_state);
-            rescale_o_and_stage_p(slot);
+            stage_p(slot);
             prev_state = state;
             ++state;
           }
@@ -300,7 +330,7 @@ struct TransposedConsumer {
         float col_sum[kCols];
         CUTLASS_PRAGMA_UNROLL
         for (int c = 0; c < kCols; ++c) { col_sum[c] = warp_column_sum(softmax.row_sum[c]); }
-        across_warps</*kMax=*/false>(smem, col_sum, tScS_rc, warp, lane, ConsumerBarrier::kRowSums);
+        sum_across_warps(smem, col_sum, tScS_rc, warp, lane);
         store(p, smem, w, tOrO_rc, tOcO_rc, tScS_rc, softmax.row_max, col_sum, 1.f / unit, rows, wg.row_base,
               warp, lane);
       }

@@ -27,6 +27,17 @@ __device__ __forceinline__ void consumer_sync(int num_threads, ConsumerBarrier i
   asm volatile("bar.sync %0, %1;" ::"r"(static_cast<int>(id)), "r"(num_threads));
 }
 
+// consumer_sync that also returns whether `pred` held in any of the threads.
+__device__ __forceinline__ bool consumer_sync_any(int num_threads, ConsumerBarrier id, bool pred) {
+  uint32_t any;
+  asm volatile(
+      "{\n .reg .pred p, q;\n setp.ne.u32 p, %1, 0;\n bar.red.or.pred q, %2, %3, p;\n selp.u32 %0, 1, 0, q;\n}\n"
+      : "=r"(any)
+      : "r"(uint32_t(pred)), "r"(static_cast<int>(id)), "r"(num_threads)
+      : "memory");
+  return any != 0;
+}
+
 __device__ __forceinline__ void barrier_arrive(int num_threads, ConsumerBarrier id) {
   asm volatile("bar.arrive %0, %1;" ::"r"(static_cast<int>(id)), "r"(num_threads));
 }
