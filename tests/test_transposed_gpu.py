@@ -15,7 +15,8 @@ test_batch_invariant_gpu.py and below.
 from __future__ import annotations
 
 import pytest
-from helpers import check_case, check_graph_replay, distinct, grid_tests, gta_case
+import torch
+from helpers import PAGE, assert_close, case_metadata, check_graph_replay, distinct, empty_out, grid_tests, gta_case
 
 TRANSPOSED_ROWS = 16  # the query columns of the widest transposed instances (*_t16)
 LENGTHS = [1, 63, 65, 4113, "mix"]
@@ -49,3 +50,42 @@ test_grid_size, test_transposed_matches_reference = grid_tests(build_grid(), ran
 @pytest.mark.parametrize("d", [128, 64])
 def test_transposed_cuda_graph_capture_and_replay(d):
     check_graph_replay(gta_case(d=d, h_q=32, h_kv=8, s_q=2, causal=True, length="graph", b=4))
+
+
+def scale_along_sequence(inp, rising: bool) -> None:
+    """Multiply each request's cached key rows (latent and RoPE; an FP8 cache's scales) by 1 to 8,
+    growing geometrically with the token's position (or falling): for GTA-8's 4 query heads the
+    running maximum of some head's scores then rises on about 2 pages in 3 of a 4K request (on
+    about 1 in 20 when falling), so that both ways through a page are taken."""
+    for i, n in enumerate(inp.lengths):
+        pos = torch.arange(n, device="cuda")
+        frac = pos.float() / max(n - 1, 1)
+        factor = torch.exp2(3 * (frac if rising else 1 - frac))[:, None, None]
+        pages, rows = inp.block_table[i, pos // PAGE].long(), pos % PAGE
+        if inp.kv_scale is not None:
+            inp.kv_scale[pages, rows] *= factor
+        else:
+            inp.kv_cache[pages, rows] = (inp.kv_cache[pages, rows].float() * factor).to(inp.kv_cache.dtype)
+        inp.rope_cache[pages, rows] = (inp.rope_cache[pages, rows].float() * factor).to(inp.rope_cache.dtype)
+
+
+SCORE_TREND_CASES = [
+    gta_case(length=4113),
+    gta_case(d=64, h_q=16, h_kv=4, dtype="fp16", s_q=4, causal=True, length="mix", b=5),
+    gta_case(h_q=16, h_kv=1, s_q=1, length=16384, b=1),  # split over parts
+    gta_case(fp8=True, length=4113),
+    gta_case(fp8=True, s_q=4, causal=True, length="mix", b=5),
+]
+
+
+@pytest.mark.sm90
+@pytest.mark.parametrize("rising", [True, False], ids=["rising", "falling"])
+@pytest.mark.parametrize("case", SCORE_TREND_CASES, ids=lambda c: c.id)
+def test_transposed_scores_rising_or_falling_along_the_sequence(case, rising):
+    """The transposed consumer combines its warps' column maxima only on pages that raise one:
+    scores that climb along the sequence (most pages do) and scores that fall (few do) match."""
+    inp = case.variant.make_inputs(case)
+    scale_along_sequence(inp, rising)
+    got, lse = case.variant.decode(inp, case.dv, *case_metadata(case, inp), causal=case.causal, out=empty_out(case))
+    ref, lse_ref = case.variant.reference(inp, case.dv, causal=case.causal)
+    assert_close(got, ref, lse, lse_ref, case.id + ("-rising" if rising else "-falling"), kv_fp8=case.fp8)
