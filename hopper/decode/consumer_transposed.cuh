@@ -234,19 +234,10 @@ struct TransposedConsumer {
         // the scores climb, a few pages of a long sequence. Either way P, O^T and the sums are
         // those of the page-by-page online softmax.
         auto stage_p = [&](int slot) {
-          auto write_p = [&](auto const& prob) {
-            CUTLASS_PRAGMA_UNROLL
-            for (int c = 0; c < kCols; ++c) {
-              CUTLASS_PRAGMA_UNROLL
-              for (int t = 0; t < kTokens; ++t) {
-                const float v = kUnscaled ? prob(t, c) * p_factor[t] : prob(t, c);
-                sP(get<1>(tScS_rc(t, c)), get<0>(tScS_rc(t, c)), slot) = StageElement(v);
-              }
-            }
-            cutlass::arch::fence_view_async_shared();  // P written by threads, read by wgmma
+          auto write_p = [&](int t, int c, float prob) {
+            sP(get<1>(tScS_rc(t, c)), get<0>(tScS_rc(t, c)), slot) = StageElement(kUnscaled ? prob * p_factor[t] : prob);
           };
-          float prob_buf[kTokens * kCols], page_sum[kCols];
-          Tensor prob = make_tensor(&prob_buf[0], make_layout(Shape<Int<kTokens>, Int<kCols>>{}));
+          float page_sum[kCols];
           bool raises = false;
           CUTLASS_PRAGMA_UNROLL
           for (int c = 0; c < kCols; ++c) {
@@ -256,12 +247,13 @@ struct TransposedConsumer {
             page_sum[c] = 0.f;
             CUTLASS_PRAGMA_UNROLL
             for (int t = 0; t < kTokens; ++t) {
-              prob(t, c) = exp2f(tSrS_rc(t, c) - ref);
-              page_sum[c] += prob(t, c);
+              const float prob = exp2f(tSrS_rc(t, c) - ref);
+              page_sum[c] += prob;
+              write_p(t, c, prob);
             }
             if (lane < 4) { smem.col_exchange[warp][get<1>(tScS_rc(0, c))] = warp_max[c]; }
           }
-          write_p(prob);
+          cutlass::arch::fence_view_async_shared();  // P written by threads, read by wgmma
           if (!consumer_sync_any(kThreads, ConsumerBarrier::kPReady, raises)) {
             CUTLASS_PRAGMA_UNROLL
             for (int c = 0; c < kCols; ++c) { softmax.row_sum[c] += page_sum[c]; }
@@ -280,7 +272,12 @@ struct TransposedConsumer {
             CUTLASS_PRAGMA_UNROLL
             for (int c = 0; c < kCols; ++c) { tOrO_rc(d, c) *= rescale[c]; }
           }
-          write_p(tSrS_rc);
+          CUTLASS_PRAGMA_UNROLL
+          for (int c = 0; c < kCols; ++c) {
+            CUTLASS_PRAGMA_UNROLL
+            for (int t = 0; t < kTokens; ++t) { write_p(t, c, tSrS_rc(t, c)); }
+          }
+          cutlass::arch::fence_view_async_shared();
           consumer_sync(kThreads, ConsumerBarrier::kScoresMax);
         };
 
