@@ -235,7 +235,14 @@ struct DecodeTraits {
   // at 8 for the narrow GTA pages. FP8 keeps as many Element stages as the consumers hold at
   // once plus one being written, and gives the rest to raw pages in flight.
   static constexpr int kSmemForStages = kSmemBudget - kQBytes - kPBytes - kBarrierBytes;
-  static constexpr int kStages = kFP8 ? (kOverlapPV ? 3 : 2) : cute::min(8, kSmemForStages / kStageBytes);
+  // ... and up to two Element stages more where the raw ring keeps its cap of 8 pages beside
+  // them: the producer then fills a stage pages earlier, and the RoPE rows it TMAs in when the
+  // stage frees have that much longer to land (GTA with one CTA per SM, GTA d 64).
+  static constexpr int kFP8HeldStages = kOverlapPV ? 3 : 2;
+  static constexpr int kFP8SpareStages =
+      kFP8 ? cute::max(0, cute::min(2, (kSmemForStages - 8 * kRawStageBytes - kFP8HeldStages * kStageBytes) / kStageBytes))
+           : 0;
+  static constexpr int kStages = kFP8 ? kFP8HeldStages + kFP8SpareStages : cute::min(8, kSmemForStages / kStageBytes);
   static constexpr int kRawStages = kFP8 ? cute::min(8, (kSmemForStages - kStages * kStageBytes) / kRawStageBytes) : 1;
   static_assert(kStages >= 2, "shared memory must hold Q and at least two KV pages");
   static_assert(!kFP8 || kRawStages >= 4 - kCtasPerSm, "FP8: at least two raw pages in flight per SM besides those converted");
