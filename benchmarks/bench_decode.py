@@ -55,6 +55,7 @@ CONFIGS = {
     # Small query groups: GTA with d 64 (4 rows per KV head), and one GPU's share of GLA-8 and
     # of MLA under 8-way tensor parallelism (16 heads).
     "gta4-d64": dict(h_q=16, h_kv=4, dv=64, d_rope=32, layout="gta"),
+    "gta4-d64-fp8": dict(h_q=16, h_kv=4, dv=64, d_rope=32, layout="gta", fp8=True),
     "gla1-h16": dict(h_q=16, h_kv=1, dv=256, d_rope=64),
     "mla-h16": dict(h_q=16, h_kv=1, dv=512, d_rope=64),
 }
