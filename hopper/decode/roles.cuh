@@ -27,7 +27,8 @@ __device__ __forceinline__ void consumer_sync(int num_threads, ConsumerBarrier i
   asm volatile("bar.sync %0, %1;" ::"r"(static_cast<int>(id)), "r"(num_threads));
 }
 
-// consumer_sync that also returns whether `pred` held in any of the threads.
+// consumer_sync that also returns whether `pred` held in any of the threads (bar.red orders the
+// participants' shared-memory accesses across it as bar.sync does).
 __device__ __forceinline__ bool consumer_sync_any(int num_threads, ConsumerBarrier id, bool pred) {
   uint32_t any;
   asm volatile(
