@@ -49,6 +49,8 @@ struct TransposedConsumer {
   static_assert(!kUnscaled || Traits::kSharedRope, "unscaled stages: S^T's RoPE part comes from the rope tile");
   static constexpr int kN = Traits::kQueryCols;  // query rows of the tile: the wgmma N
   static constexpr int kBlockN = Traits::kBlockN;  // tokens per page: the wgmma M of S^T
+  static constexpr int kStepPages = Traits::kStepPages;  // pages per softmax step
+  static constexpr int kStepTokens = Traits::kStepTokens;
   static constexpr int kHeadDimV = Traits::kHeadDimV;
   static constexpr int kThreads = Traits::kNumConsumerThreads;  // one warpgroup
   static constexpr int kChunk = 16 / sizeof(Element);
@@ -122,23 +124,25 @@ struct TransposedConsumer {
     Tensor tSrR = thr_rope.partition_fragment_A(sR);
     Tensor tSrQr = thr_rope.partition_fragment_B(sQ);
     Tensor tOrV = thr_o.partition_fragment_A(sVo);  // (MMA, dv/64, tokens/16, stage)
-    Tensor tOrP = thr_o.partition_fragment_B(sP);   // (MMA, 1, tokens/16, slot)
-    Tensor tSrS = partition_fragment_C(mma_s, Shape<Int<kBlockN>, Int<kN>>{});
-    Tensor tSrSr = partition_fragment_C(mma_r, Shape<Int<kBlockN>, Int<kN>>{});  // unscaled: the RoPE part
+    Tensor tOrP = thr_o.partition_fragment_B(sP);   // (MMA, 1, step tokens/16, slot)
+    // S^T of a step: one M tile per page, (MMA, kStepPages, 1).
+    Tensor tSrS = partition_fragment_C(mma_s, Shape<Int<kStepTokens>, Int<kN>>{});
+    Tensor tSrSr = partition_fragment_C(mma_r, Shape<Int<kStepTokens>, Int<kN>>{});  // unscaled: the RoPE part
     Tensor tOrO = partition_fragment_C(mma_o, Shape<Int<kHeadDimV>, Int<kN>>{});
-    // (token or dim, query column) views and coordinates: a thread holds 2 tokens of each of its
-    // kN / 4 columns, and the same columns of O^T (the accumulator's column map does not depend
-    // on M).
+    // (token or dim, query column) views and coordinates: a thread holds 2 tokens of each page
+    // of the step in each of its kN / 4 columns, and the same columns of O^T (the accumulator's
+    // column map does not depend on M). Token t of the view lies in the step's page t / 2.
     Tensor tSrS_rc = make_tensor(tSrS.data(), accumulator_rowcol(tSrS.layout()));
     Tensor tSrSr_rc = make_tensor(tSrSr.data(), accumulator_rowcol(tSrSr.layout()));
     Tensor tSrS_cr = make_tensor(tSrS.data(), select<1, 0>(accumulator_rowcol(tSrS.layout())));  // (column, token)
     Tensor tOrO_rc = make_tensor(tOrO.data(), accumulator_rowcol(tOrO.layout()));
-    Tensor tScS = thr_s.partition_C(make_identity_tensor(Shape<Int<kBlockN>, Int<kN>>{}));
+    Tensor tScS = thr_s.partition_C(make_identity_tensor(Shape<Int<kStepTokens>, Int<kN>>{}));
     Tensor tScS_rc = make_tensor(tScS.data(), accumulator_rowcol(tScS.layout()));
     Tensor tOcO = thr_o.partition_C(make_identity_tensor(Shape<Int<kHeadDimV>, Int<kN>>{}));
     Tensor tOcO_rc = make_tensor(tOcO.data(), accumulator_rowcol(tOcO.layout()));
-    constexpr int kTokens = decltype(size<0>(tSrS_rc))::value;  // 2
+    constexpr int kTokens = decltype(size<0>(tSrS_rc))::value;  // 2 per page of the step
     constexpr int kCols = decltype(size<1>(tSrS_rc))::value;    // kN / 4
+    static_assert(kTokens == 2 * kStepPages, "two tokens of each page per thread");
     static_assert(kCols == decltype(size<1>(tOrO_rc))::value, "S^T and O^T columns must coincide");
 
     typename Traits::Pipeline::PipelineState state;
@@ -162,44 +166,62 @@ struct TransposedConsumer {
         const int mask_from = p.causal ? w.seqlen - p.seqlen_q + 1 : w.seqlen;
 
         // The online softmax of the other instances with its rows as this tile's columns: running
-        // maxima over the whole warpgroup, sums thread-partial over its 2 tokens.
+        // maxima over the whole warpgroup, sums thread-partial over its tokens.
         OnlineSoftmax<kCols> softmax;
         softmax.reset();
         clear(tOrO);
-        // The steps of a page. S^T = K Q^T: the page's latent k-blocks, then its RoPE k-blocks
-        // (the next k-blocks of the page inline, the stage's rope tile when shared) against Q's.
-        auto issue_scores = [&](int stage) {
+        // The stages of the current step's pages and of the previous step's (whose P V is under
+        // way); a stage is released by its index alone.
+        int stage[kStepPages] = {}, prev_stage[kStepPages] = {};
+        using PipelineState = typename Traits::Pipeline::PipelineState;
+        // S^T = K Q^T for each of the step's kPages pages (its M tile): the page's latent
+        // k-blocks, then its RoPE k-blocks (the next k-blocks of the page inline, the stage's rope
+        // tile when shared) against Q's.
+        auto issue_scores = [&]<int kPages>() {
           constexpr int kNope = Traits::kNopeBlocks, kRope = Traits::kRopeBlocks;
           warpgroup_arrive();
-          mma_s.accumulate_ = GMMA::ScaleOut::Zero;
-          gemm_k_blocks<0, 0, kNope>(mma_s, tSrK(_, _, _, stage), tSrQ, tSrS);
-          if constexpr (kUnscaled) {
-            mma_r.accumulate_ = GMMA::ScaleOut::Zero;
-            gemm_k_blocks<0, kNope, kRope>(mma_r, tSrR(_, _, _, stage), tSrQr, tSrSr);
-          } else if constexpr (Traits::kSharedRope) {
-            gemm_k_blocks<0, kNope, kRope>(mma_s, tSrR(_, _, _, stage), tSrQ, tSrS);
-          } else {
-            gemm_k_blocks<kNope, kNope, kRope>(mma_s, tSrK(_, _, _, stage), tSrQ, tSrS);
-          }
+          for_each(make_int_sequence<kPages>{}, [&](auto page) {
+            constexpr int j = decltype(page)::value;
+            Tensor s = m_tile<j>(tSrS);
+            mma_s.accumulate_ = GMMA::ScaleOut::Zero;
+            gemm_k_blocks<0, 0, kNope>(mma_s, tSrK(_, _, _, stage[j]), tSrQ, s);
+            if constexpr (kUnscaled) {
+              Tensor sr = m_tile<j>(tSrSr);
+              mma_r.accumulate_ = GMMA::ScaleOut::Zero;
+              gemm_k_blocks<0, kNope, kRope>(mma_r, tSrR(_, _, _, stage[j]), tSrQr, sr);
+            } else if constexpr (Traits::kSharedRope) {
+              gemm_k_blocks<0, kNope, kRope>(mma_s, tSrR(_, _, _, stage[j]), tSrQ, s);
+            } else {
+              gemm_k_blocks<kNope, kNope, kRope>(mma_s, tSrK(_, _, _, stage[j]), tSrQ, s);
+            }
+          });
           warpgroup_commit_batch();
         };
-        // O^T += V^T P^T, P from its slot.
-        auto issue_pv = [&](int stage, int slot) {
+        // O^T += V^T P^T for the previous step's kPages pages: page j's V against its k-blocks of
+        // P, from P's slot.
+        auto issue_pv = [&]<int kPages>(int slot) {
+          constexpr int kPageBlocks = kBlockN / 16;
           warpgroup_arrive();
-          gemm_k_blocks<0, 0, kBlockN / 16>(mma_o, tOrV(_, _, _, stage), tOrP(_, _, _, slot), tOrO);
+          for_each(make_int_sequence<kPages>{}, [&](auto page) {
+            constexpr int j = decltype(page)::value;
+            gemm_k_blocks<0, j * kPageBlocks, kPageBlocks>(mma_o, tOrV(_, _, _, prev_stage[j]), tOrP(_, _, _, slot), tOrO);
+          });
           warpgroup_commit_batch();
         };
-        // Scale and mask the page's scores, then each column's maximum over the warp's 16 tokens.
-        // Unscaled stages: the scales of the thread's tokens in the page, and P's factors.
+        // Scale and mask the step's scores, then each column's maximum over the warp's tokens.
+        // A step of fewer pages than kStepPages (a piece's odd last page) leaves the rest of
+        // its tokens at -inf. Unscaled stages: the scales of the thread's tokens, and P's factors.
         float warp_max[kCols], token_scale[kTokens], p_factor[kTokens];
         float unit = 1.f;
-        auto score_page = [&](int page, int stage) {
-          const bool needs_mask = page * kBlockN + kBlockN > mask_from;
+        auto score_step = [&]<int kPages>(int first_page) {
+          bool needs_mask[kStepPages];
+          CUTLASS_PRAGMA_UNROLL
+          for (int j = 0; j < kStepPages; ++j) { needs_mask[j] = (first_page + j) * kBlockN + kBlockN > mask_from; }
           if constexpr (kUnscaled) {
-            if (page == w.page_begin) { unit = unit_for(smem.raw.stage_scale[stage][0]); }
+            if (first_page == w.page_begin) { unit = unit_for(smem.raw.stage_scale[stage[0]][0]); }
             CUTLASS_PRAGMA_UNROLL
             for (int t = 0; t < kTokens; ++t) {
-              token_scale[t] = smem.raw.stage_scale[stage][get<0>(tScS_rc(t, 0))];
+              token_scale[t] = t / 2 < kPages ? smem.raw.stage_scale[stage[t / 2]][get<0>(tScS_rc(t, 0)) - t / 2 * kBlockN] : 0.f;
               p_factor[t] = token_scale[t] * unit;
             }
           }
@@ -208,34 +230,40 @@ struct TransposedConsumer {
             float m = -INFINITY;
             CUTLASS_PRAGMA_UNROLL
             for (int t = 0; t < kTokens; ++t) {
-              const int key = page * kBlockN + get<0>(tScS_rc(t, c));
+              if (t / 2 >= kPages) {
+                tSrS_rc(t, c) = -INFINITY;
+                continue;
+              }
+              const int key = first_page * kBlockN + get<0>(tScS_rc(t, c));
               float s;
               if constexpr (kUnscaled) {
                 s = fmaf(tSrS_rc(t, c), token_scale[t], tSrSr_rc(t, c)) * p.scale_log2;
               } else {
                 s = tSrS_rc(t, c) * p.scale_log2;
               }
-              tSrS_rc(t, c) = needs_mask && key > col_last_key[c] ? -INFINITY : s;
+              tSrS_rc(t, c) = needs_mask[t / 2] && key > col_last_key[c] ? -INFINITY : s;
               m = fmaxf(m, tSrS_rc(t, c));
             }
             warp_max[c] = warp_column_max(m);
           }
         };
-        // P (query row x token) into its slot for the page's P V, once the previous page's P V is
-        // done. The slot alternates: the other one may still be read by the previous page's P V
-        // in another warp, while this slot's last reader (two pages back) finished in every warp
-        // before any passed the previous page's kPReady.
+        // P (query row x token) into its slot for the step's P V, once the previous step's P V
+        // is done. The slot alternates: the other one may still be read by the previous step's P
+        // V in another warp, while this slot's last reader (two steps back) finished in every
+        // warp before any passed the previous step's kPReady.
         //
-        // The column maxima over the warpgroup are only needed where a page raises one: P is
+        // The column maxima over the warpgroup are only needed where a step raises one: P is
         // written against the running maxima, which hold unless a warp saw a larger score, and
         // the barrier that publishes P also tells every thread whether any did. Only then are
         // the warps' maxima combined (through smem.col_exchange, written before the barrier),
-        // O^T rescaled and P written again behind a second barrier: at the first page and when
-        // the scores climb, a few pages of a long sequence. Either way P, O^T and the sums are
-        // those of the page-by-page online softmax.
-        auto stage_p = [&](int slot) {
+        // O^T rescaled and P written again behind a second barrier: at the first step and when
+        // the scores climb, a few steps of a long sequence. Either way P, O^T and the sums are
+        // those of the step-by-step online softmax.
+        auto stage_p = [&]<int kPages>(int slot) {
           auto write_p = [&](int t, int c, float prob) {
-            sP(get<1>(tScS_rc(t, c)), get<0>(tScS_rc(t, c)), slot) = StageElement(kUnscaled ? prob * p_factor[t] : prob);
+            if (t / 2 < kPages) {  // a missing page's half of P is never read
+              sP(get<1>(tScS_rc(t, c)), get<0>(tScS_rc(t, c)), slot) = StageElement(kUnscaled ? prob * p_factor[t] : prob);
+            }
           };
           float page_sum[kCols];
           bool raises = false;
@@ -281,46 +309,61 @@ struct TransposedConsumer {
           consumer_sync(kThreads, ConsumerBarrier::kScoresMax);
         };
 
-        // A software pipeline over the pages, as PageLoop::overlapped: page n's S^T and page
-        // n-1's P V are issued back to back, and page n's scores are reduced while the tensor
-        // cores finish page n-1's P V. The first page is peeled off, so that no branch sits
-        // between two open wgmma batches.
-        if (w.page_begin < w.page_end) {
-          warpgroup_fence_operand(tSrS);
-          if constexpr (kUnscaled) { warpgroup_fence_operand(tSrSr); }
-          const int first_stage = PageLoop<Traits>::wait_page(ctx, w.seqlen, w.page_begin);
-          issue_scores(first_stage);
-          warpgroup_wait<0>();
-          warpgroup_fence_operand(tSrS);
-          if constexpr (kUnscaled) { warpgroup_fence_operand(tSrSr); }
-          score_page(w.page_begin, first_stage);
-          stage_p(0);
-          auto prev_state = state;
-          ++state;
-          for (int page = w.page_begin + 1; page < w.page_end; ++page) {
-            const int slot = (page - w.page_begin) & 1;
-            const int stage = PageLoop<Traits>::wait_page(ctx, w.seqlen, page);
-            warpgroup_fence_operand(tSrS);
-            if constexpr (kUnscaled) { warpgroup_fence_operand(tSrSr); }
-            warpgroup_fence_operand(tOrO);
-            issue_scores(stage);
-            issue_pv(prev_state.index(), slot ^ 1);
-            warpgroup_wait<1>();
-            warpgroup_fence_operand(tSrS);
-            if constexpr (kUnscaled) { warpgroup_fence_operand(tSrSr); }
-            score_page(page, stage);
-            warpgroup_wait<0>();  // page n-1's P V is in O^T; its stage can be refilled
-            warpgroup_fence_operand(tOrO);
-            pipeline.consumer_release(prev_state);
-            stage_p(slot);
-            prev_state = state;
+        // A software pipeline over the steps, as PageLoop::overlapped: step n's S^T and step
+        // n-1's P V are issued back to back, and step n's scores are reduced while the tensor
+        // cores finish step n-1's P V. Every step is its own instance (kPages pages after a step
+        // of kPrev), so that no branch sits between two open wgmma batches.
+        auto step = [&]<int kPages, int kPrev>(int first_page, int slot) {
+          CUTLASS_PRAGMA_UNROLL
+          for (int j = 0; j < kPages; ++j) {
+            stage[j] = PageLoop<Traits>::wait_page(ctx, w.seqlen, first_page + j);
             ++state;
           }
+          warpgroup_fence_operand(tSrS);
+          if constexpr (kUnscaled) { warpgroup_fence_operand(tSrSr); }
           warpgroup_fence_operand(tOrO);
-          issue_pv(prev_state.index(), (w.page_end - 1 - w.page_begin) & 1);
+          issue_scores.template operator()<kPages>();
+          if constexpr (kPrev > 0) { issue_pv.template operator()<kPrev>(slot ^ 1); }
+          warpgroup_wait<(kPrev > 0 ? 1 : 0)>();
+          warpgroup_fence_operand(tSrS);
+          if constexpr (kUnscaled) { warpgroup_fence_operand(tSrSr); }
+          score_step.template operator()<kPages>(first_page);
+          if constexpr (kPrev > 0) {
+            warpgroup_wait<0>();  // step n-1's P V is in O^T; its stages can be refilled
+            warpgroup_fence_operand(tOrO);
+            CUTLASS_PRAGMA_UNROLL
+            for (int j = 0; j < kPrev; ++j) { pipeline.consumer_release(PipelineState(prev_stage[j], 0, 0)); }
+          }
+          stage_p.template operator()<kPages>(slot);
+          CUTLASS_PRAGMA_UNROLL
+          for (int j = 0; j < kStepPages; ++j) { prev_stage[j] = stage[j]; }
+        };
+        // The last step's P V.
+        auto finish = [&]<int kPrev>(int slot) {
+          warpgroup_fence_operand(tOrO);
+          issue_pv.template operator()<kPrev>(slot);
           warpgroup_wait<0>();
           warpgroup_fence_operand(tOrO);
-          pipeline.consumer_release(prev_state);
+          CUTLASS_PRAGMA_UNROLL
+          for (int j = 0; j < kPrev; ++j) { pipeline.consumer_release(PipelineState(prev_stage[j], 0, 0)); }
+        };
+        const int pages = w.page_end - w.page_begin;
+        if (pages > 0 && pages < kStepPages) {
+          step.template operator()<1, 0>(w.page_begin, 0);
+          finish.template operator()<1>(0);
+        } else if (pages > 0) {
+          step.template operator()<kStepPages, 0>(w.page_begin, 0);
+          int first = w.page_begin + kStepPages;
+          auto slot_of = [&](int page) { return (page - w.page_begin) / kStepPages & 1; };
+          for (; first + kStepPages <= w.page_end; first += kStepPages) {
+            step.template operator()<kStepPages, kStepPages>(first, slot_of(first));
+          }
+          if (kStepPages > 1 && first < w.page_end) {  // an odd last page: a step of its own
+            step.template operator()<1, kStepPages>(first, slot_of(first));
+            finish.template operator()<1>(slot_of(first));
+          } else {
+            finish.template operator()<kStepPages>(slot_of(first - kStepPages));
+          }
         }
 
         // Column totals and the epilogue.

@@ -31,6 +31,15 @@ __device__ __host__ constexpr auto accumulator_as_operand_a(Layout acc) {
                      coalesce(make_layout(get<2, 1>(split), get<2>(acc))));
 }
 
+// M tile kTile of an accumulator fragment (MMA, MMA_M, MMA_N), as a fragment (MMA, 1, MMA_N) of
+// its own: the C operand of a GEMM that fills that tile alone.
+template <int kTile, class Engine, class L>
+__device__ auto m_tile(Tensor<Engine, L>& frag) {
+  static_assert(rank(L{}) == 3 && kTile < decltype(size<1>(L{}))::value, "expected a wgmma accumulator");
+  return make_tensor(frag.data() + kTile * stride<1>(frag.layout()),
+                     make_layout(layout<0>(frag.layout()), Layout<_1, _0>{}, layout<2>(frag.layout())));
+}
+
 // Element-type conversion of a register fragment (fp32 probabilities -> 16-bit operand).
 template <class To, class Engine, class Layout>
 __device__ auto convert_fragment(Tensor<Engine, Layout> const& src) {

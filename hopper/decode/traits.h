@@ -146,6 +146,18 @@ struct DecodeTraits {
   static constexpr int kCtasPerSm =
       kTransposed && kTwoCtaSmemBytes <= kSmemBudgetBytesOfTwo && kTwoCtaRegistersFit ? kSmallGroupCtasPerSm : 1;
   static constexpr int kSmemBudget = kCtasPerSm > 1 ? kSmemBudgetBytesOfTwo : kSmemBudgetBytes;
+  // The transposed consumer's softmax step: kStepPages pages of S^T, one reduction of their
+  // column maxima and one P for them (consumer_transposed.cuh). Two pages halve the barriers,
+  // shuffles and wgmma round trips per token, but the consumer then holds four stages (a step's
+  // pages and the previous step's under P V): only where eight stages fit beside a two-page P,
+  // so that four stay in flight (GTA d 64 over a 16-bit cache).
+  static constexpr int kTwoPageP = 2 * kWGRows * 2 * kBlockN * int(sizeof(Element));
+  static constexpr int kStepPages =
+      kTransposed && !kFP8 &&
+              (kSmemBudget - kBlockM * kHeadDimQK * int(sizeof(Element)) - kTwoPageP - kBarrierBytes) / kStageBytes >= 8
+          ? 2
+          : 1;
+  static constexpr int kStepTokens = kBlockN * kStepPages;
 
   // Consumer warpgroups first, then a producer warpgroup (of which one thread works): whole
   // warpgroups so that setmaxnreg can move the producer's registers to the consumers.
@@ -166,11 +178,16 @@ struct DecodeTraits {
   // two consumer warpgroups: 208 and 88, the most the page-by-page consumers give up without
   // spilling, so that the producer can keep a whole scale group's chunks in flight; FP8 with
   // one consumer and two producer warpgroups: 128 x 240 + 256 x 128 = 63,488.
-  static constexpr bool kReallocRegs = kNumConsumerWGs + kNumProducerWGs > 2;
+  // With two CTAs per SM (the transposed consumer) a thread is launched with 128 registers; the
+  // consumer with two-page steps takes what its TMA producer leaves (two pages of S^T beside
+  // O^T): 128 x 232 + 128 x 24 = 256 x 128.
+  static constexpr bool kReallocRegs = kNumConsumerWGs + kNumProducerWGs > 2 || kStepPages > 1;
   static constexpr uint32_t kProducerRegs = !kFP8 ? 24 : kNumProducerWGs > 1 ? 128 : 88;
-  static constexpr uint32_t kConsumerRegs = kFP8 && kNumConsumerWGs > 1 ? 208 : 240;
+  static constexpr uint32_t kConsumerRegs = kCtasPerSm > 1   ? 256 - kProducerRegs
+                                          : kFP8 && kNumConsumerWGs > 1 ? 208
+                                                                        : 240;
   static_assert(!kReallocRegs || kNumConsumerThreads * int(kConsumerRegs) + kNumProducerThreads * int(kProducerRegs) <=
-                                     kNumThreads * (65536 / kNumThreads / 8 * 8),
+                                     kNumThreads * (65536 / kCtasPerSm / kNumThreads / 8 * 8),
                 "setmaxnreg can only move the registers the CTA was launched with");
   // Whether page n's softmax overlaps page n-1's P V (S and P V issued back to back). That
   // keeps two wgmma batches and a second P in flight: it fits the registers except with split
@@ -203,9 +220,9 @@ struct DecodeTraits {
                                                     Shape<Int<kBlockN>, Int<kHeadDimRope>>{}));
   // Probabilities of one page (rows x tokens), the A operand of P V when scores are split.
   using SmemLayoutP = decltype(tile_to_shape(SmemLayoutAtomK{}, Shape<Int<kWGRows>, Int<kBlockN>>{}));
-  // The transposed consumer's P (query rows x tokens), the B operand of O^T, in two slots: one
-  // page's P is written while the previous page's P V may still read the other.
-  using SmemLayoutPT = decltype(tile_to_shape(SmemLayoutAtomK{}, Shape<Int<kWGRows>, Int<kBlockN>, _2>{}));
+  // The transposed consumer's P (query rows x the step's tokens), the B operand of O^T, in two
+  // slots: one step's P is written while the previous step's P V may still read the other.
+  using SmemLayoutPT = decltype(tile_to_shape(SmemLayoutAtomK{}, Shape<Int<kWGRows>, Int<kStepTokens>, _2>{}));
 
   // The epilogue stages each consumer warpgroup's 16-bit O tile (64 x kOutColsPerWG) in the Q
   // tile's shared memory, one tile after another.
@@ -226,7 +243,7 @@ struct DecodeTraits {
   }();
   static_assert(kNumPageWGs == 1 || (kNumRowWGs == 1 && kNumColWGs == 1 && kTurnChunk >= 16),
                 "page turns: one warpgroup's O reaches the other through the Q tile");
-  static constexpr int kPBytes = (kSplitScores ? 1 : kTransposed ? 2 : 0) * kWGRows * kBlockN * sizeof(Element);
+  static constexpr int kPBytes = (kSplitScores ? kBlockN : kTransposed ? 2 * kStepTokens : 0) * kWGRows * sizeof(Element);
   // Bytes that one Element stage's TMA brings: the page and its RoPE rows; for FP8, whose
   // pages the producer warpgroup writes, the leader expects its RoPE rows' bytes itself.
   static constexpr int kStageTmaBytes = kFP8 ? 0 : kStageBytes;
