@@ -156,6 +156,10 @@ Tensor decode(const Tensor& q, const Tensor& kv_cache, const std::optional<Tenso
   p.num_pages = static_cast<int>(kv_cache.size(0));
   p.max_pages_per_seq = static_cast<int>(block_table.size(1));
   p.causal = causal;
+  // The transposed consumer takes its column maxima over unscaled scores: a positive scale
+  // keeps their order.
+  STD_TORCH_CHECK(softmax_scale > 0 && std::isfinite(softmax_scale),
+                  "flash_gla: softmax_scale must be positive and finite, got ", softmax_scale);
   p.scale_log2 = static_cast<float>(softmax_scale * M_LOG2E);
 
   p.q = q.const_data_ptr();

@@ -173,6 +173,8 @@ def _check_call(call, check_lengths: bool) -> DecodeConfig:
         raise ValueError(f"attn_sink.shape must be (h_q,) = ({config.h_q},), got {tuple(call.attn_sink.shape)}")
     if call.softmax_scale is not None and not math.isfinite(call.softmax_scale):
         raise ValueError(f"softmax_scale must be finite, got {call.softmax_scale}")
+    if call.softmax_scale is not None and call.softmax_scale <= 0:
+        raise ValueError(f"softmax_scale must be positive, got {call.softmax_scale}")
     if lazy:
         call.tile_scheduler_metadata.check_config(config)
     _check_strides(call, lazy)

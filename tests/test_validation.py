@@ -247,6 +247,11 @@ def test_softmax_scale_nan(inputs):
     check_raises(inputs, ValueError, r"softmax_scale must be finite, got nan", softmax_scale=math.nan)
 
 
+@pytest.mark.parametrize("scale", [0.0, -0.1])
+def test_softmax_scale_not_positive(inputs, scale):
+    check_raises(inputs, ValueError, r"softmax_scale must be positive", softmax_scale=scale)
+
+
 def test_zero_batch(inputs):
     q = torch.zeros(0, S_Q, H_Q, D_QK, dtype=torch.bfloat16)
     check_raises(inputs, ValueError, r"q.shape\[0\] \(batch\) must be >= 1, got 0", q=q)
