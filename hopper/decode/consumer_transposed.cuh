@@ -85,6 +85,10 @@ struct TransposedConsumer {
     }
   }
 
+  static __device__ void store_shared_b32(uint32_t address, uint32_t value) {
+    asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(address), "r"(value));
+  }
+
   // A power of two u with u * scale in [1, 2) (1 for a zero, subnormal or non-finite scale).
   static __device__ float unit_for(float scale) {
     const int exponent = (__float_as_int(scale) >> 23) & 0xff;
@@ -148,6 +152,19 @@ struct TransposedConsumer {
     typename Traits::Pipeline::PipelineState state;
     PageContext<Traits> ctx{p, smem, pipeline, state, wg, consumer_tid};
     const PackedRows rows(p.group_size, kv_head);
+    // The shared-memory address of each of the thread's P elements in slot 0: a slot is whole
+    // 1 KB swizzle atoms, so slot 1 lies kPSlotBytes further with the same swizzle. Computed
+    // once, where each store would otherwise swizzle its 64-bit address anew.
+    constexpr uint32_t kPSlotBytes = kN * kStepTokens * sizeof(StageElement);
+    static_assert(kPSlotBytes % 1024 == 0, "P's slots must be whole swizzle atoms");
+    uint32_t p_address[kTokens][kCols / 2];  // of columns c and c + 1, c even
+    CUTLASS_PRAGMA_UNROLL
+    for (int t = 0; t < kTokens; ++t) {
+      CUTLASS_PRAGMA_UNROLL
+      for (int c = 0; c < kCols; c += 2) {
+        p_address[t][c / 2] = cast_smem_ptr_to_uint(&sP(get<1>(tScS_rc(t, c)), get<0>(tScS_rc(t, c)), 0));
+      }
+    }
 
     QTile<Traits> q_tile;
     PieceWalk</*kReload=*/true> walk;
@@ -208,15 +225,13 @@ struct TransposedConsumer {
           });
           warpgroup_commit_batch();
         };
-        // Scale and mask the step's scores, then each column's maximum over the warp's tokens.
-        // A step of fewer pages than kStepPages (a piece's odd last page) leaves the rest of
-        // its tokens at -inf. Unscaled stages: the scales of the thread's tokens, and P's factors.
+        // Mask the step's scores, then each column's maximum over the warp's tokens, in log2 units.
+        // The scores stay unscaled: P's exponent is one FMA (s * scale_log2 - max). A step of
+        // fewer pages than kStepPages (a piece's odd last page) leaves the rest of its tokens at
+        // -inf. Unscaled stages: the scales of the thread's tokens, and P's factors.
         float warp_max[kCols], token_scale[kTokens], p_factor[kTokens];
         float unit = 1.f;
         auto score_step = [&]<int kPages>(int first_page) {
-          bool needs_mask[kStepPages];
-          CUTLASS_PRAGMA_UNROLL
-          for (int j = 0; j < kStepPages; ++j) { needs_mask[j] = (first_page + j) * kBlockN + kBlockN > mask_from; }
           if constexpr (kUnscaled) {
             if (first_page == w.page_begin) { unit = unit_for(smem.raw.stage_scale[stage[0]][0]); }
             CUTLASS_PRAGMA_UNROLL
@@ -225,26 +240,34 @@ struct TransposedConsumer {
               p_factor[t] = token_scale[t] * unit;
             }
           }
-          CUTLASS_PRAGMA_UNROLL
-          for (int c = 0; c < kCols; ++c) {
-            float m = -INFINITY;
+          // Only a piece's last pages (and a causal tail) mask anything: the other steps skip the
+          // per-score comparisons.
+          auto reduce = [&]<bool kMasked>() {
             CUTLASS_PRAGMA_UNROLL
-            for (int t = 0; t < kTokens; ++t) {
-              if (t / 2 >= kPages) {
-                tSrS_rc(t, c) = -INFINITY;
-                continue;
+            for (int c = 0; c < kCols; ++c) {
+              float m = -INFINITY;
+              CUTLASS_PRAGMA_UNROLL
+              for (int t = 0; t < kTokens; ++t) {
+                if (t / 2 >= kPages) {
+                  tSrS_rc(t, c) = -INFINITY;
+                  continue;
+                }
+                float s = tSrS_rc(t, c);
+                if constexpr (kUnscaled) { s = fmaf(s, token_scale[t], tSrSr_rc(t, c)); }
+                if constexpr (kMasked) {
+                  const int key = first_page * kBlockN + get<0>(tScS_rc(t, c));
+                  s = key > col_last_key[c] ? -INFINITY : s;
+                }
+                tSrS_rc(t, c) = s;
+                m = fmaxf(m, s);
               }
-              const int key = first_page * kBlockN + get<0>(tScS_rc(t, c));
-              float s;
-              if constexpr (kUnscaled) {
-                s = fmaf(tSrS_rc(t, c), token_scale[t], tSrSr_rc(t, c)) * p.scale_log2;
-              } else {
-                s = tSrS_rc(t, c) * p.scale_log2;
-              }
-              tSrS_rc(t, c) = needs_mask[t / 2] && key > col_last_key[c] ? -INFINITY : s;
-              m = fmaxf(m, tSrS_rc(t, c));
+              warp_max[c] = warp_column_max(m) * p.scale_log2;
             }
-            warp_max[c] = warp_column_max(m);
+          };
+          if ((first_page + kPages) * kBlockN > mask_from) {
+            reduce.template operator()<true>();
+          } else {
+            reduce.template operator()<false>();
           }
         };
         // P (query row x token) into its slot for the step's P V, once the previous step's P V
@@ -260,12 +283,19 @@ struct TransposedConsumer {
         // the scores climb, a few steps of a long sequence. Either way P, O^T and the sums are
         // those of the step-by-step online softmax.
         auto stage_p = [&]<int kPages>(int slot) {
-          auto write_p = [&](int t, int c, float prob) {
+          // Columns c and c + 1 (c even) of a token are adjacent in P: one 32-bit store.
+          auto write_p = [&](int t, int c, float prob0, float prob1) {
             if (t / 2 < kPages) {  // a missing page's half of P is never read
-              sP(get<1>(tScS_rc(t, c)), get<0>(tScS_rc(t, c)), slot) = StageElement(kUnscaled ? prob * p_factor[t] : prob);
+              if constexpr (kUnscaled) {
+                prob0 *= p_factor[t];
+                prob1 *= p_factor[t];
+              }
+              cutlass::NumericArrayConverter<StageElement, float, 2> convert;
+              const cutlass::Array<StageElement, 2> pair = convert(cutlass::Array<float, 2>{prob0, prob1});
+              store_shared_b32(p_address[t][c / 2] + slot * kPSlotBytes, reinterpret_cast<uint32_t const&>(pair));
             }
           };
-          float page_sum[kCols];
+          float prob[kTokens][kCols], page_sum[kCols];
           bool raises = false;
           CUTLASS_PRAGMA_UNROLL
           for (int c = 0; c < kCols; ++c) {
@@ -275,9 +305,12 @@ struct TransposedConsumer {
             page_sum[c] = 0.f;
             CUTLASS_PRAGMA_UNROLL
             for (int t = 0; t < kTokens; ++t) {
-              const float prob = exp2f(tSrS_rc(t, c) - ref);
-              page_sum[c] += prob;
-              write_p(t, c, prob);
+              prob[t][c] = exp2f(fmaf(tSrS_rc(t, c), p.scale_log2, -ref));
+              page_sum[c] += prob[t][c];
+            }
+            if (c % 2 == 1) {
+              CUTLASS_PRAGMA_UNROLL
+              for (int t = 0; t < kTokens; ++t) { write_p(t, c - 1, prob[t][c - 1], prob[t][c]); }
             }
             if (lane < 4) { smem.col_exchange[warp][get<1>(tScS_rc(0, c))] = warp_max[c]; }
           }
@@ -294,6 +327,8 @@ struct TransposedConsumer {
             page_max[c] = fmaxf(fmaxf(smem.col_exchange[0][col], smem.col_exchange[1][col]),
                                 fmaxf(smem.col_exchange[2][col], smem.col_exchange[3][col]));
           }
+          CUTLASS_PRAGMA_UNROLL
+          for (int i = 0; i < size(tSrS); ++i) { tSrS(i) *= p.scale_log2; }
           softmax.update(tSrS_cr, page_max, rescale);
           CUTLASS_PRAGMA_UNROLL
           for (int d = 0; d < size<0>(tOrO_rc); ++d) {
@@ -301,9 +336,9 @@ struct TransposedConsumer {
             for (int c = 0; c < kCols; ++c) { tOrO_rc(d, c) *= rescale[c]; }
           }
           CUTLASS_PRAGMA_UNROLL
-          for (int c = 0; c < kCols; ++c) {
+          for (int c = 0; c < kCols; c += 2) {
             CUTLASS_PRAGMA_UNROLL
-            for (int t = 0; t < kTokens; ++t) { write_p(t, c, tSrS_rc(t, c)); }
+            for (int t = 0; t < kTokens; ++t) { write_p(t, c, tSrS_rc(t, c), tSrS_rc(t, c + 1)); }
           }
           cutlass::arch::fence_view_async_shared();
           consumer_sync(kThreads, ConsumerBarrier::kScoresMax);

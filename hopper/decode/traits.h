@@ -45,6 +45,16 @@ constexpr auto k_major_atom() {
   else { return GMMA::Layout_K_SW32_Atom<Element>{}; }
 }
 
+// The widest swizzle atom of a 16-bit MN-major operand with kRows rows (the contiguous mode).
+template <class Element, int kRows>
+constexpr auto mn_major_atom() {
+  constexpr int kBytes = kRows * int(sizeof(Element));
+  if constexpr (kBytes % 128 == 0) { return GMMA::Layout_MN_SW128_Atom<Element>{}; }
+  else if constexpr (kBytes % 64 == 0) { return GMMA::Layout_MN_SW64_Atom<Element>{}; }
+  else if constexpr (kBytes % 32 == 0) { return GMMA::Layout_MN_SW32_Atom<Element>{}; }
+  else { return GMMA::Layout_MN_INTER_Atom<Element>{}; }
+}
+
 template <DType kDType_, int kHeadDimV_, int kHeadDimNope_, int kHeadDimRope_, RopeCache kRope_,
           int kRowWGs_ = 1, KVCache kCache_ = KVCache::kSameAsQ, int kQueryCols_ = 0>
 struct DecodeTraits {
@@ -222,7 +232,10 @@ struct DecodeTraits {
   using SmemLayoutP = decltype(tile_to_shape(SmemLayoutAtomK{}, Shape<Int<kWGRows>, Int<kBlockN>>{}));
   // The transposed consumer's P (query rows x the step's tokens), the B operand of O^T, in two
   // slots: one step's P is written while the previous step's P V may still read the other.
-  using SmemLayoutPT = decltype(tile_to_shape(SmemLayoutAtomK{}, Shape<Int<kWGRows>, Int<kStepTokens>, _2>{}));
+  // MN-major (the query rows contiguous), so that a thread's two adjacent columns of S^T are
+  // one 32-bit store.
+  using SmemLayoutPT = decltype(tile_to_shape(mn_major_atom<StageElement, kWGRows>(),
+                                              Shape<Int<kWGRows>, Int<kStepTokens>, _2>{}));
 
   // The epilogue stages each consumer warpgroup's 16-bit O tile (64 x kOutColsPerWG) in the Q
   // tile's shared memory, one tile after another.
@@ -275,7 +288,7 @@ struct DecodeTraits {
                                                 Shape<Int<kBlockN>, Int<kHeadDimRope>, Int<kStages>>{}));
 
   // The transposed consumer's S^T = K Q^T (A: the page, B: the Q tile, both K-major) and
-  // O^T = V^T P^T (A: the page viewed dims x tokens, MN-major; B: P, query rows x tokens).
+  // O^T = V^T P^T (A: the page viewed dims x tokens, B: P, query rows x tokens; both MN-major).
   // Its MMA shapes stand in for the others' (whose M of 64 rows it does not have).
   using ScoreTileShape = std::conditional_t<kTransposed, Shape<Int<kBlockN>, Int<kWGRows>, _64>,
                                             Shape<Int<kWGRows>, Int<kScoreCols>, _64>>;
@@ -295,7 +308,7 @@ struct DecodeTraits {
   using TiledMmaO = std::conditional_t<
       kTransposed,
       decltype(make_tiled_mma(GMMA::ss_op_selector<StageElement, StageElement, float, OutTileShape,
-                                                   GMMA::Major::MN, GMMA::Major::K>())),
+                                                   GMMA::Major::MN, GMMA::Major::MN>())),
       std::conditional_t<
           kSplitScores,
           decltype(make_tiled_mma(GMMA::ss_op_selector<Element, Element, float, OutTileShape,
