@@ -6,11 +6,15 @@
 // padding row costs its share of both wgmmas and of the softmax. Here the page's 64 tokens are
 // the wgmma's M and the query rows its N:
 //   S^T = K Q^T      A: the page, K-major as the cache stores it; B: the Q tile (N x d_qk)
-//   O^T += V^T P^T   A: the same page viewed dims x tokens (MN-major); B: P (N x tokens)
+//   O^T += V^T P^T   A: the same page viewed dims x tokens; B: P (N x tokens), both MN-major
 // so the MMA and softmax work per page follows the real rows. A query row's softmax runs over
 // the 64 tokens of a column, which the warpgroup's 4 warps hold 16 each: within a warp the 8
 // lanes of a column reduce by shuffles; P goes to shared memory (the B operand of O^T) behind
-// one barrier per page, which also tells whether any warp's maxima rose (stage_p below).
+// one barrier per step, which also tells whether any warp's maxima rose (stage_p below).
+//
+// A softmax step covers Traits::kStepPages pages (two where the stages leave room): one S^T M
+// tile per page in one wgmma batch, one reduction of the column maxima and one barrier for all
+// of them, so that the fixed costs of the chain are paid per step, not per page.
 //
 // The producer (with an FP8 cache, the warpgroups that dequantise it into the same 16-bit
 // stages), the schedule, the Q tile's load, the rows-past-end zeroing and the split/combine
