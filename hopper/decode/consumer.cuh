@@ -57,12 +57,12 @@ struct Consumer {
     Tensor sV = make_tensor(make_smem_ptr(smem.kv.data()), typename Traits::SmemLayoutV{});
     Tensor sR = make_tensor(make_smem_ptr(smem.rope.data()), typename Traits::SmemLayoutRope{});
     Tensor sP = make_tensor(make_smem_ptr(smem.p.data()), typename Traits::SmemLayoutP{});
-    // This warpgroup's share: (64, d_qk or d_nope) rows of Q; (kScoreCols, kv_width, stage)
+    // This warpgroup's share: (64, d_qk or d_nope) rows of Q; the (kScoreCols, kv_width, stage)
     // tokens it scores and (kScoreCols, d_rope, stage) their shared RoPE rows; (kOutCols,
     // tokens, stage) columns of V.
     Tensor sQw = flat_divide(sQ, Shape<Int<kWGRows>, Int<Traits::kQSmemCols>>{})(_, _, wg.row_wg, 0);
-    Tensor sKw = flat_divide(sK, Shape<Int<kScoreCols>, Int<Traits::kKVWidth>>{})(_, _, wg.col_wg, 0, _);
-    Tensor sRw = flat_divide(sR, Shape<Int<kScoreCols>, Int<kHeadDimRope>>{})(_, _, wg.col_wg, 0, _);
+    Tensor sKw = flat_divide(sK, Shape<Int<kScoreCols>, Int<Traits::kKVWidth>>{})(_, _, 0, 0, _);
+    Tensor sRw = flat_divide(sR, Shape<Int<kScoreCols>, Int<kHeadDimRope>>{})(_, _, 0, 0, _);
     Tensor sVw = flat_divide(sV, Shape<Int<kOutCols>, Int<Traits::kBlockN>>{})(_, _, wg.col_wg, 0, _);
 
     Tensor tSrQ = thr_s.partition_fragment_A(sQw);  // (MMA, 1, k-blocks) descriptors
@@ -79,9 +79,8 @@ struct Consumer {
     Tensor tSrS = partition_fragment_C(mma_s, Shape<Int<kWGRows>, Int<kScoreCols>>{});
     Tensor tOrO = partition_fragment_C(mma_o, Shape<Int<kWGRows>, Int<kOutCols>>{});
     // P of the page whose P V is next, 16-bit in the accumulator's layout (split scores keep
-    // P in shared memory instead: this warpgroup's columns of it are tSsP).
+    // P in shared memory instead).
     Tensor tOrP = make_tensor<typename Traits::Element>(tSrS.layout());
-    Tensor tSsP = thr_s.partition_C(flat_divide(sP, Shape<Int<kWGRows>, Int<kScoreCols>>{})(_, _, 0, wg.col_wg));
 
     // Row/column views and the (row, col) coordinate of every accumulator element.
     Tensor tSrS_rc = make_tensor(tSrS.data(), accumulator_rowcol(tSrS.layout()));
@@ -92,12 +91,24 @@ struct Consumer {
     Tensor tOcO_rc = make_tensor(tOcO.data(), accumulator_rowcol(tOcO.layout()));
     constexpr int kRows = decltype(size<0>(tSrS_rc))::value;  // rows per thread (2)
     static_assert(kRows == decltype(size<0>(tOrO_rc))::value, "S and O rows must coincide");
+    // Split scores: the shared-memory address of each pair of adjacent columns (c, c + 1; c
+    // even) of this thread's first row of scores in the shared P; its second row lies 8 rows
+    // on, one swizzle atom further (Traits::kPRow8Bytes).
+    constexpr int kPairs = Traits::kSplitScores ? decltype(size<1>(tSrS_rc))::value / 2 : 1;
+    uint32_t p_address[kPairs];
+    if constexpr (Traits::kSplitScores) {
+      static_assert(kRows == 2, "a thread's accumulator rows are r and r + 8");
+      CUTLASS_PRAGMA_UNROLL
+      for (int c = 0; c < 2 * kPairs; c += 2) {
+        p_address[c / 2] = cast_smem_ptr_to_uint(&sP(get<0>(tScS_rc(0, c)), get<1>(tScS_rc(0, c))));
+      }
+    }
 
     OnlineSoftmax<kRows> softmax;
     typename Traits::Pipeline::PipelineState state;  // consumers start at stage 0, phase 0
     PageContext<Traits> ctx{p, smem, pipeline, state, wg, consumer_tid};
     Gemms gemms{mma_s, mma_r, mma_o, thr_o};
-    Operands in{tSrQ, tSrQr, tSrK, tSrKr, tSrR, tSrRr, tOrV, sP, tSsP};
+    Operands in{tSrQ, tSrQr, tSrK, tSrKr, tSrR, tSrRr, tOrV, sP, p_address};
     Accumulators acc{tSrS, tSrS_rc, tScS_rc, tOrO, tOrO_rc, tOrP, softmax};
 
     const PackedRows rows(p.group_size, kv_head);
@@ -133,7 +144,9 @@ struct Consumer {
 
         float row_total[kRows], inv_sum[kRows], lse[kRows];
         softmax.quad_sums(row_total);
-        if constexpr (Traits::kSplitScores) {  // each warpgroup summed only its own tokens
+        if constexpr (Traits::kSplitScores) {  // the scoring warpgroup's statistics, for all
+          PageLoop<Traits>::template combine_across_warpgroups</*kMax=*/true>(
+              smem.row_max, softmax.row_max, tScS_rc, wg, ConsumerBarrier::kScoresMax);
           PageLoop<Traits>::template combine_across_warpgroups</*kMax=*/false>(
               smem.row_sum, row_total, tScS_rc, wg, ConsumerBarrier::kRowSums);
         }

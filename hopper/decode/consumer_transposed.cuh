@@ -89,10 +89,6 @@ struct TransposedConsumer {
     }
   }
 
-  static __device__ void store_shared_b32(uint32_t address, uint32_t value) {
-    asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(address), "r"(value));
-  }
-
   // A power of two u with u * scale in [1, 2) (1 for a zero, subnormal or non-finite scale).
   static __device__ float unit_for(float scale) {
     const int exponent = (__float_as_int(scale) >> 23) & 0xff;
@@ -294,9 +290,7 @@ struct TransposedConsumer {
                 prob0 *= p_factor[t];
                 prob1 *= p_factor[t];
               }
-              cutlass::NumericArrayConverter<StageElement, float, 2> convert;
-              const cutlass::Array<StageElement, 2> pair = convert(cutlass::Array<float, 2>{prob0, prob1});
-              store_shared_b32(p_address[t][c / 2] + slot * kPSlotBytes, reinterpret_cast<uint32_t const&>(pair));
+              store_shared_b32(p_address[t][c / 2] + slot * kPSlotBytes, pack_pair<StageElement>(prob0, prob1));
             }
           };
           float prob[kTokens][kCols], page_sum[kCols];

@@ -52,6 +52,20 @@ __device__ auto convert_fragment(Tensor<Engine, Layout> const& src) {
   return dst;
 }
 
+// A 32-bit store to shared memory at an address computed once (cast_smem_ptr_to_uint): a
+// CuTe copy into a swizzled tile recomputes each element's 64-bit generic address instead.
+__device__ __forceinline__ void store_shared_b32(uint32_t address, uint32_t value) {
+  asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(address), "r"(value));
+}
+
+// Columns c and c + 1 of an accumulator row as one 32-bit pair of 16-bit values.
+template <class To>
+__device__ __forceinline__ uint32_t pack_pair(float a, float b) {
+  cutlass::NumericArrayConverter<To, float, 2> convert;
+  const cutlass::Array<To, 2> pair = convert(cutlass::Array<float, 2>{a, b});
+  return reinterpret_cast<uint32_t const&>(pair);
+}
+
 // Issues C += A(:, kABegin + k) * B(:, kBBegin + k) for k < kBlocks, k-block by k-block,
 // inside a warpgroup_arrive / commit_batch the caller brackets (several calls share a batch).
 template <int kABegin, int kBBegin, int kBlocks, class TiledMma, class TA, class TB, class TC>

@@ -5,8 +5,8 @@
 // V = the same page viewed MN-major), then the stage is released. With Traits::kOverlapPV,
 // page n's S and page n-1's P V are issued back to back, so that page n's softmax runs while
 // the tensor cores finish page n-1's P V. With split scores (dv 512: two column warpgroups)
-// each warpgroup scores its share of the page's tokens, the row maxima and P meet in shared
-// memory, and no QK^T is computed twice.
+// the first warpgroup scores the page and P reaches the other through shared memory
+// (shared_p_page).
 //
 // A step takes the named parts it works on: the PageContext (pipeline position, shared memory,
 // who this warpgroup is), the Gemms, their Operands and the Accumulators.
@@ -61,7 +61,8 @@ struct Gemms {
 // What the GEMMs read: Q (shared-memory descriptors, and its RoPE columns in registers); by
 // stage, the page's keys and the RoPE keys (inline: the page's next k-blocks; shared: the
 // stage's rope tile), each also as the B operand of the register-A RoPE wgmma; V; and with
-// split scores the shared P and this warpgroup's columns of it.
+// split scores the shared P and where the scoring warpgroup's scores go in it (p_share: the address of
+// each pair of adjacent columns of its first row).
 template <class Q, class QRope, class K, class KForRope, class Rope, class RopeForRope, class V, class SmemP,
           class PShare>
 struct Operands {
@@ -151,11 +152,57 @@ struct PageLoop {
     }
   }
 
+  // Split scores, one page: the first warpgroup computes S and its softmax and writes P and
+  // the rows' rescale factors to shared memory; then every warpgroup rescales its O and adds
+  // P V over its columns. Both barriers are passed by every warpgroup at one instruction.
+  template <class G, class In, class Acc, int kRows>
+  static __device__ void shared_p_page(Context& ctx, G& gemms, In& in, Acc& acc,
+                                       PieceMask<kRows> const& mask, int page, int stage) {
+    float rescale[kRows];
+    const bool scorer = ctx.wg.col_wg == 0;
+    if (scorer) {
+      warpgroup_fence_operand(acc.s);
+      issue_scores(gemms, in, acc, stage);
+      warpgroup_wait<0>();
+      warpgroup_fence_operand(acc.s);
+      softmax_page(ctx, acc, mask, page, rescale);
+    }
+    consumer_sync(kConsumerThreads, ConsumerBarrier::kPFree);  // every P V of the last page is done
+    if (scorer) {
+      CUTLASS_PRAGMA_UNROLL
+      for (int i = 0; i < kRows; ++i) {
+        CUTLASS_PRAGMA_UNROLL
+        for (int c = 0; c < size<1>(acc.s_rc); c += 2) {
+          store_shared_b32(in.p_share[c / 2] + i * Traits::kPRow8Bytes,
+                           pack_pair<Element>(acc.s_rc(i, c), acc.s_rc(i, c + 1)));
+        }
+        // One lane of the row's quad (consumer threads come first in the CTA).
+        if (threadIdx.x % 4 == 0) { ctx.smem.row_rescale[get<0>(acc.s_coord(i, 0))] = rescale[i]; }
+      }
+      cutlass::arch::fence_view_async_shared();  // P written by threads, read by wgmma
+    }
+    consumer_sync(kConsumerThreads, ConsumerBarrier::kPReady);
+    if (!scorer) {
+      CUTLASS_PRAGMA_UNROLL
+      for (int i = 0; i < kRows; ++i) { rescale[i] = ctx.smem.row_rescale[get<0>(acc.s_coord(i, 0))]; }
+    }
+    rescale_o(acc, rescale);
+    warpgroup_fence_operand(acc.o);
+    issue_pv(gemms, in, acc, stage);
+    warpgroup_wait<0>();
+    warpgroup_fence_operand(acc.o);
+    ctx.pipeline.consumer_release(ctx.state);
+  }
+
   // One page, on its own: wait for it, S, softmax, P V, release its stage.
   template <class G, class In, class Acc, int kRows>
   static __device__ void one_page(Context& ctx, G& gemms, In& in, Acc& acc, const WorkPiece& w,
                                   PieceMask<kRows> const& mask, int page) {
-    page_body(ctx, gemms, in, acc, mask, page, wait_page(ctx, w.seqlen, page));
+    if constexpr (kSplit) {
+      shared_p_page(ctx, gemms, in, acc, mask, page, wait_page(ctx, w.seqlen, page));
+    } else {
+      page_body(ctx, gemms, in, acc, mask, page, wait_page(ctx, w.seqlen, page));
+    }
   }
 
   // A page whose stage is full: S, softmax, P V, release the stage.
@@ -169,7 +216,7 @@ struct PageLoop {
     warpgroup_fence_operand(acc.s);
     softmax_page(ctx, acc, mask, page, rescale);
     rescale_o_and_stage_p(in, acc, rescale);
-    if constexpr (!kSplit) { warpgroup_fence_operand(acc.p); }
+    warpgroup_fence_operand(acc.p);
     warpgroup_fence_operand(acc.o);
     issue_pv(gemms, in, acc, stage);
     warpgroup_wait<0>();
@@ -271,7 +318,7 @@ struct PageLoop {
   template <class Acc, int kRows>
   static __device__ void softmax_page(Context& ctx, Acc& acc, PieceMask<kRows> const& mask, int page,
                                       float (&rescale)[kRows]) {
-    const int first_key = page * kBlockN + ctx.wg.col_wg * kScoreCols;  // of this warpgroup's share
+    const int first_key = page * kBlockN;
     const bool needs_mask = page * kBlockN + kBlockN > mask.mask_from;
     CUTLASS_PRAGMA_UNROLL
     for (int i = 0; i < kRows; ++i) {
@@ -285,16 +332,18 @@ struct PageLoop {
     }
     float row_page_max[kRows];
     acc.softmax.page_max(acc.s_rc, row_page_max);
-    if constexpr (kSplit) {  // the row maximum over every warpgroup's tokens
-      combine_across_warpgroups</*kMax=*/true>(ctx.smem.row_max, row_page_max, acc.s_coord, ctx.wg,
-                                               ConsumerBarrier::kScoresMax);
-    }
     acc.softmax.update(acc.s_rc, row_page_max, rescale);
   }
 
   // Rescales O and stages the page's P for its P V (issued with the next page's S).
   template <class In, class Acc, int kRows>
   static __device__ void rescale_o_and_stage_p(In& in, Acc& acc, float const (&rescale)[kRows]) {
+    rescale_o(acc, rescale);
+    copy(convert_fragment<Element>(acc.s), acc.p);
+  }
+
+  template <class Acc, int kRows>
+  static __device__ void rescale_o(Acc& acc, float const (&rescale)[kRows]) {
     // Once the running maxima settle, most pages leave every row's factor at exactly 1: a warp
     // whose rows all kept their maximum skips the multiplies.
     bool changed = false;
@@ -306,15 +355,6 @@ struct PageLoop {
         CUTLASS_PRAGMA_UNROLL
         for (int j = 0; j < size<1>(acc.o_rc); ++j) { acc.o_rc(i, j) *= rescale[i]; }
       }
-    }
-    if constexpr (kSplit) {
-      // Every warpgroup writes its tokens' probabilities; all then read the whole P. The
-      // shared P is free: both warpgroups finished the previous page's P V before kScoresMax.
-      copy(convert_fragment<Element>(acc.s), in.p_share);
-      cutlass::arch::fence_view_async_shared();  // P written by threads, read by wgmma
-      consumer_sync(kConsumerThreads, ConsumerBarrier::kPReady);
-    } else {
-      copy(convert_fragment<Element>(acc.s), acc.p);
     }
   }
 
@@ -341,7 +381,7 @@ struct PageLoop {
   static __device__ void combine_across_warpgroups(float (&exchange)[Traits::kNumColWGs][kWGRows],
                                                    float (&value)[kRows], TensorC const& coord,
                                                    WarpgroupRole const& wg, ConsumerBarrier id) {
-    if (wg.wg_tid % 4 == 0) {  // one lane of each row's quad publishes
+    if (threadIdx.x % 4 == 0) {  // one lane of each row's quad publishes (consumers come first)
       CUTLASS_PRAGMA_UNROLL
       for (int i = 0; i < kRows; ++i) { exchange[wg.col_wg][get<0>(coord(i, 0))] = value[i]; }
     }

@@ -113,10 +113,13 @@ struct DecodeTraits {
   // last, write the output (all consumers but with page turns).
   static constexpr int kTurnThreads = kNumConsumerThreads / kNumPageWGs;
 
-  // With several consumer warpgroups each computes the scores of its own share of the page's
-  // tokens (no QK^T is computed twice); the probabilities meet in shared memory for P V.
+  // With several (column) consumer warpgroups the first computes the page's scores and their
+  // softmax alone, and the probabilities and each row's rescale factor reach the others
+  // through shared memory for P V. (Splitting the page's tokens over the warpgroups instead
+  // has each read all of Q from shared memory for half the tokens: 216 KB of operand reads a
+  // page for S, against 144 KB.)
   static constexpr bool kSplitScores = kNumColWGs > 1;
-  static constexpr int kScoreCols = kBlockN / kNumColWGs;  // tokens scored per warpgroup
+  static constexpr int kScoreCols = kBlockN;  // tokens a scoring warpgroup scores
   static_assert(kNumRowWGs == 1 || kNumColWGs == 1, "warpgroups split either rows or columns");
   static_assert(kNumRowWGs <= kMaxRowWarpgroups, "the tile policy (and the scheduler) plan for this many");
   // With two row warpgroups the 128-row Q tile leaves room for only three KV stages, and the
@@ -230,6 +233,23 @@ struct DecodeTraits {
                                                     Shape<Int<kBlockN>, Int<kHeadDimRope>>{}));
   // Probabilities of one page (rows x tokens), the A operand of P V when scores are split.
   using SmemLayoutP = decltype(tile_to_shape(SmemLayoutAtomK{}, Shape<Int<kWGRows>, Int<kBlockN>>{}));
+  // Row r + 8 of P lies one 8-row swizzle atom after row r, swizzled alike: a thread's two
+  // accumulator rows (r and r + 8) share their column addresses but for this offset.
+  static constexpr int kPRow8Bytes = 8 * kBlockN * int(sizeof(Element));
+  static_assert(!kSplitScores || [] {
+    // The layout maps (row, col) to an element offset; its swizzle acts on the byte address.
+    constexpr auto swizzle = SmemLayoutP{}.layout_a();
+    constexpr auto offset = SmemLayoutP{}.layout_b();
+    for (int r = 0; r + 8 < kWGRows; ++r) {
+      for (int c = 0; c < kBlockN; ++c) {
+        if (swizzle(offset(r + 8, c) * int(sizeof(Element))) !=
+            swizzle(offset(r, c) * int(sizeof(Element))) + kPRow8Bytes) {
+          return false;
+        }
+      }
+    }
+    return true;
+  }(), "P's row r + 8 is row r one swizzle atom on");
   // The transposed consumer's P (query rows x the step's tokens), the B operand of O^T, in two
   // slots: one step's P is written while the previous step's P V may still read the other.
   // MN-major (the query rows contiguous), so that a thread's two adjacent columns of S^T are
@@ -368,9 +388,11 @@ struct DecodeTraits {
     alignas(1024) cute::array_aligned<Element, kSharedRope ? cute::cosize_v<SmemLayoutRope> : 1> rope;
     alignas(1024) cute::array_aligned<StageElement, kSplitScores ? cute::cosize_v<SmemLayoutP>
                                                : kTransposed ? cute::cosize_v<SmemLayoutPT> : 1> p;
-    // Per-row statistics exchanged between consumer warpgroups: page maxima, final sums.
+    // Per-row statistics exchanged between consumer warpgroups: final maxima and sums; with
+    // split scores each page's rescale factors.
     float row_max[cute::max(kNumColWGs, kNumPageWGs)][kWGRows];
     float row_sum[cute::max(kNumColWGs, kNumPageWGs)][kWGRows];
+    float row_rescale[kSplitScores ? kWGRows : 1];
     // Transposed: each warp's column maxima (then sums) of a page, for the other warps.
     float col_exchange[kTransposed ? 4 : 1][kTransposed ? kWGRows : 1];
     typename Pipeline::SharedStorage pipeline;
