@@ -50,7 +50,7 @@ class Shape:
 SHAPES = [
     Shape(GLA, 128, 2, 256, 64, 1),  # 64 query rows per KV head
     Shape(GLA, 128, 2, 256, 64, 2),  # 128 rows: two row warpgroups
-    Shape(GLA, 128, 1, 512, 64, 1),  # MLA: split scores, two column warpgroups
+    Shape(GLA, 128, 1, 512, 64, 1),  # MLA: a shared P, two column warpgroups
     Shape(GLA_ROPE1, 128, 2, 256, 64, 2),
     Shape(GTA, 32, 8, 128, 64, 1),  # 4 rows: the transposed consumer
     Shape(GTA, 16, 4, 64, 32, 4),  # 16 rows: the transposed consumer at its capacity, d 64

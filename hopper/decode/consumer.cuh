@@ -78,8 +78,8 @@ struct Consumer {
     Tensor tSrRr = thr_r.partition_fragment_B(sRw);
     Tensor tSrS = partition_fragment_C(mma_s, Shape<Int<kWGRows>, Int<kScoreCols>>{});
     Tensor tOrO = partition_fragment_C(mma_o, Shape<Int<kWGRows>, Int<kOutCols>>{});
-    // P of the page whose P V is next, 16-bit in the accumulator's layout (split scores keep
-    // P in shared memory instead).
+    // P of the page whose P V is next, 16-bit in the accumulator's layout (a shared P lives
+    // in shared memory instead).
     Tensor tOrP = make_tensor<typename Traits::Element>(tSrS.layout());
 
     // Row/column views and the (row, col) coordinate of every accumulator element.
@@ -91,12 +91,12 @@ struct Consumer {
     Tensor tOcO_rc = make_tensor(tOcO.data(), accumulator_rowcol(tOcO.layout()));
     constexpr int kRows = decltype(size<0>(tSrS_rc))::value;  // rows per thread (2)
     static_assert(kRows == decltype(size<0>(tOrO_rc))::value, "S and O rows must coincide");
-    // Split scores: the shared-memory address of each pair of adjacent columns (c, c + 1; c
+    // Shared P: the shared-memory address of each pair of adjacent columns (c, c + 1; c
     // even) of this thread's first row of scores in the shared P; its second row lies 8 rows
     // on, one swizzle atom further (Traits::kPRow8Bytes).
-    constexpr int kPairs = Traits::kSplitScores ? decltype(size<1>(tSrS_rc))::value / 2 : 1;
+    constexpr int kPairs = Traits::kSharedP ? decltype(size<1>(tSrS_rc))::value / 2 : 1;
     uint32_t p_address[kPairs];
-    if constexpr (Traits::kSplitScores) {
+    if constexpr (Traits::kSharedP) {
       static_assert(kRows == 2, "a thread's accumulator rows are r and r + 8");
       CUTLASS_PRAGMA_UNROLL
       for (int c = 0; c < 2 * kPairs; c += 2) {
@@ -144,7 +144,7 @@ struct Consumer {
 
         float row_total[kRows], inv_sum[kRows], lse[kRows];
         softmax.quad_sums(row_total);
-        if constexpr (Traits::kSplitScores) {  // the scoring warpgroup's statistics, for all
+        if constexpr (Traits::kSharedP) {  // the scoring warpgroup's statistics, for all
           PageLoop<Traits>::template combine_across_warpgroups</*kMax=*/true>(
               smem.row_max, softmax.row_max, tScS_rc, wg, ConsumerBarrier::kScoresMax);
           PageLoop<Traits>::template combine_across_warpgroups</*kMax=*/false>(

@@ -20,7 +20,7 @@
 //
 // Shared memory (traits.h): Q (64 or 128 rows x d_qk, or x d_nope with its RoPE columns in
 // registers) + kStages pages (64 x kv_width), 128B-swizzled K-major [+ kStages shared RoPE
-// pages (64 x d_rope)] + P (64 x 64) and per-row statistics when the scores are split.
+// pages (64 x d_rope)] + P (64 x 64) and per-row statistics when it is shared.
 #pragma once
 
 #include <cute/tensor.hpp>

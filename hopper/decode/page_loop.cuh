@@ -4,7 +4,7 @@
 // registers), scale + mask + online softmax in registers, O += P V (wgmma, P from registers,
 // V = the same page viewed MN-major), then the stage is released. With Traits::kOverlapPV,
 // page n's S and page n-1's P V are issued back to back, so that page n's softmax runs while
-// the tensor cores finish page n-1's P V. With split scores (dv 512: two column warpgroups)
+// the tensor cores finish page n-1's P V. With a shared P (dv 512: two column warpgroups)
 // the first warpgroup scores the page and P reaches the other through shared memory
 // (shared_p_page).
 //
@@ -60,9 +60,9 @@ struct Gemms {
 
 // What the GEMMs read: Q (shared-memory descriptors, and its RoPE columns in registers); by
 // stage, the page's keys and the RoPE keys (inline: the page's next k-blocks; shared: the
-// stage's rope tile), each also as the B operand of the register-A RoPE wgmma; V; and with
-// split scores the shared P and where the scoring warpgroup's scores go in it (p_share: the address of
-// each pair of adjacent columns of its first row).
+// stage's rope tile), each also as the B operand of the register-A RoPE wgmma; V; and with a
+// shared P, P and where the scoring warpgroup's scores go in it (p_share: the address of each
+// pair of adjacent columns of its first row).
 template <class Q, class QRope, class K, class KForRope, class Rope, class RopeForRope, class V, class SmemP,
           class PShare>
 struct Operands {
@@ -97,7 +97,7 @@ struct PageLoop {
   static constexpr int kBlockN = Traits::kBlockN;
   static constexpr int kWGRows = Traits::kWGRows;
   static constexpr int kScoreCols = Traits::kScoreCols;
-  static constexpr bool kSplit = Traits::kSplitScores;
+  static constexpr bool kSharedP = Traits::kSharedP;
   static constexpr int kConsumerThreads = Traits::kNumConsumerThreads;
 
   // The piece's pages: in turns, overlapped (Traits::kOverlapPV) or in series. first_index:
@@ -152,7 +152,7 @@ struct PageLoop {
     }
   }
 
-  // Split scores, one page: the first warpgroup computes S and its softmax and writes P and
+  // Shared P, one page: the first warpgroup computes S and its softmax and writes P and
   // the rows' rescale factors to shared memory; then every warpgroup rescales its O and adds
   // P V over its columns. Both barriers are passed by every warpgroup at one instruction.
   template <class G, class In, class Acc, int kRows>
@@ -198,7 +198,7 @@ struct PageLoop {
   template <class G, class In, class Acc, int kRows>
   static __device__ void one_page(Context& ctx, G& gemms, In& in, Acc& acc, const WorkPiece& w,
                                   PieceMask<kRows> const& mask, int page) {
-    if constexpr (kSplit) {
+    if constexpr (kSharedP) {
       shared_p_page(ctx, gemms, in, acc, mask, page, wait_page(ctx, w.seqlen, page));
     } else {
       page_body(ctx, gemms, in, acc, mask, page, wait_page(ctx, w.seqlen, page));
@@ -359,13 +359,13 @@ struct PageLoop {
   }
 
   // Issues O += P V for one stage as one wgmma batch, not waited for: P from registers, or
-  // from shared memory when the scores are split over warpgroups. The caller fences P and O
+  // from shared memory when it is shared by column warpgroups. The caller fences P and O
   // before the batch that precedes this one: an operand fence between two open batches counts
   // as a write to a wgmma input, and ptxas would then serialise every wgmma.
   template <class G, class In, class Acc>
   static __device__ void issue_pv(G& gemms, In const& in, Acc& acc, int stage) {
     warpgroup_arrive();
-    if constexpr (kSplit) {
+    if constexpr (kSharedP) {
       Tensor tOsP = gemms.thr_o.partition_fragment_A(in.smem_p);
       gemm_k_blocks<0, 0, decltype(size<2>(tOsP))::value>(gemms.o, tOsP, in.v(_, _, _, stage), acc.o);
     } else {
@@ -375,7 +375,7 @@ struct PageLoop {
     warpgroup_commit_batch();
   }
 
-  // Split scores: combines a per-row statistic of this thread's rows (max or sum) with the
+  // Shared P: combines a per-row statistic of this thread's rows (max or sum) with the
   // other consumer warpgroups' values for the same rows, through `exchange` in shared memory.
   template <bool kMax, int kRows, class TensorC>
   static __device__ void combine_across_warpgroups(float (&exchange)[Traits::kNumColWGs][kWGRows],

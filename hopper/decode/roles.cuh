@@ -11,15 +11,15 @@ enum class ConsumerBarrier : int {
   kQFree = 1,         // every consumer is done reading the previous piece's Q tile
   kQReady = 2,        // the new Q tile is in shared memory
   kPageMasked = 3,    // rows past the sequence end of a page are zeroed
-  kScoresMax = 4,     // split scores: the scoring warpgroup's final row maxima are in shared memory
-  kPReady = 5,        // split scores: the page's probabilities and rescale factors are in shared memory
-  kRowSums = 6,       // split scores, page turns: each warpgroup's final row sums are in shared memory
+  kScoresMax = 4,     // shared P: the scoring warpgroup's final row maxima are in shared memory
+  kPReady = 5,        // shared P: the page's probabilities and rescale factors are in shared memory
+  kRowSums = 6,       // shared P, page turns: each warpgroup's final row sums are in shared memory
   kOutputStage = 7,   // every consumer is done with the piece's Q tile: O may be staged there
   kOutputStaged = 8,  // the piece's O tiles are in shared memory
   kQIssued = 9,       // the first Q tile's loads are issued (consumers arrive, producer waits)
   kTurnChunkWritten = 10,  // page turns: a chunk of the second warpgroup's O is in shared memory
   kTurnChunkRead = 11,     // page turns: the first warpgroup has added it to its own
-  kPFree = 12              // split scores: every warpgroup's P V of the previous page is done
+  kPFree = 12              // shared P: every warpgroup's P V of the previous page is done
 };
 
 static_assert(static_cast<int>(ConsumerBarrier::kPFree) < 16, "sm_90 has 16 named barriers");

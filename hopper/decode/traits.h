@@ -118,7 +118,7 @@ struct DecodeTraits {
   // through shared memory for P V. (Splitting the page's tokens over the warpgroups instead
   // has each read all of Q from shared memory for half the tokens: 216 KB of operand reads a
   // page for S, against 144 KB.)
-  static constexpr bool kSplitScores = kNumColWGs > 1;
+  static constexpr bool kSharedP = kNumColWGs > 1;
   static constexpr int kScoreCols = kBlockN;  // tokens a scoring warpgroup scores
   static_assert(kNumRowWGs == 1 || kNumColWGs == 1, "warpgroups split either rows or columns");
   static_assert(kNumRowWGs <= kMaxRowWarpgroups, "the tile policy (and the scheduler) plan for this many");
@@ -203,14 +203,15 @@ struct DecodeTraits {
                                      kNumThreads * (65536 / kCtasPerSm / kNumThreads / 8 * 8),
                 "setmaxnreg can only move the registers the CTA was launched with");
   // Whether page n's softmax overlaps page n-1's P V (S and P V issued back to back). That
-  // keeps two wgmma batches and a second P in flight: it fits the registers except with split
-  // scores (MLA: P goes through one shared buffer) and with two row warpgroups reading a
-  // shared RoPE tile (12 bytes of spills, measured slower), which run page by page.
+  // keeps two wgmma batches and a second P in flight: it fits the registers except with a
+  // shared P (MLA: one shared buffer, and with two stages the consumers would hold both, so
+  // that no page load is in flight) and with two row warpgroups reading a shared RoPE tile
+  // (12 bytes of spills, measured slower), which run page by page.
   // The transposed consumer always pipelines its pages (consumer_transposed.cuh).
   static constexpr bool kOverlapPV = kTransposed       ? true
                                    : kNumPageWGs > 1   ? false
-                                   : kFP8              ? !kSplitScores && kNumRowWGs == 1
-                                                       : !kSplitScores && !(kSharedRope && kNumRowWGs > 1);
+                                   : kFP8              ? !kSharedP && kNumRowWGs == 1
+                                                       : !kSharedP && !(kSharedRope && kNumRowWGs > 1);
   static constexpr bool kFP8QRopeFits =
       kBlockM * kHeadDimQK * int(sizeof(Element)) + 3 * kStageBytes + 4 * kRawStageBytes + kBarrierBytes <=
       kSmemBudget;
@@ -231,12 +232,12 @@ struct DecodeTraits {
   // A shared RoPE page (tokens x d_rope): one per stage, beside the KV head's page.
   using SmemLayoutRopePage = decltype(tile_to_shape(k_major_atom<Element, kHeadDimRope>(),
                                                     Shape<Int<kBlockN>, Int<kHeadDimRope>>{}));
-  // Probabilities of one page (rows x tokens), the A operand of P V when scores are split.
+  // Probabilities of one page (rows x tokens), the A operand of P V when it is shared.
   using SmemLayoutP = decltype(tile_to_shape(SmemLayoutAtomK{}, Shape<Int<kWGRows>, Int<kBlockN>>{}));
   // Row r + 8 of P lies one 8-row swizzle atom after row r, swizzled alike: a thread's two
   // accumulator rows (r and r + 8) share their column addresses but for this offset.
   static constexpr int kPRow8Bytes = 8 * kBlockN * int(sizeof(Element));
-  static_assert(!kSplitScores || [] {
+  static_assert(!kSharedP || [] {
     // The layout maps (row, col) to an element offset; its swizzle acts on the byte address.
     constexpr auto swizzle = SmemLayoutP{}.layout_a();
     constexpr auto offset = SmemLayoutP{}.layout_b();
@@ -276,7 +277,7 @@ struct DecodeTraits {
   }();
   static_assert(kNumPageWGs == 1 || (kNumRowWGs == 1 && kNumColWGs == 1 && kTurnChunk >= 16),
                 "page turns: one warpgroup's O reaches the other through the Q tile");
-  static constexpr int kPBytes = (kSplitScores ? kBlockN : kTransposed ? 2 * kStepTokens : 0) * kWGRows * sizeof(Element);
+  static constexpr int kPBytes = (kSharedP ? kBlockN : kTransposed ? 2 * kStepTokens : 0) * kWGRows * sizeof(Element);
   // Bytes that one Element stage's TMA brings: the page and its RoPE rows; for FP8, whose
   // pages the producer warpgroup writes, the leader expects its RoPE rows' bytes itself.
   static constexpr int kStageTmaBytes = kFP8 ? 0 : kStageBytes;
@@ -330,7 +331,7 @@ struct DecodeTraits {
       decltype(make_tiled_mma(GMMA::ss_op_selector<StageElement, StageElement, float, OutTileShape,
                                                    GMMA::Major::MN, GMMA::Major::MN>())),
       std::conditional_t<
-          kSplitScores,
+          kSharedP,
           decltype(make_tiled_mma(GMMA::ss_op_selector<Element, Element, float, OutTileShape,
                                                        GMMA::Major::K, GMMA::Major::MN>())),
           decltype(make_tiled_mma(GMMA::rs_op_selector<Element, Element, float, OutTileShape,
@@ -386,13 +387,13 @@ struct DecodeTraits {
     alignas(1024) cute::array_aligned<Element, cute::cosize_v<SmemLayoutQ>> q;
     alignas(1024) cute::array_aligned<StageElement, cute::cosize_v<SmemLayoutK>> kv;
     alignas(1024) cute::array_aligned<Element, kSharedRope ? cute::cosize_v<SmemLayoutRope> : 1> rope;
-    alignas(1024) cute::array_aligned<StageElement, kSplitScores ? cute::cosize_v<SmemLayoutP>
+    alignas(1024) cute::array_aligned<StageElement, kSharedP ? cute::cosize_v<SmemLayoutP>
                                                : kTransposed ? cute::cosize_v<SmemLayoutPT> : 1> p;
-    // Per-row statistics exchanged between consumer warpgroups: final maxima and sums; with
-    // split scores each page's rescale factors.
+    // Per-row statistics exchanged between consumer warpgroups: final maxima and sums; with a
+    // shared P each page's rescale factors.
     float row_max[cute::max(kNumColWGs, kNumPageWGs)][kWGRows];
     float row_sum[cute::max(kNumColWGs, kNumPageWGs)][kWGRows];
-    float row_rescale[kSplitScores ? kWGRows : 1];
+    float row_rescale[kSharedP ? kWGRows : 1];
     // Transposed: each warp's column maxima (then sums) of a page, for the other warps.
     float col_exchange[kTransposed ? 4 : 1][kTransposed ? kWGRows : 1];
     typename Pipeline::SharedStorage pipeline;
