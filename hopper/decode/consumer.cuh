@@ -26,7 +26,6 @@ using namespace cute;
 template <class Traits>
 struct Consumer {
   static constexpr int kWGRows = Traits::kWGRows;
-  static constexpr int kScoreCols = Traits::kScoreCols;
   static constexpr int kOutCols = Traits::kOutColsPerWG;
   static constexpr int kHeadDimRope = Traits::kHeadDimRope;
   static constexpr int kConsumerThreads = Traits::kNumConsumerThreads;
@@ -57,26 +56,23 @@ struct Consumer {
     Tensor sV = make_tensor(make_smem_ptr(smem.kv.data()), typename Traits::SmemLayoutV{});
     Tensor sR = make_tensor(make_smem_ptr(smem.rope.data()), typename Traits::SmemLayoutRope{});
     Tensor sP = make_tensor(make_smem_ptr(smem.p.data()), typename Traits::SmemLayoutP{});
-    // This warpgroup's share: (64, d_qk or d_nope) rows of Q; the (kScoreCols, kv_width, stage)
-    // tokens it scores and (kScoreCols, d_rope, stage) their shared RoPE rows; (kOutCols,
-    // tokens, stage) columns of V.
+    // This warpgroup's share: (64, d_qk or d_nope) rows of Q and (kOutCols, tokens, stage)
+    // columns of V; a scoring warpgroup reads the whole page (and its shared RoPE rows).
     Tensor sQw = flat_divide(sQ, Shape<Int<kWGRows>, Int<Traits::kQSmemCols>>{})(_, _, wg.row_wg, 0);
-    Tensor sKw = flat_divide(sK, Shape<Int<kScoreCols>, Int<Traits::kKVWidth>>{})(_, _, 0, 0, _);
-    Tensor sRw = flat_divide(sR, Shape<Int<kScoreCols>, Int<kHeadDimRope>>{})(_, _, 0, 0, _);
     Tensor sVw = flat_divide(sV, Shape<Int<kOutCols>, Int<Traits::kBlockN>>{})(_, _, wg.col_wg, 0, _);
 
     Tensor tSrQ = thr_s.partition_fragment_A(sQw);  // (MMA, 1, k-blocks) descriptors
-    Tensor tSrK = thr_s.partition_fragment_B(sKw);  // (MMA, 1, kv_width/16, stage)
-    Tensor tSrR = thr_s.partition_fragment_B(sRw);  // (MMA, 1, d_rope/16, stage)
+    Tensor tSrK = thr_s.partition_fragment_B(sK);  // (MMA, 1, kv_width/16, stage)
+    Tensor tSrR = thr_s.partition_fragment_B(sR);  // (MMA, 1, d_rope/16, stage)
     Tensor tOrV = thr_o.partition_fragment_B(sVw);  // (MMA, 1, tokens/16, stage)
     // Q's RoPE columns in registers (Traits::kQRopeInRegisters): the RoPE k-blocks of S then
     // run as register-sourced wgmma against the same shared-memory keys.
     Tensor tSrQr = thr_r.partition_fragment_A(make_tensor(
         make_smem_ptr(smem.q.data()), make_layout(Shape<Int<kWGRows>, Int<kHeadDimRope>>{})));
     Tensor tScQr = thr_r.partition_A(make_identity_tensor(Shape<Int<kWGRows>, Int<kHeadDimRope>>{}));
-    Tensor tSrKr = thr_r.partition_fragment_B(sKw);
-    Tensor tSrRr = thr_r.partition_fragment_B(sRw);
-    Tensor tSrS = partition_fragment_C(mma_s, Shape<Int<kWGRows>, Int<kScoreCols>>{});
+    Tensor tSrKr = thr_r.partition_fragment_B(sK);
+    Tensor tSrRr = thr_r.partition_fragment_B(sR);
+    Tensor tSrS = partition_fragment_C(mma_s, Shape<Int<kWGRows>, Int<Traits::kBlockN>>{});
     Tensor tOrO = partition_fragment_C(mma_o, Shape<Int<kWGRows>, Int<kOutCols>>{});
     // P of the page whose P V is next, 16-bit in the accumulator's layout (a shared P lives
     // in shared memory instead).
@@ -85,7 +81,7 @@ struct Consumer {
     // Row/column views and the (row, col) coordinate of every accumulator element.
     Tensor tSrS_rc = make_tensor(tSrS.data(), accumulator_rowcol(tSrS.layout()));
     Tensor tOrO_rc = make_tensor(tOrO.data(), accumulator_rowcol(tOrO.layout()));
-    Tensor tScS = thr_s.partition_C(make_identity_tensor(Shape<Int<kWGRows>, Int<kScoreCols>>{}));
+    Tensor tScS = thr_s.partition_C(make_identity_tensor(Shape<Int<kWGRows>, Int<Traits::kBlockN>>{}));
     Tensor tScS_rc = make_tensor(tScS.data(), accumulator_rowcol(tScS.layout()));
     Tensor tOcO = thr_o.partition_C(make_identity_tensor(Shape<Int<kWGRows>, Int<kOutCols>>{}));
     Tensor tOcO_rc = make_tensor(tOcO.data(), accumulator_rowcol(tOcO.layout()));

@@ -96,7 +96,6 @@ struct PageLoop {
   using Context = PageContext<Traits>;
   static constexpr int kBlockN = Traits::kBlockN;
   static constexpr int kWGRows = Traits::kWGRows;
-  static constexpr int kScoreCols = Traits::kScoreCols;
   static constexpr bool kSharedP = Traits::kSharedP;
   static constexpr int kConsumerThreads = Traits::kNumConsumerThreads;
 

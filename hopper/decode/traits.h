@@ -119,7 +119,6 @@ struct DecodeTraits {
   // has each read all of Q from shared memory for half the tokens: 216 KB of operand reads a
   // page for S, against 144 KB.)
   static constexpr bool kSharedP = kNumColWGs > 1;
-  static constexpr int kScoreCols = kBlockN;  // tokens a scoring warpgroup scores
   static_assert(kNumRowWGs == 1 || kNumColWGs == 1, "warpgroups split either rows or columns");
   static_assert(kNumRowWGs <= kMaxRowWarpgroups, "the tile policy (and the scheduler) plan for this many");
   // With two row warpgroups the 128-row Q tile leaves room for only three KV stages, and the
@@ -219,7 +218,6 @@ struct DecodeTraits {
   static constexpr int kQSmemCols = kQRopeInRegisters ? kHeadDimNope : kHeadDimQK;
 
   static_assert(kHeadDimV % kOutColsPerWG == 0, "dv must split evenly over consumer warpgroups");
-  static_assert(kScoreCols % 8 == 0, "a warpgroup's token share must be whole 8-row swizzle atoms");
   static_assert(kHeadDimQK % 64 == 0 && kKVWidth % 64 == 0, "128-byte swizzle atoms are 64 elements wide");
   static_assert(kOutColsPerWG % 64 == 0, "each consumer's V slice must be whole swizzle atoms");
 
@@ -312,7 +310,7 @@ struct DecodeTraits {
   // O^T = V^T P^T (A: the page viewed dims x tokens, B: P, query rows x tokens; both MN-major).
   // Its MMA shapes stand in for the others' (whose M of 64 rows it does not have).
   using ScoreTileShape = std::conditional_t<kTransposed, Shape<Int<kBlockN>, Int<kWGRows>, _64>,
-                                            Shape<Int<kWGRows>, Int<kScoreCols>, _64>>;
+                                            Shape<Int<kWGRows>, Int<kBlockN>, _64>>;
   using TiledMmaS = decltype(make_tiled_mma(GMMA::ss_op_selector<StageElement, StageElement, float, ScoreTileShape,
                                                                   GMMA::Major::K, GMMA::Major::K>()));
   // The RoPE part of S: with Q's RoPE columns in registers (kQRopeInRegisters); transposed,
