@@ -50,7 +50,7 @@ struct TransposedConsumer {
   using Element = typename Traits::Element;
   using StageElement = typename Traits::StageElement;  // of the KV stages and P
   static constexpr bool kUnscaled = Traits::kUnscaledStages;
-  static_assert(!kUnscaled || Traits::kSharedRope, "unscaled stages: S^T's RoPE part comes from the rope tile");
+  static_assert(!kUnscaled || Traits::kRopeTile, "unscaled stages: S^T's RoPE part comes from the rope tile");
   static constexpr int kN = Traits::kQueryCols;  // query rows of the tile: the wgmma N
   static constexpr int kBlockN = Traits::kBlockN;  // tokens per page: the wgmma M of S^T
   static constexpr int kStepPages = Traits::kStepPages;  // pages per softmax step
@@ -206,7 +206,7 @@ struct TransposedConsumer {
               Tensor sr = m_tile<j>(tSrSr);
               mma_r.accumulate_ = GMMA::ScaleOut::Zero;
               gemm_k_blocks<0, kNope, kRope>(mma_r, tSrR(_, _, _, stage[j]), tSrQr, sr);
-            } else if constexpr (Traits::kSharedRope) {
+            } else if constexpr (Traits::kRopeTile) {
               gemm_k_blocks<0, kNope, kRope>(mma_s, tSrR(_, _, _, stage[j]), tSrQ, s);
             } else {
               gemm_k_blocks<kNope, kNope, kRope>(mma_s, tSrK(_, _, _, stage[j]), tSrQ, s);

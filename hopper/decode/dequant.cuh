@@ -33,6 +33,7 @@
 #include "common/params.h"
 #include "decode/roles.cuh"
 #include "decode/schedule.cuh"
+#include "decode/smem_io.cuh"
 #include "decode/traits.h"
 
 namespace flash_gla::hopper {
@@ -103,7 +104,7 @@ struct DequantProducer {
                                       group_modes<0, 2>(sRaw), group_modes<0, 2>(mKV(_, _, kv_head, _)));
     Tensor mR = tma_rope.get_tma_tensor(
         make_shape(Int<kBlockN>{}, Int<Traits::kHeadDimRope>{}, p.num_pages));
-    Tensor sRope = make_tensor(make_smem_ptr(smem.rope.data()), typename Traits::SmemLayoutRope{});
+    Tensor sRope = SmemIO<Traits>::rope_stages(smem);
     auto [tRgR, tRsR] = tma_partition(tma_rope, Int<0>{}, Layout<_1>{},
                                       group_modes<0, 2>(sRope), group_modes<0, 2>(mR));
     Tensor sK = make_tensor(make_smem_ptr(smem.kv.data()), typename Traits::SmemLayoutK{});
@@ -191,7 +192,7 @@ struct DequantProducer {
   static constexpr int kChunksPerGroup = cute::min(kScaleGroup / 16, kChunksPerRow) / kThreadsPerToken;
   static constexpr int kChunksPerThread = kChunksPerRow / kThreadsPerToken;
   static constexpr int kRawStageStride = kBlockN * Traits::kKVWidth;                      // bytes
-  static constexpr int kStageStride = kBlockN * Traits::kKVWidth * int(sizeof(Element));  // bytes
+  static constexpr int kStageStride = kBlockN * Traits::kStageCols * int(sizeof(Element));  // bytes
   // A group's reads are issued together with precomputed addresses, which takes registers: with
   // fewer, a producer would convert a chunk at a time, its reads no longer in flight together.
   static_assert(Traits::kProducerRegs >= 88, "the producer keeps a group's chunks and their addresses");

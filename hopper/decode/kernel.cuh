@@ -19,8 +19,9 @@
 //     instead, tokens as the wgmma's M (consumer_transposed.cuh).
 //
 // Shared memory (traits.h): Q (64 or 128 rows x d_qk, or x d_nope with its RoPE columns in
-// registers) + kStages pages (64 x kv_width), 128B-swizzled K-major [+ kStages shared RoPE
-// pages (64 x d_rope)] + P (64 x 64) and per-row statistics when it is shared.
+// registers) + kStages pages (64 x kv_width, GLA's shared RoPE rows right after V),
+// 128B-swizzled K-major [+ kStages GTA RoPE pages (64 x d_rope)] + P (64 x 64) and per-row
+// statistics when it is shared.
 #pragma once
 
 #include <cute/tensor.hpp>

@@ -288,8 +288,8 @@ struct PageLoop {
     return stage;
   }
 
-  // Issues S = Q[:, :d_nope] K_nope^T + Q[:, d_nope:] R^T as one wgmma batch; R is the page's
-  // next k-blocks (inline) or the stage's rope tile (shared).
+  // Issues S = Q[:, :d_nope] K_nope^T + Q[:, d_nope:] R^T as one wgmma batch; R is the stage's
+  // next k-blocks (inline, or a shared RoPE key joined to the page) or its rope tile.
   template <class G, class In, class Acc>
   static __device__ void issue_scores(G& gemms, In const& in, Acc& acc, int stage) {
     constexpr int kNope = Traits::kNopeBlocks, kRope = Traits::kRopeBlocks;
@@ -299,12 +299,12 @@ struct PageLoop {
     gemm_k_blocks<0, 0, kNope>(gemms.s, in.q, in.k(_, _, _, stage), acc.s);
     if constexpr (Traits::kQRopeInRegisters) {
       gemms.rope.accumulate_ = GMMA::ScaleOut::One;
-      if constexpr (Traits::kSharedRope) {
+      if constexpr (Traits::kRopeTile) {
         gemm_k_blocks<0, kRopeB, kRope>(gemms.rope, in.q_rope, in.rope_for_rope(_, _, _, stage), acc.s);
       } else {
         gemm_k_blocks<0, kRopeB, kRope>(gemms.rope, in.q_rope, in.k_for_rope(_, _, _, stage), acc.s);
       }
-    } else if constexpr (Traits::kSharedRope) {
+    } else if constexpr (Traits::kRopeTile) {
       gemm_k_blocks<kNope, kRopeB, kRope>(gemms.s, in.q, in.rope(_, _, _, stage), acc.s);
     } else {
       gemm_k_blocks<kNope, kRopeB, kRope>(gemms.s, in.q, in.k(_, _, _, stage), acc.s);

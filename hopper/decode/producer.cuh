@@ -7,6 +7,7 @@
 
 #include "common/params.h"
 #include "decode/schedule.cuh"
+#include "decode/smem_io.cuh"
 #include "decode/traits.h"
 
 namespace flash_gla::hopper {
@@ -17,7 +18,8 @@ struct Producer {
   static constexpr int kBlockN = Traits::kBlockN;
 
   // Each stage is one page (64 tokens x kv_width) of this KV head and, with a shared rope
-  // cache, the page's RoPE rows (64 x d_rope), both completing on the stage's mbarrier. Page
+  // cache, the page's RoPE rows (64 x d_rope: after V, or in the rope tile), both completing
+  // on the stage's mbarrier. Page
   // addresses come from block_table.
   static __device__ void run(const DecodeParams& p, const typename Traits::TmaKV& tma_kv,
                              const typename Traits::TmaRope& tma_rope,
@@ -25,12 +27,12 @@ struct Producer {
     Tensor mKV = tma_kv.get_tma_tensor(
         make_shape(Int<kBlockN>{}, Int<Traits::kKVWidth>{}, p.num_heads_kv, p.num_pages));
     Tensor gKV = mKV(_, _, kv_head, _);  // (token, dim, page)
-    Tensor sK = make_tensor(make_smem_ptr(smem.kv.data()), typename Traits::SmemLayoutK{});
+    Tensor sK = SmemIO<Traits>::page_stages(smem);
     auto [tKgK, tKsK] = tma_partition(tma_kv, Int<0>{}, Layout<_1>{},
                                       group_modes<0, 2>(sK), group_modes<0, 2>(gKV));
     Tensor mR = tma_rope.get_tma_tensor(
         make_shape(Int<kBlockN>{}, Int<Traits::kHeadDimRope>{}, p.num_pages));
-    Tensor sR = make_tensor(make_smem_ptr(smem.rope.data()), typename Traits::SmemLayoutRope{});
+    Tensor sR = SmemIO<Traits>::rope_stages(smem);
     auto [tRgR, tRsR] = tma_partition(tma_rope, Int<0>{}, Layout<_1>{},
                                       group_modes<0, 2>(sR), group_modes<0, 2>(mR));
     auto state = cutlass::make_producer_start_state<Pipeline>();

@@ -91,16 +91,32 @@ struct SmemIO {
     }
   }
 
+  // The stages as their TMAs fill them, (tokens, cols, stage): the cache page's kv_width
+  // columns, and where the shared RoPE rows go, right after V (Traits::kRopeJoinsPage) or the
+  // rope tile.
+  static __device__ auto page_stages(SharedStorage& smem) {
+    return make_tensor(make_smem_ptr(smem.kv.data()),
+                       typename Traits::template SmemLayoutStageCols<Traits::kKVWidth>{});
+  }
+  static __device__ auto rope_stages(SharedStorage& smem) {
+    if constexpr (Traits::kRopeJoinsPage) {
+      return make_tensor(make_smem_ptr(smem.kv.data() + Traits::kBlockN * Traits::kKVWidth),
+                         typename Traits::template SmemLayoutStageCols<Traits::kHeadDimRope>{});
+    } else {
+      return make_tensor(make_smem_ptr(smem.rope.data()), typename Traits::SmemLayoutRope{});
+    }
+  }
+
   // Rows past the sequence end may hold anything (NaN included); 0 * NaN would poison P V, so
-  // they are zeroed in shared memory (the page, and its shared RoPE rows) before either GEMM
+  // they are zeroed in shared memory (the stage, and a rope tile's rows) before either GEMM
   // reads the page.
   // Every consumer thread takes part (consumer_tid: its index among them).
   static __device__ void zero_rows_past_end(SharedStorage& smem, int stage, int first_row,
                                             int consumer_tid) {
-    zero_rows<Traits::kKVWidth>(
+    zero_rows<Traits::kStageCols>(
         make_tensor(make_smem_ptr(smem.kv.data()), typename Traits::SmemLayoutK{}), stage,
         first_row, consumer_tid);
-    if constexpr (Traits::kSharedRope) {
+    if constexpr (Traits::kRopeTile) {
       zero_rows<Traits::kHeadDimRope>(
           make_tensor(make_smem_ptr(smem.rope.data()), typename Traits::SmemLayoutRope{}), stage,
           first_row, consumer_tid);

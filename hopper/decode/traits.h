@@ -72,15 +72,21 @@ struct DecodeTraits {
   static constexpr bool kSharedRope = kRope_ == RopeCache::kShared;
   // Elements per cached row of one KV head: V, then (inline) the RoPE dims.
   static constexpr int kKVWidth = kSharedRope ? kHeadDimV : kHeadDimV + kHeadDimRope;
+  // A shared RoPE key that follows all of V (GLA: d_nope = dv) is loaded into the stage right
+  // after the page's V, so that the consumers read the stage exactly as an inline page; one
+  // that stands in for V's last dims (GTA) lies in a tile of its own beside the page.
+  static constexpr bool kRopeJoinsPage = kSharedRope && kHeadDimNope == kHeadDimV;
+  static constexpr bool kRopeTile = kSharedRope && !kRopeJoinsPage;
+  static constexpr int kStageCols = kKVWidth + (kRopeJoinsPage ? kHeadDimRope : 0);  // per stage row
   static_assert(kSharedRope || kHeadDimNope == kHeadDimV, "inline RoPE follows all of V");
   static_assert(!kFP8 || kSharedRope, "an FP8 cache keeps its RoPE keys in q's dtype, in the rope cache");
   static_assert(kHeadDimNope <= kHeadDimV, "the key's latent part is a prefix of the row");
   static_assert(kHeadDimNope % 16 == 0 && kHeadDimRope % 16 == 0, "wgmma k-blocks are 16 wide");
   // k-blocks (16 dims) of S = Q K^T: the latent part from the KV page, then the RoPE part,
-  // which inline is the page's next k-blocks and shared is the rope tile's.
+  // which is the stage's next k-blocks (inline or joined) or the rope tile's.
   static constexpr int kNopeBlocks = kHeadDimNope / 16;
   static constexpr int kRopeBlocks = kHeadDimRope / 16;
-  static constexpr int kRopeFirstBlockB = kSharedRope ? 0 : kNopeBlocks;
+  static constexpr int kRopeFirstBlockB = kRopeTile ? 0 : kNopeBlocks;
 
   // Transposed (kQueryCols > 0; consumer_transposed.cuh): for a KV head with at most kQueryCols
   // packed query rows, the page's tokens are the wgmma's M and the query rows its N, so that
@@ -204,13 +210,13 @@ struct DecodeTraits {
   // Whether page n's softmax overlaps page n-1's P V (S and P V issued back to back). That
   // keeps two wgmma batches and a second P in flight: it fits the registers except with a
   // shared P (MLA: one shared buffer, and with two stages the consumers would hold both, so
-  // that no page load is in flight) and with two row warpgroups reading a shared RoPE tile
-  // (12 bytes of spills, measured slower), which run page by page.
+  // that no page load is in flight), which runs page by page.
   // The transposed consumer always pipelines its pages (consumer_transposed.cuh).
   static constexpr bool kOverlapPV = kTransposed       ? true
                                    : kNumPageWGs > 1   ? false
                                    : kFP8              ? !kSharedP && kNumRowWGs == 1
-                                                       : !kSharedP && !(kSharedRope && kNumRowWGs > 1);
+                                                       : !kSharedP;
+  static_assert(!kRopeTile || kNumRowWGs == 1, "a rope tile beside two row warpgroups' overlapped pages spills");
   static constexpr bool kFP8QRopeFits =
       kBlockM * kHeadDimQK * int(sizeof(Element)) + 3 * kStageBytes + 4 * kRawStageBytes + kBarrierBytes <=
       kSmemBudget;
@@ -218,7 +224,8 @@ struct DecodeTraits {
   static constexpr int kQSmemCols = kQRopeInRegisters ? kHeadDimNope : kHeadDimQK;
 
   static_assert(kHeadDimV % kOutColsPerWG == 0, "dv must split evenly over consumer warpgroups");
-  static_assert(kHeadDimQK % 64 == 0 && kKVWidth % 64 == 0, "128-byte swizzle atoms are 64 elements wide");
+  static_assert(kHeadDimQK % 64 == 0 && kKVWidth % 64 == 0 && kStageCols % 64 == 0,
+                "128-byte swizzle atoms are 64 elements wide");
   static_assert(kOutColsPerWG % 64 == 0, "each consumer's V slice must be whole swizzle atoms");
 
   // Shared memory. Q and each KV stage use the canonical K-major 128B-swizzled wgmma layout;
@@ -297,12 +304,19 @@ struct DecodeTraits {
   static_assert(!kFP8 || kRawStages >= 4 - kCtasPerSm, "FP8: at least two raw pages in flight per SM besides those converted");
 
   using SmemLayoutK = decltype(tile_to_shape(SmemLayoutAtomK{},
-                                             Shape<Int<kBlockN>, Int<kKVWidth>, Int<kStages>>{}));
+                                             Shape<Int<kBlockN>, Int<kStageCols>, Int<kStages>>{}));
   // Same offsets as SmemLayoutK with the first two modes swapped: token blocks iterate
   // fastest (Step<_2,_1,_3>), exactly as in the K-major tiling.
   using SmemLayoutV = decltype(tile_to_shape(SmemLayoutAtomV{},
-                                             Shape<Int<kKVWidth>, Int<kBlockN>, Int<kStages>>{},
+                                             Shape<Int<kStageCols>, Int<kBlockN>, Int<kStages>>{},
                                              Step<_2, _1, _3>{}));
+  // kCols columns of every stage, for the TMA that fills them: the cache page's first
+  // kKVWidth, and a joined RoPE key's d_rope after them. Column blocks of 64 are whole swizzle
+  // atoms, so columns [c, c + kCols) are this view at a pointer c * kBlockN elements on.
+  template <int kCols>
+  using SmemLayoutStageCols = decltype(composition(
+      SmemLayoutK{}, Layout<Shape<Int<kBlockN>, Int<kCols>, Int<kStages>>,
+                            Stride<_1, Int<kBlockN>, Int<kBlockN * kStageCols>>>{}));
   using SmemLayoutRope = decltype(tile_to_shape(k_major_atom<Element, kHeadDimRope>(),
                                                 Shape<Int<kBlockN>, Int<kHeadDimRope>, Int<kStages>>{}));
 
@@ -384,7 +398,7 @@ struct DecodeTraits {
   struct SharedStorage {
     alignas(1024) cute::array_aligned<Element, cute::cosize_v<SmemLayoutQ>> q;
     alignas(1024) cute::array_aligned<StageElement, cute::cosize_v<SmemLayoutK>> kv;
-    alignas(1024) cute::array_aligned<Element, kSharedRope ? cute::cosize_v<SmemLayoutRope> : 1> rope;
+    alignas(1024) cute::array_aligned<Element, kRopeTile ? cute::cosize_v<SmemLayoutRope> : 1> rope;
     alignas(1024) cute::array_aligned<StageElement, kSharedP ? cute::cosize_v<SmemLayoutP>
                                                : kTransposed ? cute::cosize_v<SmemLayoutPT> : 1> p;
     // Per-row statistics exchanged between consumer warpgroups: final maxima and sums; with a
