@@ -116,9 +116,10 @@ struct Consumer {
       for (walk.first_item(p); walk.in_part(p); walk.next_item()) {
         const int request = walk.request(p);
         // Q's RoPE columns in registers are loaded after the producer's release: it need not
-        // wait for them.
+        // wait for them. With a shared P only the scoring warpgroup multiplies them.
         const WorkPiece w = q_tile.load(p, smem, walk, request, rows, m_block, consumer_tid, [&] {
           if constexpr (Traits::kQRopeInRegisters) {
+            if (Traits::kSharedP && wg.col_wg != 0) { return; }
             SmemIO<Traits>::load_q_rope(p, request, rows, wg.row_base, tSrQr, tScQr);
           }
         });

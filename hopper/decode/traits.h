@@ -130,7 +130,9 @@ struct DecodeTraits {
   // With two row warpgroups the 128-row Q tile leaves room for only three KV stages, and the
   // overlapped consumer holds two of them, so a single page load would be in flight. Keeping
   // Q's RoPE columns in registers instead (the A operand of register-sourced wgmma: 16 per
-  // thread for d_rope 64) frees the 16 KB that make a fourth stage fit.
+  // thread for d_rope 64) frees the 16 KB that make a fourth stage fit. MLA's scoring
+  // warpgroup keeps them in registers too: its RoPE k-blocks then read only the keys from
+  // shared memory, whose bandwidth S's operands use up (NOTES v18).
   //
   // FP8 (dequant.cuh): a raw stage holds an e4m3 page and its scales, TMA-loaded kRawStages - 1
   // pages ahead; the consumers' Element stages are written by the producer warpgroup (the RoPE
@@ -220,7 +222,7 @@ struct DecodeTraits {
   static constexpr bool kFP8QRopeFits =
       kBlockM * kHeadDimQK * int(sizeof(Element)) + 3 * kStageBytes + 4 * kRawStageBytes + kBarrierBytes <=
       kSmemBudget;
-  static constexpr bool kQRopeInRegisters = !kTransposed && (kNumRowWGs > 1 || (kFP8 && kOverlapPV && !kFP8QRopeFits));
+  static constexpr bool kQRopeInRegisters = !kTransposed && (kNumRowWGs > 1 || kSharedP || (kFP8 && kOverlapPV && !kFP8QRopeFits));
   static constexpr int kQSmemCols = kQRopeInRegisters ? kHeadDimNope : kHeadDimQK;
 
   static_assert(kHeadDimV % kOutColsPerWG == 0, "dv must split evenly over consumer warpgroups");
