@@ -250,6 +250,19 @@ def time_graphs(fns, iters, warmup=10, burst=False):
     return [statistics.median(samples) for samples in times], bursts
 
 
+def replay_floor_us(kernels, iters=200):
+    """Median µs of one replay of a graph of `kernels` dependent one-element kernels, timed as
+    every row is: the launch latency that each row's time includes whatever its kernels do
+    (a decode call is one or two kernels: the attention, and the combine of split requests)."""
+    x = torch.zeros(1, device="cuda")
+
+    def fn():
+        for _ in range(kernels):
+            x.add_(1)
+
+    return time_graphs([fn], iters)[0][0]
+
+
 def bench_row(name, cfg, length, s_q, args, flashmla, gen):
     import flash_gla
 
@@ -432,6 +445,9 @@ def main():
     read_gbps, bf16_tflops = card_ceilings()
     print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}  measured: reads {read_gbps:,.0f} GB/s, "
           f"bf16 matmul {bf16_tflops:,.0f} TFLOP/s (ridge {bf16_tflops * 1e3 / read_gbps:.0f} FLOP/B)")
+    floor_us = {k: replay_floor_us(k) for k in (1, 2)}
+    print(f"replay floor (a graph of 1 / 2 one-element kernels, timed like every row): "
+          f"{floor_us[1]:.1f} / {floor_us[2]:.1f} us")
     print(HEADER + ("  invariant   cost" if args.batch_invariant else ""))
     t0 = time.time()
     sq8 = {name for name in args.sq8_configs.split(",") if name}
@@ -448,7 +464,7 @@ def main():
     if args.out:
         os.makedirs(args.out, exist_ok=True)
         meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, read_gbps=read_gbps,
-                    bf16_tflops=bf16_tflops,
+                    bf16_tflops=bf16_tflops, replay_floor_us=floor_us,
                     date=time.strftime("%Y-%m-%d"), commit=os.environ.get("FLASH_GLA_COMMIT", ""))
         with open(os.path.join(args.out, "bench.json"), "w") as f:
             json.dump(dict(meta=meta, rows=rows), f, indent=1)
