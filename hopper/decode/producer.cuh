@@ -19,8 +19,7 @@ struct Producer {
 
   // Each stage is one page (64 tokens x kv_width) of this KV head and, with a shared rope
   // cache, the page's RoPE rows (64 x d_rope: after V, or in the rope tile), both completing
-  // on the stage's mbarrier. Page
-  // addresses come from block_table.
+  // on the stage's mbarrier. Page addresses come from block_table.
   static __device__ void run(const DecodeParams& p, const typename Traits::TmaKV& tma_kv,
                              const typename Traits::TmaRope& tma_rope,
                              typename Traits::SharedStorage& smem, Pipeline& pipeline, int kv_head) {
