@@ -29,6 +29,8 @@ struct Consumer {
   static constexpr int kOutCols = Traits::kOutColsPerWG;
   static constexpr int kHeadDimRope = Traits::kHeadDimRope;
   static constexpr int kConsumerThreads = Traits::kNumConsumerThreads;
+  using Element = typename Traits::Element;
+  using StageElement = typename Traits::StageElement;  // of the KV stages, Q's latent columns and P
 
   static __device__ void run(const DecodeParams& p, typename Traits::SharedStorage& smem,
                              typename Traits::Pipeline& pipeline,
@@ -51,8 +53,12 @@ struct Consumer {
     auto thr_r = mma_r.get_thread_slice(wg.wg_tid);
     auto thr_o = mma_o.get_thread_slice(wg.wg_tid);
 
-    Tensor sQ = make_tensor(make_smem_ptr(smem.q.data()), typename Traits::SmemLayoutQ{});
+    Tensor sQ = make_tensor(make_smem_ptr(reinterpret_cast<StageElement*>(smem.q.data())),
+                            typename Traits::SmemLayoutQ{});
     Tensor sK = make_tensor(make_smem_ptr(smem.kv.data()), typename Traits::SmemLayoutK{});
+    // The stages' RoPE keys (inline or joined) are in q's dtype.
+    Tensor sKq = make_tensor(make_smem_ptr(reinterpret_cast<Element*>(smem.kv.data())),
+                             typename Traits::SmemLayoutK{});
     Tensor sV = make_tensor(make_smem_ptr(smem.kv.data()), typename Traits::SmemLayoutV{});
     Tensor sR = make_tensor(make_smem_ptr(smem.rope.data()), typename Traits::SmemLayoutRope{});
     Tensor sP = make_tensor(make_smem_ptr(smem.p.data()), typename Traits::SmemLayoutP{});
@@ -63,20 +69,22 @@ struct Consumer {
 
     Tensor tSrQ = thr_s.partition_fragment_A(sQw);  // (MMA, 1, k-blocks) descriptors
     Tensor tSrK = thr_s.partition_fragment_B(sK);  // (MMA, 1, kv_width/16, stage)
-    Tensor tSrR = thr_s.partition_fragment_B(sR);  // (MMA, 1, d_rope/16, stage)
+    // (MMA, 1, d_rope/16, stage); for Q's RoPE columns in shared memory, never beside fp16 stages
+    Tensor tSrR = thr_s.partition_fragment_B(make_tensor(
+        make_smem_ptr(reinterpret_cast<StageElement*>(smem.rope.data())), typename Traits::SmemLayoutRope{}));
     Tensor tOrV = thr_o.partition_fragment_B(sVw);  // (MMA, 1, tokens/16, stage)
     // Q's RoPE columns in registers (Traits::kQRopeInRegisters): the RoPE k-blocks of S then
     // run as register-sourced wgmma against the same shared-memory keys.
     Tensor tSrQr = thr_r.partition_fragment_A(make_tensor(
         make_smem_ptr(smem.q.data()), make_layout(Shape<Int<kWGRows>, Int<kHeadDimRope>>{})));
     Tensor tScQr = thr_r.partition_A(make_identity_tensor(Shape<Int<kWGRows>, Int<kHeadDimRope>>{}));
-    Tensor tSrKr = thr_r.partition_fragment_B(sK);
+    Tensor tSrKr = thr_r.partition_fragment_B(sKq);
     Tensor tSrRr = thr_r.partition_fragment_B(sR);
     Tensor tSrS = partition_fragment_C(mma_s, Shape<Int<kWGRows>, Int<Traits::kBlockN>>{});
     Tensor tOrO = partition_fragment_C(mma_o, Shape<Int<kWGRows>, Int<kOutCols>>{});
     // P of the page whose P V is next, 16-bit in the accumulator's layout (a shared P lives
     // in shared memory instead).
-    Tensor tOrP = make_tensor<typename Traits::Element>(tSrS.layout());
+    Tensor tOrP = make_tensor<StageElement>(tSrS.layout());
 
     // Row/column views and the (row, col) coordinate of every accumulator element.
     Tensor tSrS_rc = make_tensor(tSrS.data(), accumulator_rowcol(tSrS.layout()));
@@ -137,6 +145,7 @@ struct Consumer {
 
         clear(tOrO);
         softmax.reset();
+        ctx.exponent = 0;  // of Q's RoPE registers, loaded as they are
         PageLoop<Traits>::run(ctx, gemms, in, acc, w, mask, pages_walked);
 
         float row_total[kRows], inv_sum[kRows], lse[kRows];
@@ -152,6 +161,10 @@ struct Consumer {
           TurnMerge<Traits>::run(smem, softmax, row_total, tOrO, tOrO_rc, tScS_rc, wg);
         }
         softmax.finalize(row_total, inv_sum, lse);
+        if constexpr (Traits::kPageExponent) {  // O is at its last page's exponent
+          CUTLASS_PRAGMA_UNROLL
+          for (int i = 0; i < kRows; ++i) { inv_sum[i] *= exp2_integer(-ctx.exponent); }
+        }
         Epilogue<Traits>::store(p, smem, w, tOrO, tOrO_rc, tOcO_rc, inv_sum, lse, rows, wg);
       }
     }

@@ -1,6 +1,5 @@
 // The producer role of an FP8 (e4m3) cache: the producer warpgroups (two where the consumers are
-// one warpgroup, else one) turn each e4m3 page into the Element stage that the consumers read, so
-// that the consumers (and everything after them) are exactly those of a cache in q's dtype.
+// one warpgroup, else one) turn each e4m3 page into the fp16 stage that the consumers read.
 //
 // Two rings in shared memory (traits.h):
 //   raw stages   an e4m3 page and its scales, loaded kRawStages - 1 pages ahead of the page
@@ -20,9 +19,13 @@
 // that the consumers read the stage as it comes and never write to it (their RoPE rows are as
 // the cache holds them, NaN included: they reach only scores, which the consumers mask).
 //
+// Page exponents (Traits::kPageExponent: GLA): each value goes to fp16 (exact, one conversion
+// per two) and is multiplied, in fp16, by its scale times 2^e, e the page's exponent
+// (page_exponent), which the leader writes beside the stage for the consumers. GTA's 64-row
+// tile: each value times its scale in float32, rounded to q's dtype.
 // Unscaled stages (Traits::kUnscaledStages: GTA through the transposed consumer, one scale
-// group per token): the values go to fp16 as they are, exact, one conversion per two, and the
-// token's scale (0 past the end) into the stage's scales, which the consumer applies.
+// group per token): the values go to fp16 as they are, and the token's scale (0 past the end)
+// into the stage's scales, which the consumer applies.
 #pragma once
 
 #include <cuda_fp8.h>
@@ -34,6 +37,7 @@
 #include "decode/roles.cuh"
 #include "decode/schedule.cuh"
 #include "decode/smem_io.cuh"
+#include "decode/softmax.cuh"
 #include "decode/traits.h"
 
 namespace flash_gla::hopper {
@@ -60,6 +64,18 @@ __device__ __forceinline__ void dequantise4(uint32_t word, float scale, uint32_t
   hi = pair(static_cast<uint16_t>(word >> 16));
 }
 
+// Four e4m3 values (one 32-bit word) as two pairs of fp16 times `factor`: exact, then one
+// fp16 rounding of the product.
+__device__ __forceinline__ void scale4(uint32_t word, __half2 factor, uint32_t& lo, uint32_t& hi) {
+  auto pair = [&](uint16_t bits) -> uint32_t {
+    const __half2_raw h = __nv_cvt_fp8x2_to_halfraw2(static_cast<__nv_fp8x2_storage_t>(bits), __NV_E4M3);
+    const __half2 product = __hmul2(*reinterpret_cast<const __half2*>(&h), factor);
+    return *reinterpret_cast<const uint32_t*>(&product);
+  };
+  lo = pair(static_cast<uint16_t>(word & 0xffffu));
+  hi = pair(static_cast<uint16_t>(word >> 16));
+}
+
 // Four e4m3 values (one 32-bit word) as two pairs of fp16, unscaled: exact.
 __device__ __forceinline__ void widen4(uint32_t word, uint32_t& lo, uint32_t& hi) {
   auto pair = [](uint16_t bits) -> uint32_t {
@@ -77,7 +93,6 @@ __device__ __forceinline__ void store_shared(uint32_t address, uint32_t const (&
 
 template <class Traits>
 struct DequantProducer {
-  using Element = typename Traits::Element;
   using Pipeline = typename Traits::Pipeline;
   static constexpr int kBlockN = Traits::kBlockN;
   static constexpr int kRawStages = Traits::kRawStages;
@@ -163,7 +178,13 @@ struct DequantProducer {
       }
       reinterpret_cast<RawBarrier&>(smem.raw.full[slot]).wait((n / kRawStages) % 2);
       const int rows = int(valid_rows >> (8 * slot)) & 0xff;
-      convert_page(smem, at, slot, state.index(), token, parity, token < rows);
+      float factor = 1.f;  // 2^e
+      if constexpr (Traits::kPageExponent) {
+        const int e = page_exponent(smem, slot, rows, ptid % 32);
+        factor = exp2_integer(e);
+        if (leader) { smem.raw.stage_exponent[state.index()] = e; }  // ordered by its warp's arrival
+      }
+      convert_page(smem, at, slot, state.index(), token, parity, token < rows, factor);
       cutlass::arch::fence_view_async_shared();  // written by threads, read by wgmma
       if (Traits::kUnscaledStages && ptid < kBlockN) {
         // The threads that wrote the stage's token scales (read by the consumer's plain loads,
@@ -192,7 +213,7 @@ struct DequantProducer {
   static constexpr int kChunksPerGroup = cute::min(kScaleGroup / 16, kChunksPerRow) / kThreadsPerToken;
   static constexpr int kChunksPerThread = kChunksPerRow / kThreadsPerToken;
   static constexpr int kRawStageStride = kBlockN * Traits::kKVWidth;                      // bytes
-  static constexpr int kStageStride = kBlockN * Traits::kStageCols * int(sizeof(Element));  // bytes
+  static constexpr int kStageStride = kBlockN * Traits::kStageCols * int(sizeof(typename Traits::StageElement));  // bytes
   // A group's reads are issued together with precomputed addresses, which takes registers: with
   // fewer, a producer would convert a chunk at a time, its reads no longer in flight together.
   static_assert(Traits::kProducerRegs >= 88, "the producer keeps a group's chunks and their addresses");
@@ -212,12 +233,38 @@ struct DequantProducer {
     lo = cute::cast_smem_ptr_to_uint(&sK(token, col, 0));
   }
 
-  // One thread's share of a page: e4m3 chunks of its token -> Element, times their scales (with
-  // unscaled stages: fp16 as they are, and the token's scale into the stage's scales); zeros for
-  // a token past the sequence end (its bytes and scale may be anything, NaN included, and
-  // 0 * NaN would poison P V). So the consumers never write a stage that the producers fill.
+  // The exponent e of a page (Traits::kPageExponent), from the scales of its live tokens: with
+  // the largest, s_max, in [2^E, 2^(E+1)), the page's values stay below 448 * 2^(E+1) < 2^(E+10),
+  // so e <= 5 - E keeps them below 2^15 in fp16 (which ends at 65,504), and e >= -E - 12 keeps
+  // the largest at 2^-4 or more, those that matter clear of fp16's subnormals below 2^-14. e is 0
+  // where both hold (s_max in [2^-12, 2^6)): then Q's RoPE columns and O never change scale.
+  // |e| <= kMaxExponent, so that 2^(e - e') of two pages is exact in q's dtype, which Q's RoPE
+  // columns are multiplied in: in fp16 (up to 2^15) they then grow at most 2^7-fold. Every warp
+  // computes it alike (lane: the thread's lane; 32 lanes, two tokens each).
+  static constexpr int kMaxExponent = std::is_same_v<typename Traits::Element, cutlass::half_t> ? 7 : 60;
+  static __device__ int page_exponent(typename Traits::SharedStorage& smem, int slot, int rows, int lane) {
+    static_assert(kBlockN == 64, "two tokens a lane");
+    uint32_t largest = 0;  // |scale| as bits, which order as the values do (NaN and inf last)
+    CUTLASS_PRAGMA_UNROLL
+    for (int t = 0; t < 2; ++t) {
+      CUTLASS_PRAGMA_UNROLL
+      for (int g = 0; g < kGroups; ++g) {
+        const uint32_t bits = __float_as_uint(smem.raw.scale[slot][2 * lane + t][g]) & 0x7fffffffu;
+        if (2 * lane + t < rows) { largest = max(largest, bits); }
+      }
+    }
+    largest = __reduce_max_sync(0xffffffffu, largest);
+    const int E = int(largest >> 23) - 127;
+    return max(-kMaxExponent, min(kMaxExponent, min(max(0, -E - 12), 5 - E)));
+  }
+
+  // One thread's share of a page: e4m3 chunks of its token -> fp16, times their scales and the
+  // page's factor 2^e (with unscaled stages: as they are, and the token's scale into the stage's
+  // scales); zeros for a token past the sequence end (its bytes and scale may be anything, NaN
+  // included, and 0 * NaN would poison P V). So the consumers never write a stage that the
+  // producers fill.
   static __device__ void convert_page(typename Traits::SharedStorage& smem, ChunkAddresses const& at,
-                                      int slot, int stage, int token, int parity, bool live) {
+                                      int slot, int stage, int token, int parity, bool live, float factor) {
     const uint32_t raw_offset = slot * kRawStageStride, out_offset = stage * kStageStride;
     if constexpr (Traits::kUnscaledStages) {
       if (parity == 0) { smem.raw.stage_scale[stage][token] = live ? smem.raw.scale[slot][token][0] : 0.f; }
@@ -234,6 +281,7 @@ struct DequantProducer {
     CUTLASS_PRAGMA_UNROLL
     for (int g = 0; g < kGroups; ++g) {
       const float s = smem.raw.scale[slot][token][g];
+      const __half2 scale = __float2half2_rn(s * factor);
       // All of the group's 16-byte reads first, then the conversions and writes: the reads
       // are then in flight together (the volatile accesses keep their program order).
       uint32_t raw[kChunksPerGroup][4], lo_at[kChunksPerGroup];
@@ -254,10 +302,17 @@ struct DequantProducer {
           widen4(raw[i][2], hi[0], hi[1]);
           widen4(raw[i][3], hi[2], hi[3]);
         } else {
-          dequantise4<Element>(raw[i][0], s, lo[0], lo[1]);
-          dequantise4<Element>(raw[i][1], s, lo[2], lo[3]);
-          dequantise4<Element>(raw[i][2], s, hi[0], hi[1]);
-          dequantise4<Element>(raw[i][3], s, hi[2], hi[3]);
+          if constexpr (Traits::kPageExponent) {
+            scale4(raw[i][0], scale, lo[0], lo[1]);
+            scale4(raw[i][1], scale, lo[2], lo[3]);
+            scale4(raw[i][2], scale, hi[0], hi[1]);
+            scale4(raw[i][3], scale, hi[2], hi[3]);
+          } else {
+            dequantise4<typename Traits::Element>(raw[i][0], s, lo[0], lo[1]);
+            dequantise4<typename Traits::Element>(raw[i][1], s, lo[2], lo[3]);
+            dequantise4<typename Traits::Element>(raw[i][2], s, hi[0], hi[1]);
+            dequantise4<typename Traits::Element>(raw[i][3], s, hi[2], hi[3]);
+          }
         }
         store_shared(lo_at[i] + out_offset, lo);
         store_shared((lo_at[i] + out_offset) ^ 16u, hi);

@@ -46,6 +46,10 @@ struct PageContext {
   PipelineState& state;
   WarpgroupRole const& wg;
   int consumer_tid;
+  // FP8 page exponents (Traits::kPageExponent; follow_page_exponent): the exponent that Q's RoPE
+  // registers and O are at, and O's factor into it.
+  int exponent = 0;
+  float o_shift = 1.f;
 };
 
 // This warpgroup's GEMMs: S = Q K^T with Q from shared memory, its RoPE k-blocks with Q's RoPE
@@ -67,7 +71,7 @@ template <class Q, class QRope, class K, class KForRope, class Rope, class RopeF
           class PShare>
 struct Operands {
   Q const& q;
-  QRope const& q_rope;
+  QRope& q_rope;
   K const& k;
   KForRope const& k_for_rope;
   Rope const& rope;
@@ -209,6 +213,7 @@ struct PageLoop {
   static __device__ void page_body(Context& ctx, G& gemms, In& in, Acc& acc,
                                    PieceMask<kRows> const& mask, int page, int stage) {
     float rescale[kRows];
+    follow_page_exponent(ctx, in, stage);
     warpgroup_fence_operand(acc.s);
     issue_scores(gemms, in, acc, stage);
     warpgroup_wait<0>();
@@ -234,7 +239,9 @@ struct PageLoop {
     if (w.page_begin >= w.page_end) { return; }
     float rescale[kRows];
     warpgroup_fence_operand(acc.s);
-    issue_scores(gemms, in, acc, wait_page(ctx, w.seqlen, w.page_begin));
+    const int first_stage = wait_page(ctx, w.seqlen, w.page_begin);
+    follow_page_exponent(ctx, in, first_stage);
+    issue_scores(gemms, in, acc, first_stage);
     warpgroup_wait<0>();
     warpgroup_fence_operand(acc.s);
     softmax_page(ctx, acc, mask, w.page_begin, rescale);
@@ -243,6 +250,7 @@ struct PageLoop {
     ++ctx.state;
     for (int page = w.page_begin + 1; page < w.page_end; ++page) {
       const int stage = wait_page(ctx, w.seqlen, page);
+      follow_page_exponent(ctx, in, stage);
       warpgroup_fence_operand(acc.s);
       warpgroup_fence_operand(acc.p);
       warpgroup_fence_operand(acc.o);
@@ -288,6 +296,26 @@ struct PageLoop {
     return stage;
   }
 
+  // FP8 page exponents (Traits::kPageExponent): the stage holds its page's values times 2^e
+  // (dequant.cuh). Before S, Q's RoPE registers are brought to e too, so that all of S is 2^e
+  // times the scores: the softmax takes 2^-e out with its scale, and O goes to e with the page's
+  // rescale, before its P V adds 2^e-scaled values. Powers of two, exact; e rarely changes, but
+  // Q's RoPE registers are multiplied every page (16 multiplies): a branch costs the 240-register
+  // consumer spills.
+  template <class In>
+  static __device__ void follow_page_exponent(Context& ctx, In& in, int stage) {
+    if constexpr (Traits::kPageExponent) {
+      const int e = ctx.smem.raw.stage_exponent[stage];
+      ctx.o_shift = exp2_integer(e - ctx.exponent);  // a power of two that q's dtype holds (dequant.cuh)
+      constexpr int kN = decltype(size(in.q_rope))::value;
+      warpgroup_fence_operand(in.q_rope);
+      auto& q_rope = *reinterpret_cast<cutlass::Array<Element, kN>*>(in.q_rope.data());
+      q_rope = cutlass::multiplies<cutlass::Array<Element, kN>>{}(q_rope, Element(ctx.o_shift));
+      warpgroup_fence_operand(in.q_rope);
+      ctx.exponent = e;
+    }
+  }
+
   // Issues S = Q[:, :d_nope] K_nope^T + Q[:, d_nope:] R^T as one wgmma batch; R is the stage's
   // next k-blocks (inline, or a shared RoPE key joined to the page) or its rope tile.
   template <class G, class In, class Acc>
@@ -319,11 +347,14 @@ struct PageLoop {
                                       float (&rescale)[kRows]) {
     const int first_key = page * kBlockN;
     const bool needs_mask = page * kBlockN + kBlockN > mask.mask_from;
+    // FP8 page exponents: the scores are 2^e times themselves.
+    const float score_scale =
+        Traits::kPageExponent ? ctx.params.scale_log2 * exp2_integer(-ctx.exponent) : ctx.params.scale_log2;
     CUTLASS_PRAGMA_UNROLL
     for (int i = 0; i < kRows; ++i) {
       CUTLASS_PRAGMA_UNROLL
       for (int j = 0; j < size<1>(acc.s_rc); ++j) {
-        const float s = acc.s_rc(i, j) * ctx.params.scale_log2;
+        const float s = acc.s_rc(i, j) * score_scale;
         const int key = first_key + get<1>(acc.s_coord(i, j));
         const bool masked = needs_mask && key > mask.row_last_key[i];
         acc.s_rc(i, j) = masked ? -INFINITY : s;
@@ -332,13 +363,17 @@ struct PageLoop {
     float row_page_max[kRows];
     acc.softmax.page_max(acc.s_rc, row_page_max);
     acc.softmax.update(acc.s_rc, row_page_max, rescale);
+    if constexpr (Traits::kPageExponent) {
+      CUTLASS_PRAGMA_UNROLL
+      for (int i = 0; i < kRows; ++i) { rescale[i] *= ctx.o_shift; }
+    }
   }
 
   // Rescales O and stages the page's P for its P V (issued with the next page's S).
   template <class In, class Acc, int kRows>
   static __device__ void rescale_o_and_stage_p(In& in, Acc& acc, float const (&rescale)[kRows]) {
     rescale_o(acc, rescale);
-    copy(convert_fragment<Element>(acc.s), acc.p);
+    copy(convert_fragment<typename Traits::StageElement>(acc.s), acc.p);
   }
 
   template <class Acc, int kRows>

@@ -36,7 +36,7 @@ struct QTile {
     while_in_flight();
     const WorkPiece w = walk.piece(p, request);
     asm volatile("cp.async.wait_group 0;\n" ::: "memory");
-    if constexpr (Traits::kUnscaledStages) { SmemIO<Traits>::q_latent_to_stage_type(smem, consumer_tid); }
+    if constexpr (Traits::kFP8) { SmemIO<Traits>::q_latent_to_stage_type(smem, consumer_tid); }
     cutlass::arch::fence_view_async_shared();  // Q written by threads, read by wgmma
     consumer_sync(kThreads, ConsumerBarrier::kQReady);
     return w;

@@ -42,7 +42,7 @@ struct SmemIO {
     asm volatile("cp.async.commit_group;\n" ::: "memory");
   }
 
-  // Unscaled FP8 stages (Traits::kUnscaledStages) are fp16, and so must be the Q columns that
+  // FP8 stages (Traits::StageElement) are fp16, and so must be the Q columns that
   // multiply them: once load_q's copies have landed, each thread converts the 16-byte vectors of
   // Q's latent columns that it copied itself, in place. (|q| beyond fp16's 65,504 is out of
   // range there.)
@@ -51,6 +51,7 @@ struct SmemIO {
     if constexpr (!std::is_same_v<Element, StageElement>) {
       Tensor sQ = make_tensor(make_smem_ptr(smem.q.data()), typename Traits::SmemLayoutQ{});
       constexpr int kChunksPerRow = Traits::kQSmemCols / kChunk;
+#pragma unroll 4
       for (int idx = consumer_tid; idx < Traits::kBlockM * kChunksPerRow; idx += Traits::kNumConsumerThreads) {
         const int row = idx / kChunksPerRow;
         const int col = (idx % kChunksPerRow) * kChunk;
@@ -99,8 +100,8 @@ struct SmemIO {
                        typename Traits::template SmemLayoutStageCols<Traits::kKVWidth>{});
   }
   static __device__ auto rope_stages(SharedStorage& smem) {
-    if constexpr (Traits::kRopeJoinsPage) {
-      return make_tensor(make_smem_ptr(smem.kv.data() + Traits::kBlockN * Traits::kKVWidth),
+    if constexpr (Traits::kRopeJoinsPage) {  // in q's dtype, also where the stages are fp16 (FP8)
+      return make_tensor(make_smem_ptr(reinterpret_cast<Element*>(smem.kv.data() + Traits::kBlockN * Traits::kKVWidth)),
                          typename Traits::template SmemLayoutStageCols<Traits::kHeadDimRope>{});
     } else {
       return make_tensor(make_smem_ptr(smem.rope.data()), typename Traits::SmemLayoutRope{});

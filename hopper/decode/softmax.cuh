@@ -12,6 +12,9 @@ namespace flash_gla::hopper {
 
 using namespace cute;
 
+// 2^e as a float, for e in [-126, 127].
+__device__ __forceinline__ float exp2_integer(int e) { return __int_as_float((127 + e) << 23); }
+
 __device__ __forceinline__ float quad_allreduce_max(float x) {
   x = fmaxf(x, __shfl_xor_sync(0xffffffff, x, 1));
   return fmaxf(x, __shfl_xor_sync(0xffffffff, x, 2));

@@ -138,7 +138,7 @@ struct DecodeTraits {
   // pages ahead; the consumers' Element stages are written by the producer warpgroup (the RoPE
   // rows come by TMA). The overlapped consumer holds two Element stages, so it needs three; Q's
   // RoPE columns stay in shared memory only if four raw stages (three loads in flight) fit
-  // beside them: for GLA's 64-row tile they go to registers.
+  // beside them.
   static constexpr int kScaleGroups = ceil_div(kKVWidth, kScaleGroup);
   // FP8 through the transposed consumer with one scale group per token (GTA): the Element
   // stages hold the e4m3 values unscaled as fp16 (exact, one conversion per two values), and
@@ -146,7 +146,16 @@ struct DecodeTraits {
   // (consumer_transposed.cuh). Those stages, Q's latent columns and P are then fp16 whatever
   // q's dtype; Q's RoPE columns and the RoPE keys stay in q's dtype.
   static constexpr bool kUnscaledStages = kFP8 && kTransposed && kScaleGroups == 1;
-  using StageElement = std::conditional_t<kUnscaledStages, cutlass::half_t, Element>;
+  // FP8 GLA (two scale groups a token; the RoPE key joins the page): the producer writes each
+  // value times its scale and times 2^e, e one exponent per page (kPageExponent), in fp16: one
+  // conversion and one multiply per two values. e keeps the page's largest value within fp16's
+  // range and its small ones out of the subnormals, and is 0 unless the page's scales are far
+  // from the usual; the consumer brings Q's RoPE columns (in registers) and O to each page's
+  // exponent and takes it out of the scores (page_loop.cuh). Q's latent columns and P are fp16
+  // there too. (GTA's 64-row FP8 tile, whose Q tile keeps its RoPE columns because it holds the
+  // O tile for the epilogue, dequantises to q's dtype in float32 instead.)
+  static constexpr bool kPageExponent = kFP8 && kRopeJoinsPage;
+  using StageElement = std::conditional_t<kUnscaledStages || kPageExponent, cutlass::half_t, Element>;
   static constexpr int kStageScaleBytes = kUnscaledStages ? 3 * kBlockN * 4 : 0;  // three stages' token scales
   static constexpr int kRopePageBytes = kSharedRope ? kBlockN * kHeadDimRope * sizeof(Element) : 0;
   static constexpr int kStageBytes = kBlockN * kKVWidth * sizeof(Element) + kRopePageBytes;  // one Element stage
@@ -219,10 +228,13 @@ struct DecodeTraits {
                                    : kFP8              ? !kSharedP && kNumRowWGs == 1
                                                        : !kSharedP;
   static_assert(!kRopeTile || kNumRowWGs == 1, "a rope tile beside two row warpgroups' overlapped pages spills");
+  // Page exponents (kPageExponent) need Q's RoPE columns in registers, where they follow each
+  // page's exponent, apart from the fp16 latent columns.
   static constexpr bool kFP8QRopeFits =
       kBlockM * kHeadDimQK * int(sizeof(Element)) + 3 * kStageBytes + 4 * kRawStageBytes + kBarrierBytes <=
       kSmemBudget;
-  static constexpr bool kQRopeInRegisters = !kTransposed && (kNumRowWGs > 1 || kSharedP || (kFP8 && kOverlapPV && !kFP8QRopeFits));
+  static constexpr bool kQRopeInRegisters =
+      !kTransposed && (kNumRowWGs > 1 || kSharedP || kPageExponent || (kFP8 && kOverlapPV && !kFP8QRopeFits));
   static constexpr int kQSmemCols = kQRopeInRegisters ? kHeadDimNope : kHeadDimQK;
 
   static_assert(kHeadDimV % kOutColsPerWG == 0, "dv must split evenly over consumer warpgroups");
@@ -348,7 +360,7 @@ struct DecodeTraits {
           kSharedP,
           decltype(make_tiled_mma(GMMA::ss_op_selector<Element, Element, float, OutTileShape,
                                                        GMMA::Major::K, GMMA::Major::MN>())),
-          decltype(make_tiled_mma(GMMA::rs_op_selector<Element, Element, float, OutTileShape,
+          decltype(make_tiled_mma(GMMA::rs_op_selector<StageElement, StageElement, float, OutTileShape,
                                                        GMMA::Major::K, GMMA::Major::MN>()))>>;
 
   using Pipeline = cutlass::PipelineTmaAsync<kStages>;
@@ -386,6 +398,9 @@ struct DecodeTraits {
     // kUnscaledStages: each Element stage's token scales (0 past the sequence end), written by
     // the producer with the stage, read by the consumer.
     alignas(16) float stage_scale[kUnscaledStages ? kStages : 1][kUnscaledStages ? kBlockN : 1];
+    // kPageExponent: each Element stage's exponent e (its values are the page's times 2^e),
+    // written by the producer leader with the stage, read by the consumers.
+    int stage_exponent[kPageExponent ? kStages : 1];
     // A raw stage is full once its page's TMA landed and the kBlockN threads that copy its
     // scales arrived (cp.async.mbarrier.arrive.noinc).
     uint64_t full[kRawStages];
