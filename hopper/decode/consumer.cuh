@@ -147,6 +147,11 @@ struct Consumer {
         softmax.reset();
         ctx.exponent = 0;  // of Q's RoPE registers, loaded as they are
         PageLoop<Traits>::run(ctx, gemms, in, acc, w, mask, pages_walked);
+        if constexpr (Traits::kPageExponent) {  // O is at its last page's exponent
+          const float unit = exp2_integer(-ctx.exponent);
+          CUTLASS_PRAGMA_UNROLL
+          for (int i = 0; i < size(tOrO); ++i) { tOrO(i) *= unit; }
+        }
 
         float row_total[kRows], inv_sum[kRows], lse[kRows];
         softmax.quad_sums(row_total);
@@ -161,10 +166,6 @@ struct Consumer {
           TurnMerge<Traits>::run(smem, softmax, row_total, tOrO, tOrO_rc, tScS_rc, wg);
         }
         softmax.finalize(row_total, inv_sum, lse);
-        if constexpr (Traits::kPageExponent) {  // O is at its last page's exponent
-          CUTLASS_PRAGMA_UNROLL
-          for (int i = 0; i < kRows; ++i) { inv_sum[i] *= exp2_integer(-ctx.exponent); }
-        }
         Epilogue<Traits>::store(p, smem, w, tOrO, tOrO_rc, tOcO_rc, inv_sum, lse, rows, wg);
       }
     }

@@ -143,7 +143,8 @@ struct PageLoop {
                                PieceMask<kRows> const& mask, int first_index) {
     constexpr int kStages = Traits::kStages;
     const int last = w.page_end - 1;
-    const bool cut_short = w.page_end > w.page_begin && w.page_end * kBlockN > w.seqlen;
+    // (FP8: the producers zero those rows, and there is no barrier to meet.)
+    const bool cut_short = !Traits::kFP8 && w.page_end > w.page_begin && w.page_end * kBlockN > w.seqlen;
     const int end = w.page_end + (cut_short && (last & 1) != ctx.wg.page_wg ? 1 : 0);
     for (int page = w.page_begin + ((ctx.wg.page_wg - w.page_begin) & 1); page < end; page += 2) {
       const int own = min(page, last);  // page > last: the other warpgroup's last page

@@ -111,8 +111,11 @@ struct DecodeTraits {
   // warpgroups that hold the same rows and take the piece's pages in turn, each with its own O
   // and softmax, merged at the piece's end (turn_merge.cuh): one's softmax runs while the
   // other's wgmmas use the tensor cores, where one warpgroup alone leaves them idle during its
-  // softmax. (FP8 caches: the producer warpgroups' conversion takes those registers.)
-  static constexpr int kNumPageWGs = !kFP8 && !kTransposed && kNumRowWGs == 1 && kNumColWGs == 1 ? 2 : 1;
+  // softmax. FP8 GLA too (page exponents, kPageExponent: its conversion is light enough for one
+  // producer warpgroup beside them); GTA's 64-row FP8 tile keeps one consumer and two producer
+  // warpgroups for its float32 dequantisation.
+  static constexpr int kNumPageWGs =
+      (!kFP8 || kRopeJoinsPage) && !kTransposed && kNumRowWGs == 1 && kNumColWGs == 1 ? 2 : 1;
   static constexpr int kNumConsumerWGs = kNumRowWGs * kNumColWGs * kNumPageWGs;
   static constexpr int kNumConsumerThreads = 128 * kNumConsumerWGs;
   // The consumer threads that work on one page: they release its stage and, for the piece's
@@ -308,7 +311,7 @@ struct DecodeTraits {
   // ... and up to two Element stages more where the raw ring keeps its cap of 8 pages beside
   // them: the producer then fills a stage pages earlier, and the RoPE rows it TMAs in when the
   // stage frees have that much longer to land (GTA with one CTA per SM, GTA d 64).
-  static constexpr int kFP8HeldStages = kOverlapPV ? 3 : 2;
+  static constexpr int kFP8HeldStages = (kOverlapPV || kNumPageWGs > 1 ? 2 : 1) + 1;  // overlapped or turns: 2 held
   static constexpr int kFP8SpareStages =
       kFP8 ? cute::max(0, cute::min(2, (kSmemForStages - 8 * kRawStageBytes - kFP8HeldStages * kStageBytes) / kStageBytes))
            : 0;
