@@ -156,11 +156,15 @@ def test_fp8_scales_of_any_magnitude(shape, s_q, magnitude, dtype):
     fp16's range. The bound holds with scales far below the usual amax / 448 (products with P that
     fp16 could not hold unnormalised, pages whose values would be subnormal), far above it (values
     beyond fp16's 65,504), and with scales that differ by up to 2^12 between tokens of one
-    request, so that the pages' powers of two change along it."""
+    request, so that the pages' powers of two change along it. q shrinks as the cache grows, so
+    that the scores stay as usual (the bound is on their rounding, relative to their size)."""
+    if dtype == torch.float16 and magnitude > 1:
+        pytest.skip("values up to 2^17: the output itself is beyond fp16")
     inp = inputs(shape, [65, 4113, 20_000], dtype, s_q=s_q, seed=11)
     gen = torch.Generator(device="cuda").manual_seed(5)
     spread = torch.exp2(torch.empty_like(inp.kv_scale).uniform_(-6.0, 6.0, generator=gen).round())
     inp.kv_scale.mul_(spread * magnitude)
+    inp.q.div_(magnitude)
     out, lse = decode(shape, inp, causal=s_q > 1)
     ref, lse_ref = reference(shape, inp, inp.q.double(), causal=s_q > 1)
     assert not torch.isnan(out).any() and not torch.isnan(lse).any()
