@@ -147,7 +147,8 @@ def test_fp8_long_context_retrieval(shape):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-@pytest.mark.parametrize("magnitude", [2.0**-12, 2.0**-3, 2.0**10], ids=["scales-2^-12", "scales-2^-3", "scales-2^10"])
+@pytest.mark.parametrize("magnitude", [2.0**-12, 2.0**-3, 2.0**10, 2.0**14],
+                         ids=["scales-2^-12", "scales-2^-3", "scales-2^10", "scales-2^14"])
 @pytest.mark.parametrize("shape,s_q", [(SHAPES[0], 1), (SHAPES[0], 4), (SHAPES[1], 1), (SHAPES[2], 1)],
                          ids=["gla2-sq1", "gla2-sq4", "gta8-sq1", "gta-d64-sq1"])
 def test_fp8_scales_of_any_magnitude(shape, s_q, magnitude, dtype):
@@ -155,15 +156,22 @@ def test_fp8_scales_of_any_magnitude(shape, s_q, magnitude, dtype):
     it into the probabilities, GLA gives each page a power of two that brings its values into
     fp16's range. The bound holds with scales far below the usual amax / 448 (products with P that
     fp16 could not hold unnormalised, pages whose values would be subnormal), far above it (values
-    beyond fp16's 65,504), and with scales that differ by up to 2^12 between tokens of one
-    request, so that the pages' powers of two change along it. q's latent dims shrink as the cache
-    grows, so that the scores stay as usual (the bound is on their rounding, relative to their
-    size)."""
+    beyond fp16's 65,504), and with scales that differ between tokens of one request: by up to
+    2^12 for GTA, and for GLA by up to 2 between tokens and 2 between pages, so that the pages'
+    powers of two change along it. (A GLA key's scores are rounded relative to the key's size:
+    keys larger than the usual would make scores, and their rounding, larger too.) q's latent
+    dims shrink as the cache grows, so that the scores stay as usual."""
     if dtype == torch.float16 and magnitude > 1:
-        pytest.skip("values up to 2^17: the output itself is beyond fp16")
+        pytest.skip("values beyond 2^16: the output itself is beyond fp16")
+    if shape.gta and magnitude > 2.0**10:
+        pytest.skip("q's latent dims / 2^14 would fall below fp16's normal range, where GTA's kernels take them")
     inp = inputs(shape, [65, 4113, 20_000], dtype, s_q=s_q, seed=11)
     gen = torch.Generator(device="cuda").manual_seed(5)
-    spread = torch.exp2(torch.empty_like(inp.kv_scale).uniform_(-6.0, 6.0, generator=gen).round())
+    low, high = (-6.0, 6.0) if shape.gta else (-1.0, 0.0)
+    spread = torch.exp2(torch.empty_like(inp.kv_scale).uniform_(low, high, generator=gen).round())
+    if not shape.gta:
+        pages = inp.kv_scale.shape[0]
+        spread *= torch.exp2(torch.empty(pages, 1, 1, 1, device="cuda").uniform_(-1.0, 0.0, generator=gen).round())
     inp.kv_scale.mul_(spread * magnitude)
     inp.q[..., : shape.d - shape.d_rope if shape.gta else shape.d].div_(magnitude)
     out, lse = decode(shape, inp, causal=s_q > 1)
