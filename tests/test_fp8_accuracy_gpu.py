@@ -149,16 +149,18 @@ def test_fp8_long_context_retrieval(shape):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("magnitude", [2.0**-12, 2.0**-3, 2.0**10, 2.0**14],
                          ids=["scales-2^-12", "scales-2^-3", "scales-2^10", "scales-2^14"])
-@pytest.mark.parametrize("shape,s_q", [(SHAPES[0], 1), (SHAPES[0], 4), (SHAPES[1], 1), (SHAPES[2], 1)],
-                         ids=["gla2-sq1", "gla2-sq4", "gta8-sq1", "gta-d64-sq1"])
+@pytest.mark.parametrize("shape,s_q", [(SHAPES[0], 1), (SHAPES[0], 4), (SHAPES[1], 1), (SHAPES[1], 2), (SHAPES[1], 4),
+                                       (SHAPES[2], 1), (SHAPES[2], 4)],
+                         ids=["gla2-sq1", "gla2-sq4", "gta8-sq1", "gta8-sq2", "gta8-sq4", "gta-d64-sq1", "gta-d64-sq4"])
 def test_fp8_scales_of_any_magnitude(shape, s_q, magnitude, dtype):
     """The fp16 stages hold what fp16 can: GTA keeps each token's scale out of its stage and folds
     it into the probabilities, GLA gives each page a power of two that brings its values into
     fp16's range. The bound holds with scales far below the usual amax / 448 (products with P that
     fp16 could not hold unnormalised, pages whose values would be subnormal), far above it (values
     beyond fp16's 65,504), and with scales that differ between tokens of one request: by up to
-    2^12 for GTA, and for GLA by up to 2 between tokens and 2 between pages, so that the pages'
-    powers of two change along it. (A GLA key's scores are rounded relative to the key's size:
+    2^12 for GTA (times their own amax / 448: P times a token's scale must stay within fp16
+    whichever token of the piece has the largest), and for GLA by up to 2 between tokens
+    and 2 between pages, so that the pages' powers of two change along it. (A GLA key's scores are rounded relative to the key's size:
     keys larger than the usual would make scores, and their rounding, larger too.) q's latent
     dims shrink as the cache grows, so that the scores stay as usual."""
     if dtype == torch.float16 and magnitude > 1:

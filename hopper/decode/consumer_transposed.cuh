@@ -24,8 +24,10 @@
 // holds the e4m3 values as fp16 without their scales, and the page's token scales beside it.
 // The scale of token t multiplies row t of S^T's latent part, accumulated apart from the RoPE
 // part (whose keys are not scaled), and is folded into P for P V: P'[c][t] = P[c][t] s_t u. The
-// unit u, a power of two fixed per piece from its first token's scale, keeps P' within fp16's
-// range whatever the scales' magnitude; O^T is divided by it at the end.
+// unit u, a power of two with u times the largest scale of the piece's pages so far in [1, 2)
+// (the producer notes each page's largest), keeps P' below 2 whatever the scales' magnitude and
+// spread; where a page lowers it, O^T (in units of u) is multiplied by the ratio, a power of two,
+// and O^T is divided by the last u at the end.
 #pragma once
 
 #include <cute/tensor.hpp>
@@ -230,10 +232,15 @@ struct TransposedConsumer {
         // fewer pages than kStepPages (a piece's odd last page) leaves the rest of its tokens at
         // -inf. Unscaled stages: the scales of the thread's tokens, and P's factors.
         float warp_max[kCols], token_scale[kTokens], p_factor[kTokens];
-        float unit = 1.f;
+        float unit = 1.f, unit_shift = 1.f;  // unit_shift: O^T's factor into this step's unit
         auto score_step = [&]<int kPages>(int first_page) {
           if constexpr (kUnscaled) {
-            if (first_page == w.page_begin) { unit = unit_for(smem.raw.stage_scale[stage[0]][0]); }
+            float page_unit = unit_for(smem.raw.stage_max_scale[stage[0]]);
+            CUTLASS_PRAGMA_UNROLL
+            for (int j = 1; j < kPages; ++j) { page_unit = fminf(page_unit, unit_for(smem.raw.stage_max_scale[stage[j]])); }
+            const float next = first_page == w.page_begin ? page_unit : fminf(unit, page_unit);
+            unit_shift = next / unit;
+            unit = next;
             CUTLASS_PRAGMA_UNROLL
             for (int t = 0; t < kTokens; ++t) {
               token_scale[t] = t / 2 < kPages ? smem.raw.stage_scale[stage[t / 2]][get<0>(tScS_rc(t, 0)) - t / 2 * kBlockN] : 0.f;
@@ -366,6 +373,12 @@ struct TransposedConsumer {
             warpgroup_fence_operand(tOrO);
             CUTLASS_PRAGMA_UNROLL
             for (int j = 0; j < kPrev; ++j) { pipeline.consumer_release(PipelineState(prev_stage[j], 0, 0)); }
+            if constexpr (kUnscaled) {
+              if (unit_shift != 1.f) {  // the same for the whole warpgroup
+                CUTLASS_PRAGMA_UNROLL
+                for (int i = 0; i < size(tOrO); ++i) { tOrO(i) *= unit_shift; }
+              }
+            }
           }
           stage_p.template operator()<kPages>(slot);
           CUTLASS_PRAGMA_UNROLL

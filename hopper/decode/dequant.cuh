@@ -180,9 +180,15 @@ struct DequantProducer {
       const int rows = int(valid_rows >> (8 * slot)) & 0xff;
       float factor = 1.f;  // 2^e
       if constexpr (Traits::kPageExponent) {
-        const int e = page_exponent(smem, slot, rows, ptid % 32);
+        const int e = page_exponent(largest_scale(smem, slot, rows, ptid % 32));
         factor = exp2_integer(e);
         if (leader) { smem.raw.stage_exponent[state.index()] = e; }  // ordered by its warp's arrival
+      } else if constexpr (Traits::kUnscaledStages) {
+        // The leader's warp reduces it; the consumer's P unit follows it (consumer_transposed.cuh).
+        if (ptid < 32) {
+          const float largest = __uint_as_float(largest_scale(smem, slot, rows, ptid % 32));
+          if (leader) { smem.raw.stage_max_scale[state.index()] = largest; }  // ordered by its arrival
+        }
       }
       convert_page(smem, at, slot, state.index(), token, parity, token < rows, factor);
       cutlass::arch::fence_view_async_shared();  // written by threads, read by wgmma
@@ -233,18 +239,25 @@ struct DequantProducer {
     lo = cute::cast_smem_ptr_to_uint(&sK(token, col, 0));
   }
 
-  // The exponent e of a page (Traits::kPageExponent), from the scales of its live tokens: with
-  // the largest, s_max, in [2^E, 2^(E+1)), the page's values stay below 448 * 2^(E+1) < 2^(E+10),
-  // so e <= 5 - E keeps them below 2^15 in fp16 (which ends at 65,504), and e >= -E - 12 keeps
-  // the largest at 2^-4 or more, those that matter clear of fp16's subnormals below 2^-14. e is 0
-  // where both hold (s_max in [2^-12, 2^6)): then Q's RoPE columns and O never change scale.
-  // |e| <= kMaxExponent, so that 2^(e - e') of two pages is exact in q's dtype, which Q's RoPE
-  // columns are multiplied in: in fp16 (up to 2^15) they then grow at most 2^7-fold. Every warp
-  // computes it alike (lane: the thread's lane; 32 lanes, two tokens each).
+  // The exponent e of a page (Traits::kPageExponent), from the largest scale of its live tokens
+  // (largest_scale): with it, s_max, in [2^E, 2^(E+1)), the page's values stay below
+  // 448 * 2^(E+1) < 2^(E+10), so e <= 5 - E keeps them below 2^15 in fp16 (which ends at
+  // 65,504), and e >= -E - 12 keeps the largest at 2^-4 or more, those that matter clear of
+  // fp16's subnormals below 2^-14. e is 0 where both hold (s_max in [2^-12, 2^6)): then Q's RoPE
+  // columns and O never change scale. |e| <= kMaxExponent, so that 2^(e - e') of two pages is
+  // exact in q's dtype, which Q's RoPE columns are multiplied in: in fp16 (up to 2^15) they then
+  // grow at most 2^7-fold. Every warp computes it alike.
   static constexpr int kMaxExponent = std::is_same_v<typename Traits::Element, cutlass::half_t> ? 7 : 60;
-  static __device__ int page_exponent(typename Traits::SharedStorage& smem, int slot, int rows, int lane) {
+  static __device__ int page_exponent(uint32_t largest) {
+    const int E = int(largest >> 23) - 127;
+    return max(-kMaxExponent, min(kMaxExponent, min(max(0, -E - 12), 5 - E)));
+  }
+
+  // The largest |scale| of a page's live tokens, as bits (which order as the values do, NaN and
+  // inf last), reduced over the warp (lane: the thread's lane; 32 lanes, two tokens each).
+  static __device__ uint32_t largest_scale(typename Traits::SharedStorage& smem, int slot, int rows, int lane) {
     static_assert(kBlockN == 64, "two tokens a lane");
-    uint32_t largest = 0;  // |scale| as bits, which order as the values do (NaN and inf last)
+    uint32_t largest = 0;
     CUTLASS_PRAGMA_UNROLL
     for (int t = 0; t < 2; ++t) {
       CUTLASS_PRAGMA_UNROLL
@@ -253,9 +266,7 @@ struct DequantProducer {
         if (2 * lane + t < rows) { largest = max(largest, bits); }
       }
     }
-    largest = __reduce_max_sync(0xffffffffu, largest);
-    const int E = int(largest >> 23) - 127;
-    return max(-kMaxExponent, min(kMaxExponent, min(max(0, -E - 12), 5 - E)));
+    return __reduce_max_sync(0xffffffffu, largest);
   }
 
   // One thread's share of a page: e4m3 chunks of its token -> fp16, times their scales and the
