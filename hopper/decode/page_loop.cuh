@@ -301,8 +301,7 @@ struct PageLoop {
   // (dequant.cuh). Before S, Q's RoPE registers are brought to e too, so that all of S is 2^e
   // times the scores: the softmax takes 2^-e out with its scale, and O goes to e with the page's
   // rescale, before its P V adds 2^e-scaled values. Powers of two, exact; e rarely changes, but
-  // Q's RoPE registers are multiplied every page (16 multiplies): a branch costs the 240-register
-  // consumer spills.
+  // Q's RoPE registers are multiplied every page (16 multiplies): a branch made the consumer spill.
   template <class In>
   static __device__ void follow_page_exponent(Context& ctx, In& in, int stage) {
     if constexpr (Traits::kPageExponent) {
