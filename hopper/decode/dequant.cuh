@@ -105,6 +105,11 @@ struct DequantProducer {
                 "a scale group's chunks split evenly");
   static_assert(kChunksPerRow % kThreadsPerToken == 0, "every thread of a token takes as many chunks");
 
+  // The warp that finds an unscaled stage's largest token scale: one whose threads arrive on
+  // the stage's barrier as a warp, after that write, and that neither copies scales nor refills.
+  static constexpr int kReducingWarp = kThreads / 32 - 1;
+  static_assert(kReducingWarp * 32 >= kBlockN, "the reducing warp is not one of the scale copiers");
+
   // ptid: thread index within the producer warpgroup (0 is the leader, which issues the TMAs).
   static __device__ void run(const DecodeParams& p, const typename Traits::TmaKV& tma_kv,
                              const typename Traits::TmaRope& tma_rope,
@@ -184,10 +189,11 @@ struct DequantProducer {
         factor = exp2_integer(e);
         if (leader) { smem.raw.stage_exponent[state.index()] = e; }  // ordered by its warp's arrival
       } else if constexpr (Traits::kUnscaledStages) {
-        // The leader's warp reduces it; the consumer's P unit follows it (consumer_transposed.cuh).
-        if (ptid < 32) {
+        // The last warp reduces it (the first two copy the scales and refill, the leader issues
+        // the TMAs); the consumer's P unit follows it (consumer_transposed.cuh).
+        if (ptid / 32 == kReducingWarp) {
           const float largest = __uint_as_float(largest_scale(smem, slot, rows, ptid % 32));
-          if (leader) { smem.raw.stage_max_scale[state.index()] = largest; }  // ordered by its arrival
+          if (ptid % 32 == 0) { smem.raw.stage_max_scale[state.index()] = largest; }  // ordered by its warp's arrival
         }
       }
       convert_page(smem, at, slot, state.index(), token, parity, token < rows, factor);
@@ -254,17 +260,23 @@ struct DequantProducer {
   }
 
   // The largest |scale| of a page's live tokens, as bits (which order as the values do, NaN and
-  // inf last), reduced over the warp (lane: the thread's lane; 32 lanes, two tokens each).
+  // inf last), reduced over the warp (lane: the thread's lane; 32 lanes, two tokens each). A
+  // lane's two tokens' scales are adjacent: one vector load, the warp's loads conflict-free.
   static __device__ uint32_t largest_scale(typename Traits::SharedStorage& smem, int slot, int rows, int lane) {
-    static_assert(kBlockN == 64, "two tokens a lane");
+    static_assert(kBlockN == 64 && (kGroups == 1 || kGroups == 2), "two tokens a lane, one vector of scales");
+    uint32_t bits[2 * kGroups];
+    const float* scales = &smem.raw.scale[slot][2 * lane][0];
+    if constexpr (kGroups == 2) {
+      const uint4 v = *reinterpret_cast<const uint4*>(scales);
+      bits[0] = v.x, bits[1] = v.y, bits[2] = v.z, bits[3] = v.w;
+    } else {
+      const uint2 v = *reinterpret_cast<const uint2*>(scales);
+      bits[0] = v.x, bits[1] = v.y;
+    }
     uint32_t largest = 0;
     CUTLASS_PRAGMA_UNROLL
-    for (int t = 0; t < 2; ++t) {
-      CUTLASS_PRAGMA_UNROLL
-      for (int g = 0; g < kGroups; ++g) {
-        const uint32_t bits = __float_as_uint(smem.raw.scale[slot][2 * lane + t][g]) & 0x7fffffffu;
-        if (2 * lane + t < rows) { largest = max(largest, bits); }
-      }
+    for (int i = 0; i < 2 * kGroups; ++i) {
+      if (2 * lane + i / kGroups < rows) { largest = max(largest, bits[i] & 0x7fffffffu); }
     }
     return __reduce_max_sync(0xffffffffu, largest);
   }
@@ -289,9 +301,17 @@ struct DequantProducer {
       }
       return;
     }
+    float scales[kGroups];  // the token's: one load
+    if constexpr (kGroups == 2) {
+      const float2 v = *reinterpret_cast<const float2*>(&smem.raw.scale[slot][token][0]);
+      scales[0] = v.x, scales[1] = v.y;
+    } else {
+      CUTLASS_PRAGMA_UNROLL
+      for (int g = 0; g < kGroups; ++g) { scales[g] = smem.raw.scale[slot][token][g]; }
+    }
     CUTLASS_PRAGMA_UNROLL
     for (int g = 0; g < kGroups; ++g) {
-      const float s = smem.raw.scale[slot][token][g];
+      const float s = scales[g];
       const __half2 scale = __float2half2_rn(s * factor);
       // All of the group's 16-byte reads first, then the conversions and writes: the reads
       // are then in flight together (the volatile accesses keep their program order).
