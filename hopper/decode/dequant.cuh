@@ -8,13 +8,10 @@
 //                free again as soon as they have converted it.
 //   Element stages  the pipeline of the unquantised kernel; each producer warp arrives on a
 //                stage's full barrier once its threads have written their share, so that the
-//                warps need not wait for each other page by page. The page's RoPE rows are
-//                in q's dtype in the cache. GLA's (Traits::kRopeWithRawPage) come with the
-//                e4m3 page into the raw stage and the producers copy them over with the
-//                conversion, so that a freed stage is refilled without a load; GTA's come by
-//                the leader's TMA straight into the stage once it is free (its barrier also
-//                counts their bytes), since through the raw ring they would double its
-//                narrower raw stages.
+//                warps need not wait for each other page by page. The page's RoPE rows, in q's
+//                dtype in the cache, come by the leader's TMA straight into the stage once it
+//                is free (its barrier also counts their bytes): copying them through the raw
+//                ring would cost each raw stage as many bytes again and fewer pages in flight.
 // Per page a thread converts one token's 16-value chunks c = parity, parity + k, ... (k threads
 // per token; producer thread t: token t % 64, parity t / 64): each chunk is one 16-byte read
 // and two 16-byte writes, and the 8 threads of a quarter-warp touch 8 tokens of one swizzle
@@ -122,19 +119,12 @@ struct DequantProducer {
     using RawBarrier = cutlass::arch::ClusterTransactionBarrier;
     Tensor mKV = tma_kv.get_tma_tensor(
         make_shape(Int<kBlockN>{}, Int<Traits::kKVWidth>{}, p.num_heads_kv, p.num_pages));
-    Tensor sRaw = make_tensor(make_smem_ptr(smem.raw_pages.data()), typename Traits::SmemLayoutRaw{});
+    Tensor sRaw = make_tensor(make_smem_ptr(smem.raw.pages.data()), typename Traits::SmemLayoutRaw{});
     auto [tKgK, tKsK] = tma_partition(tma_kv, Int<0>{}, Layout<_1>{},
                                       group_modes<0, 2>(sRaw), group_modes<0, 2>(mKV(_, _, kv_head, _)));
     Tensor mR = tma_rope.get_tma_tensor(
         make_shape(Int<kBlockN>{}, Int<Traits::kHeadDimRope>{}, p.num_pages));
-    // The RoPE rows' destination: the raw stages (Traits::kRopeWithRawPage) or the Element stages.
-    Tensor sRope = [&] {
-      if constexpr (Traits::kRopeWithRawPage) {
-        return make_tensor(make_smem_ptr(smem.raw_rope.data()), typename Traits::SmemLayoutRawRope{});
-      } else {
-        return SmemIO<Traits>::rope_stages(smem);
-      }
-    }();
+    Tensor sRope = SmemIO<Traits>::rope_stages(smem);
     auto [tRgR, tRsR] = tma_partition(tma_rope, Int<0>{}, Layout<_1>{},
                                       group_modes<0, 2>(sRope), group_modes<0, 2>(mR));
     Tensor sK = make_tensor(make_smem_ptr(smem.kv.data()), typename Traits::SmemLayoutK{});
@@ -143,10 +133,9 @@ struct DequantProducer {
     const int parity = ptid / kBlockN;  // which of the token's threads: its first chunk
     const float* scale_row = p.kv_scale + token * p.kv_scale_token_stride + kv_head * p.kv_scale_head_stride;
 
-    // Loads the walk's next page into raw stage `slot`: the leader's TMA of the e4m3 page and
-    // of its RoPE rows where they come with it (else it notes the physical page for their TMA
-    // into the Element stage), and (threads of parity 0) the token's scales, each copying
-    // thread arriving on the stage's barrier once its copies have landed.
+    // Loads the walk's next page into raw stage `slot`: the leader's TMA of the e4m3 page (and
+    // it notes the physical page for the RoPE rows' TMA), and (threads of parity 0) the token's
+    // scales, each copying thread arriving on the stage's barrier once its copies have landed.
     // Every thread notes the page's rows before the sequence end in byte `slot` of valid_rows.
     PageWalk walk;
     walk.begin(p);
@@ -158,13 +147,9 @@ struct DequantProducer {
       valid_rows = (valid_rows & ~(uint64_t{0xff} << shift)) | (uint64_t(walk.valid_rows()) << shift);
       uint64_t& full = smem.raw.full[slot];
       if (leader) {
-        reinterpret_cast<RawBarrier&>(full).arrive_and_expect_tx(Traits::kRawPageBytes + kRawRopeBytes);
+        reinterpret_cast<RawBarrier&>(full).arrive_and_expect_tx(Traits::kRawPageBytes);
         copy(tma_kv.with(full), tKgK(_, physical_page), tKsK(_, slot));
-        if constexpr (Traits::kRopeWithRawPage) {
-          copy(tma_rope.with(full), tRgR(_, physical_page), tRsR(_, slot));
-        } else {
-          smem.raw.physical_page[slot] = physical_page;  // read back by this thread only
-        }
+        smem.raw.physical_page[slot] = physical_page;  // read back by this thread only
       }
       if (parity == 0) {  // one thread per token
         const float* src = scale_row + physical_page * p.kv_scale_page_stride;
@@ -190,7 +175,7 @@ struct DequantProducer {
       const int slot = n % kRawStages;
       pipeline.producer_acquire(state);  // every thread waits for the Element stage to be free
       auto* stage_full = pipeline.producer_get_barrier(state);
-      if (leader && !Traits::kRopeWithRawPage) {
+      if (leader) {
         // The page's RoPE rows are in q's dtype already: TMA'd straight into the Element stage,
         // whose barrier then also waits for their bytes (the leader's warp arrives below).
         RawBarrier::expect_transaction(stage_full, Traits::kRopePageBytes);
@@ -211,7 +196,6 @@ struct DequantProducer {
           if (ptid % 32 == 0) { smem.raw.stage_max_scale[state.index()] = largest; }  // ordered by its warp's arrival
         }
       }
-      if constexpr (Traits::kRopeWithRawPage) { copy_rope_rows(smem, slot, state.index(), ptid); }
       convert_page(smem, at, slot, state.index(), token, parity, token < rows, factor);
       cutlass::arch::fence_view_async_shared();  // written by threads, read by wgmma
       if (Traits::kUnscaledStages && ptid < kBlockN) {
@@ -240,11 +224,6 @@ struct DequantProducer {
   // kThreadsPerToken-th one.
   static constexpr int kChunksPerGroup = cute::min(kScaleGroup / 16, kChunksPerRow) / kThreadsPerToken;
   static constexpr int kChunksPerThread = kChunksPerRow / kThreadsPerToken;
-  // Traits::kRopeWithRawPage: the RoPE rows' bytes in a raw stage, copied 16 bytes at a time,
-  // kRopeChunks per thread (thread t: chunks t, t + kThreads, ...).
-  static constexpr int kRawRopeBytes = Traits::kRopeWithRawPage ? Traits::kRopePageBytes : 0;
-  static constexpr int kRopeChunks = kRawRopeBytes / 16 / kThreads;
-  static_assert(kRopeChunks * 16 * kThreads == kRawRopeBytes, "the RoPE rows split evenly over the producers");
   static constexpr int kRawStageStride = kBlockN * Traits::kKVWidth;                      // bytes
   static constexpr int kStageStride = kBlockN * Traits::kStageCols * int(sizeof(typename Traits::StageElement));  // bytes
   // A group's reads are issued together with precomputed addresses, which takes registers: with
@@ -300,24 +279,6 @@ struct DequantProducer {
       if (2 * lane + i / kGroups < rows) { largest = max(largest, bits[i] & 0x7fffffffu); }
     }
     return __reduce_max_sync(0xffffffffu, largest);
-  }
-
-  // Traits::kRopeWithRawPage: a thread's share of the page's RoPE rows, from the raw stage to
-  // the Element stage's RoPE columns: both are the same whole swizzle atoms, back to back, so
-  // the copy is linear (and its 16-byte accesses, consecutive across the warp, conflict-free).
-  // Rows past the sequence end are copied as they are: they reach only masked scores.
-  static __device__ void copy_rope_rows(typename Traits::SharedStorage& smem, int slot, int stage, int ptid) {
-    const uint32_t from = cute::cast_smem_ptr_to_uint(smem.raw_rope.data()) + slot * kRawRopeBytes;
-    const uint32_t to = cute::cast_smem_ptr_to_uint(&SmemIO<Traits>::rope_stages(smem)(0, 0, 0)) + stage * kStageStride;
-    uint32_t v[kRopeChunks][4];
-    CUTLASS_PRAGMA_UNROLL
-    for (int i = 0; i < kRopeChunks; ++i) {
-      asm volatile("ld.shared.v4.b32 {%0, %1, %2, %3}, [%4];\n"
-                   : "=r"(v[i][0]), "=r"(v[i][1]), "=r"(v[i][2]), "=r"(v[i][3])
-                   : "r"(from + (ptid + i * kThreads) * 16));
-    }
-    CUTLASS_PRAGMA_UNROLL
-    for (int i = 0; i < kRopeChunks; ++i) { store_shared(to + (ptid + i * kThreads) * 16, v[i]); }
   }
 
   // One thread's share of a page: e4m3 chunks of its token -> fp16, times their scales and the

@@ -163,14 +163,7 @@ struct DecodeTraits {
   static constexpr int kRopePageBytes = kSharedRope ? kBlockN * kHeadDimRope * sizeof(Element) : 0;
   static constexpr int kStageBytes = kBlockN * kKVWidth * sizeof(Element) + kRopePageBytes;  // one Element stage
   static constexpr int kRawPageBytes = kFP8 ? kBlockN * kKVWidth : 0;  // e4m3
-  // FP8 GLA (kPageExponent): the page's RoPE rows come with its e4m3 page into the raw stage,
-  // kRawStages - 1 pages ahead, and the producers copy them into the Element stage with the
-  // conversion. TMA'd into the Element stage instead, they could only be asked for once the
-  // stage is free, and with the consumers holding two of three stages their load latency
-  // stood between a stage's release and its refill. (GTA's narrower raw pages would double.)
-  static constexpr bool kRopeWithRawPage = kPageExponent;
-  static constexpr int kRawStageBytes =
-      kFP8 ? kRawPageBytes + kBlockN * kScaleGroups * 4 + (kRopeWithRawPage ? kRopePageBytes : 0) : 0;
+  static constexpr int kRawStageBytes = kFP8 ? kRawPageBytes + kBlockN * kScaleGroups * 4 : 0;
   // The P slot, row statistics and barriers, padded to the 1 KB alignment of the tiles.
   static constexpr int kBarrierBytes = kFP8 ? 1024 + 64 : 2048;
   // CTAs per SM: the transposed consumer's one warpgroup runs its page loop as a serial chain,
@@ -382,11 +375,6 @@ struct DecodeTraits {
   using SmemLayoutRaw = decltype(tile_to_shape(k_major_atom<CacheElement, kKVWidth>(),
                                                Shape<Int<kBlockN>, Int<kKVWidth>, Int<kRawStages>>{}));
   using SmemLayoutCachePage = std::conditional_t<kFP8, SmemLayoutRawPage, SmemLayoutPage>;
-  // kRopeWithRawPage: each raw stage's RoPE rows, laid out as the Element stage's (whose RoPE
-  // columns are whole swizzle atoms), so that a stage's rows are one linear copy.
-  using SmemLayoutRawRope = decltype(tile_to_shape(k_major_atom<Element, kHeadDimRope>(),
-                                                   Shape<Int<kBlockN>, Int<kHeadDimRope>, Int<kRawStages>>{}));
-  static_assert(!kRopeWithRawPage || kHeadDimRope % 64 == 0, "RoPE rows of whole 128-byte swizzle atoms");
 
   // Global view of the paged cache that the TMA descriptor is built from:
   // (token in page, dim, kv head, page) with the dim contiguous.
@@ -406,9 +394,9 @@ struct DecodeTraits {
                   Layout<GmemShapeRope, GmemStrideRope>{}),
       SmemLayoutRopePage{}));
 
-  // FP8's raw stages (dequant.cuh): their pages (and RoPE rows) are tiles of SharedStorage,
-  // the rest is here; other instances hold an empty struct in its place.
+  // FP8's raw stages (dequant.cuh); other instances hold an empty struct in their place.
   struct RawRing {
+    alignas(1024) cute::array_aligned<CacheElement, cute::cosize_v<SmemLayoutRaw>> pages;
     alignas(16) float scale[kRawStages][kBlockN][kScaleGroups];
     // kUnscaledStages: each Element stage's token scales (0 past the sequence end), written by
     // the producer with the stage, read by the consumer.
@@ -416,36 +404,25 @@ struct DecodeTraits {
     // kPageExponent: each Element stage's exponent e (its values are the page's times 2^e),
     // written by the producer leader with the stage, read by the consumers.
     int stage_exponent[kPageExponent ? kStages : 1];
-    // kUnscaledStages: each Element stage's largest live token scale (written by a producer
-    // warp with the stage, likewise).
+    // kUnscaledStages: each Element stage's largest live token scale (the leader's, likewise).
     float stage_max_scale[kUnscaledStages ? kStages : 1];
     // A raw stage is full once its page's TMA landed and the kBlockN threads that copy its
     // scales arrived (cp.async.mbarrier.arrive.noinc).
     uint64_t full[kRawStages];
     // ... and empty once every producer warp has converted it (one arrival per warp): the
-    // threads that refill it wait for this, not for the Element stage, whose barrier may also
-    // wait for the RoPE rows' TMA.
+    // threads that refill it wait for this, not for the Element stage, whose barrier also
+    // waits for the RoPE rows' TMA.
     uint64_t empty[kRawStages];
-    // Of each raw stage's page, for its RoPE rows' TMA into the Element stage (the leader's).
-    int physical_page[kRawStages];
+    int physical_page[kRawStages];  // of each raw stage's page, for its RoPE rows' TMA (the leader's)
   };
   struct NoRawRing {};
 
-  // A shared-memory tile that only some instances have: 1 KB-aligned (the 128-byte swizzle's
-  // period) where it has elements, and no bytes at all where it has none.
-  template <class T, int kElems>
-  using OptionalTile = cute::array_aligned<T, kElems, (kElems > 0 ? 1024 : 1)>;
-
-  // The tiles first, each a whole number of KB, so that none but the first after Q waits
-  // for alignment; then the small members.
   struct SharedStorage {
     alignas(1024) cute::array_aligned<Element, cute::cosize_v<SmemLayoutQ>> q;
     alignas(1024) cute::array_aligned<StageElement, cute::cosize_v<SmemLayoutK>> kv;
-    [[no_unique_address]] OptionalTile<CacheElement, kFP8 ? cute::cosize_v<SmemLayoutRaw> : 0> raw_pages;
-    [[no_unique_address]] OptionalTile<Element, kRopeWithRawPage ? cute::cosize_v<SmemLayoutRawRope> : 0> raw_rope;
-    [[no_unique_address]] OptionalTile<Element, kRopeTile ? cute::cosize_v<SmemLayoutRope> : 0> rope;
-    [[no_unique_address]] OptionalTile<StageElement, kSharedP ? cute::cosize_v<SmemLayoutP>
-                                                     : kTransposed ? cute::cosize_v<SmemLayoutPT> : 0> p;
+    alignas(1024) cute::array_aligned<Element, kRopeTile ? cute::cosize_v<SmemLayoutRope> : 1> rope;
+    alignas(1024) cute::array_aligned<StageElement, kSharedP ? cute::cosize_v<SmemLayoutP>
+                                               : kTransposed ? cute::cosize_v<SmemLayoutPT> : 1> p;
     // Per-row statistics exchanged between consumer warpgroups: final maxima and sums; with a
     // shared P each page's rescale factors.
     float row_max[cute::max(kNumColWGs, kNumPageWGs)][kWGRows];
