@@ -119,7 +119,7 @@ struct DequantProducer {
     using RawBarrier = cutlass::arch::ClusterTransactionBarrier;
     Tensor mKV = tma_kv.get_tma_tensor(
         make_shape(Int<kBlockN>{}, Int<Traits::kKVWidth>{}, p.num_heads_kv, p.num_pages));
-    Tensor sRaw = make_tensor(make_smem_ptr(smem.raw_pages.data()), typename Traits::SmemLayoutRaw{});
+    Tensor sRaw = make_tensor(make_smem_ptr(smem.raw.pages.data()), typename Traits::SmemLayoutRaw{});
     auto [tKgK, tKsK] = tma_partition(tma_kv, Int<0>{}, Layout<_1>{},
                                       group_modes<0, 2>(sRaw), group_modes<0, 2>(mKV(_, _, kv_head, _)));
     Tensor mR = tma_rope.get_tma_tensor(

@@ -312,20 +312,13 @@ struct DecodeTraits {
   // them: the producer then fills a stage pages earlier, and the RoPE rows it TMAs in when the
   // stage frees have that much longer to land (GTA with one CTA per SM, GTA d 64).
   static constexpr int kFP8HeldStages = (kOverlapPV || kNumPageWGs > 1 ? 2 : 1) + 1;  // overlapped or turns: 2 held
-  // FP8 GLA's 64-row tile (page turns) keeps one Element stage more, for two raw stages (one
-  // page in flight while the other is converted): with two held and one being written, the
-  // consumers waited for the producer's conversion (a fifth of their time, under ncu), while
-  // the e4m3 bytes were there pages ahead.
-  static constexpr int kFP8ExtraStage = kPageExponent && kNumPageWGs > 1 ? 1 : 0;
   static constexpr int kFP8SpareStages =
       kFP8 ? cute::max(0, cute::min(2, (kSmemForStages - 8 * kRawStageBytes - kFP8HeldStages * kStageBytes) / kStageBytes))
            : 0;
-  static constexpr int kStages =
-      kFP8 ? kFP8HeldStages + kFP8ExtraStage + kFP8SpareStages : cute::min(8, kSmemForStages / kStageBytes);
+  static constexpr int kStages = kFP8 ? kFP8HeldStages + kFP8SpareStages : cute::min(8, kSmemForStages / kStageBytes);
   static constexpr int kRawStages = kFP8 ? cute::min(8, (kSmemForStages - kStages * kStageBytes) / kRawStageBytes) : 1;
   static_assert(kStages >= 2, "shared memory must hold Q and at least two KV pages");
-  static_assert(!kFP8 || kRawStages >= (kFP8ExtraStage ? 2 : 4 - kCtasPerSm),
-                "FP8: at least two raw pages in flight per SM besides those converted (one beside an extra stage)");
+  static_assert(!kFP8 || kRawStages >= 4 - kCtasPerSm, "FP8: at least two raw pages in flight per SM besides those converted");
 
   using SmemLayoutK = decltype(tile_to_shape(SmemLayoutAtomK{},
                                              Shape<Int<kBlockN>, Int<kStageCols>, Int<kStages>>{}));
@@ -401,10 +394,9 @@ struct DecodeTraits {
                   Layout<GmemShapeRope, GmemStrideRope>{}),
       SmemLayoutRopePage{}));
 
-  // FP8's raw stages (dequant.cuh): their pages are a tile of SharedStorage's, the rest is
-  // here; other instances hold empty structs in their place.
-  using RawPages = cute::array_aligned<CacheElement, cute::cosize_v<SmemLayoutRaw>, 1024>;
+  // FP8's raw stages (dequant.cuh); other instances hold an empty struct in their place.
   struct RawRing {
+    alignas(1024) cute::array_aligned<CacheElement, cute::cosize_v<SmemLayoutRaw>> pages;
     alignas(16) float scale[kRawStages][kBlockN][kScaleGroups];
     // kUnscaledStages: each Element stage's token scales (0 past the sequence end), written by
     // the producer with the stage, read by the consumer.
@@ -424,19 +416,13 @@ struct DecodeTraits {
     int physical_page[kRawStages];  // of each raw stage's page, for its RoPE rows' TMA (the leader's)
   };
   struct NoRawRing {};
-  struct NoRawPages {};
 
-  // The 1 KB-aligned tiles (the 128-byte swizzle's period) first, one after another, and
-  // small stand-ins where an instance has no rope tile or P: no alignment padding sits between
-  // two tiles, which FP8 GLA's four Element and two raw stages need.
-  static constexpr bool kHasP = kSharedP || kTransposed;
   struct SharedStorage {
     alignas(1024) cute::array_aligned<Element, cute::cosize_v<SmemLayoutQ>> q;
     alignas(1024) cute::array_aligned<StageElement, cute::cosize_v<SmemLayoutK>> kv;
-    [[no_unique_address]] std::conditional_t<kFP8, RawPages, NoRawPages> raw_pages;
-    alignas(kRopeTile ? 1024 : 16) cute::array_aligned<Element, kRopeTile ? cute::cosize_v<SmemLayoutRope> : 1> rope;
-    alignas(kHasP ? 1024 : 16) cute::array_aligned<StageElement, kSharedP ? cute::cosize_v<SmemLayoutP>
-                                                     : kTransposed ? cute::cosize_v<SmemLayoutPT> : 1> p;
+    alignas(1024) cute::array_aligned<Element, kRopeTile ? cute::cosize_v<SmemLayoutRope> : 1> rope;
+    alignas(1024) cute::array_aligned<StageElement, kSharedP ? cute::cosize_v<SmemLayoutP>
+                                               : kTransposed ? cute::cosize_v<SmemLayoutPT> : 1> p;
     // Per-row statistics exchanged between consumer warpgroups: final maxima and sums; with a
     // shared P each page's rescale factors.
     float row_max[cute::max(kNumColWGs, kNumPageWGs)][kWGRows];
