@@ -404,7 +404,8 @@ struct DecodeTraits {
     // kPageExponent: each Element stage's exponent e (its values are the page's times 2^e),
     // written by the producer leader with the stage, read by the consumers.
     int stage_exponent[kPageExponent ? kStages : 1];
-    // kUnscaledStages: each Element stage's largest live token scale (the leader's, likewise).
+    // kUnscaledStages: each Element stage's largest live token scale (written by the producer's
+    // last warp with the stage, read by the consumer).
     float stage_max_scale[kUnscaledStages ? kStages : 1];
     // A raw stage is full once its page's TMA landed and the kBlockN threads that copy its
     // scales arrived (cp.async.mbarrier.arrive.noinc).
