@@ -182,6 +182,10 @@ struct DequantProducer {
         copy(tma_rope.with(*stage_full), tRgR(_, smem.raw.physical_page[slot]), tRsR(_, state.index()));
       }
       reinterpret_cast<RawBarrier&>(smem.raw.full[slot]).wait((n / kRawStages) % 2);
+      // The first scale group's 16-byte reads first: in flight under the page's exponent and
+      // scales, which the conversion waits for.
+      uint32_t raw[kChunksPerGroup][4];
+      load_group(at, slot, 0, raw);
       const int rows = int(valid_rows >> (8 * slot)) & 0xff;
       float factor = 1.f;  // 2^e
       if constexpr (Traits::kPageExponent) {
@@ -196,7 +200,7 @@ struct DequantProducer {
           if (ptid % 32 == 0) { smem.raw.stage_max_scale[state.index()] = largest; }  // ordered by its warp's arrival
         }
       }
-      convert_page(smem, at, slot, state.index(), token, parity, token < rows, factor);
+      convert_page(smem, at, raw, slot, state.index(), token, parity, token < rows, factor);
       cutlass::arch::fence_view_async_shared();  // written by threads, read by wgmma
       if (Traits::kUnscaledStages && ptid < kBlockN) {
         // The threads that wrote the stage's token scales (read by the consumer's plain loads,
@@ -226,7 +230,7 @@ struct DequantProducer {
   static constexpr int kChunksPerThread = kChunksPerRow / kThreadsPerToken;
   static constexpr int kRawStageStride = kBlockN * Traits::kKVWidth;                      // bytes
   static constexpr int kStageStride = kBlockN * Traits::kStageCols * int(sizeof(typename Traits::StageElement));  // bytes
-  // A group's reads are issued together with precomputed addresses, which takes registers: with
+  // A page's reads are issued together with precomputed addresses, which takes registers: with
   // fewer, a producer would convert a chunk at a time, its reads no longer in flight together.
   static_assert(Traits::kProducerRegs >= 88, "the producer keeps a group's chunks and their addresses");
 
@@ -286,9 +290,22 @@ struct DequantProducer {
   // scales); zeros for a token past the sequence end (its bytes and scale may be anything, NaN
   // included, and 0 * NaN would poison P V). So the consumers never write a stage that the
   // producers fill.
+  // A thread's chunks of scale group g of raw stage `slot`, read together (the volatile
+  // accesses keep their program order).
+  static __device__ void load_group(ChunkAddresses const& at, int slot, int g, uint32_t (&raw)[kChunksPerGroup][4]) {
+    CUTLASS_PRAGMA_UNROLL
+    for (int i = 0; i < kChunksPerGroup; ++i) {
+      asm volatile("ld.shared.v4.b32 {%0, %1, %2, %3}, [%4];\n"
+                   : "=r"(raw[i][0]), "=r"(raw[i][1]), "=r"(raw[i][2]), "=r"(raw[i][3])
+                   : "r"(at.raw[g * kChunksPerGroup + i] + slot * kRawStageStride));
+    }
+  }
+
+  // raw: the thread's chunks of the first scale group, already read (load_group).
   static __device__ void convert_page(typename Traits::SharedStorage& smem, ChunkAddresses const& at,
-                                      int slot, int stage, int token, int parity, bool live, float factor) {
-    const uint32_t raw_offset = slot * kRawStageStride, out_offset = stage * kStageStride;
+                                      uint32_t (&raw)[kChunksPerGroup][4], int slot, int stage,
+                                      int token, int parity, bool live, float factor) {
+    const uint32_t out_offset = stage * kStageStride;
     if constexpr (Traits::kUnscaledStages) {
       if (parity == 0) { smem.raw.stage_scale[stage][token] = live ? smem.raw.scale[slot][token][0] : 0.f; }
     }
@@ -313,19 +330,10 @@ struct DequantProducer {
     for (int g = 0; g < kGroups; ++g) {
       const float s = scales[g];
       const __half2 scale = __float2half2_rn(s * factor);
-      // All of the group's 16-byte reads first, then the conversions and writes: the reads
-      // are then in flight together (the volatile accesses keep their program order).
-      uint32_t raw[kChunksPerGroup][4], lo_at[kChunksPerGroup];
+      if (g > 0) { load_group(at, slot, g, raw); }  // all of a group's reads, then its conversions
       CUTLASS_PRAGMA_UNROLL
       for (int i = 0; i < kChunksPerGroup; ++i) {
         const int chunk = g * kChunksPerGroup + i;
-        lo_at[i] = at.lo[chunk];
-        asm volatile("ld.shared.v4.b32 {%0, %1, %2, %3}, [%4];\n"
-                     : "=r"(raw[i][0]), "=r"(raw[i][1]), "=r"(raw[i][2]), "=r"(raw[i][3])
-                     : "r"(at.raw[chunk] + raw_offset));
-      }
-      CUTLASS_PRAGMA_UNROLL
-      for (int i = 0; i < kChunksPerGroup; ++i) {
         uint32_t lo[4], hi[4];
         if constexpr (Traits::kUnscaledStages) {
           widen4(raw[i][0], lo[0], lo[1]);
@@ -345,8 +353,8 @@ struct DequantProducer {
             dequantise4<typename Traits::Element>(raw[i][3], s, hi[2], hi[3]);
           }
         }
-        store_shared(lo_at[i] + out_offset, lo);
-        store_shared((lo_at[i] + out_offset) ^ 16u, hi);
+        store_shared(at.lo[chunk] + out_offset, lo);
+        store_shared((at.lo[chunk] + out_offset) ^ 16u, hi);
       }
     }
   }
