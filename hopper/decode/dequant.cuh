@@ -230,7 +230,7 @@ struct DequantProducer {
   static constexpr int kChunksPerThread = kChunksPerRow / kThreadsPerToken;
   static constexpr int kRawStageStride = kBlockN * Traits::kKVWidth;                      // bytes
   static constexpr int kStageStride = kBlockN * Traits::kStageCols * int(sizeof(typename Traits::StageElement));  // bytes
-  // A page's reads are issued together with precomputed addresses, which takes registers: with
+  // A group's reads are issued together with precomputed addresses, which takes registers: with
   // fewer, a producer would convert a chunk at a time, its reads no longer in flight together.
   static_assert(Traits::kProducerRegs >= 88, "the producer keeps a group's chunks and their addresses");
 
@@ -285,11 +285,6 @@ struct DequantProducer {
     return __reduce_max_sync(0xffffffffu, largest);
   }
 
-  // One thread's share of a page: e4m3 chunks of its token -> fp16, times their scales and the
-  // page's factor 2^e (with unscaled stages: as they are, and the token's scale into the stage's
-  // scales); zeros for a token past the sequence end (its bytes and scale may be anything, NaN
-  // included, and 0 * NaN would poison P V). So the consumers never write a stage that the
-  // producers fill.
   // A thread's chunks of scale group g of raw stage `slot`, read together (the volatile
   // accesses keep their program order).
   static __device__ void load_group(ChunkAddresses const& at, int slot, int g, uint32_t (&raw)[kChunksPerGroup][4]) {
@@ -301,7 +296,11 @@ struct DequantProducer {
     }
   }
 
-  // raw: the thread's chunks of the first scale group, already read (load_group).
+  // One thread's share of a page: e4m3 chunks of its token -> fp16, times their scales and the
+  // page's factor 2^e (with unscaled stages: as they are, and the token's scale into the stage's
+  // scales); zeros for a token past the sequence end (its bytes and scale may be anything, NaN
+  // included, and 0 * NaN would poison P V). So the consumers never write a stage that the
+  // producers fill. raw: the thread's chunks of the first scale group, already read (load_group).
   static __device__ void convert_page(typename Traits::SharedStorage& smem, ChunkAddresses const& at,
                                       uint32_t (&raw)[kChunksPerGroup][4], int slot, int stage,
                                       int token, int parity, bool live, float factor) {
