@@ -159,10 +159,11 @@ def test_fp8_scales_of_any_magnitude(shape, s_q, magnitude, dtype):
     fp16 could not hold unnormalised, pages whose values would be subnormal), far above it (values
     beyond fp16's 65,504), and with scales that differ between tokens of one request: by up to
     2^12 for GTA (times their own amax / 448: P times a token's scale must stay within fp16
-    whichever token of the piece has the largest), and for GLA by up to 2 between tokens
-    and 2 between pages, so that the pages' powers of two change along it. (A GLA key's scores are rounded relative to the key's size:
-    keys larger than the usual would make scores, and their rounding, larger too.) q's latent
-    dims shrink as the cache grows, so that the scores stay as usual."""
+    whichever token of the piece has the largest), and for GLA by up to 2 between tokens and 2
+    between pages, so that the pages' powers of two change along it. (A GLA key's scores are
+    rounded relative to the key's size: keys larger than the usual would make scores, and their
+    rounding, larger too.) q's latent dims shrink as the cache grows, so that the scores stay as
+    usual."""
     if dtype == torch.float16 and magnitude > 1:
         pytest.skip("values beyond 2^16: the output itself is beyond fp16")
     if shape.gta and magnitude > 2.0**10:
