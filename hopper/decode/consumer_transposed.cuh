@@ -332,9 +332,7 @@ struct TransposedConsumer {
             page_max[c] = fmaxf(fmaxf(smem.col_exchange[0][col], smem.col_exchange[1][col]),
                                 fmaxf(smem.col_exchange[2][col], smem.col_exchange[3][col]));
           }
-          CUTLASS_PRAGMA_UNROLL
-          for (int i = 0; i < size(tSrS); ++i) { tSrS(i) *= p.scale_log2; }
-          softmax.update(tSrS_cr, page_max, rescale);
+          softmax.update(tSrS_cr, page_max, p.scale_log2, rescale);
           CUTLASS_PRAGMA_UNROLL
           for (int d = 0; d < size<0>(tOrO_rc); ++d) {
             CUTLASS_PRAGMA_UNROLL

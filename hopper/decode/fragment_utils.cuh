@@ -66,6 +66,22 @@ __device__ __forceinline__ uint32_t pack_pair(float a, float b) {
   return reinterpret_cast<uint32_t const&>(pair);
 }
 
+// fp32 -> 16-bit conversion of a register fragment into `dst` of the same layout, pair by pair
+// of storage: each 32-bit register of dst is one conversion of two adjacent values, which is
+// what a register-sourced wgmma reads. (Converting to an Array and copying it element by element
+// made ptxas re-pair the 16-bit halves: some 90 PRMT/LOP3/SHF a page.)
+template <class To, class EngineS, class LayoutS, class EngineD, class LayoutD>
+__device__ __forceinline__ void pack_fragment(Tensor<EngineS, LayoutS> const& src, Tensor<EngineD, LayoutD>& dst) {
+  static_assert(std::is_same_v<typename EngineD::value_type, To> && sizeof(To) == 2);
+  static_assert(std::is_same_v<LayoutS, LayoutD>, "same storage order");
+  constexpr int kN = decltype(size(src))::value;
+  static_assert(kN % 2 == 0);
+  uint32_t* out = reinterpret_cast<uint32_t*>(raw_pointer_cast(dst.data()));
+  const float* in = raw_pointer_cast(src.data());
+  CUTLASS_PRAGMA_UNROLL
+  for (int i = 0; i < kN / 2; ++i) { out[i] = pack_pair<To>(in[2 * i], in[2 * i + 1]); }
+}
+
 // Issues C += A(:, kABegin + k) * B(:, kBBegin + k) for k < kBlocks, k-block by k-block,
 // inside a warpgroup_arrive / commit_batch the caller brackets (several calls share a batch).
 template <int kABegin, int kBBegin, int kBlocks, class TiledMma, class TA, class TB, class TC>

@@ -340,29 +340,33 @@ struct PageLoop {
     warpgroup_commit_batch();
   }
 
-  // Scales and masks the page's scores, updates the running softmax and turns the scores into
-  // probabilities in place; rescale[i] is what O's row i must be multiplied by.
+  // Masks the page's scores, updates the running softmax and turns the scores into
+  // probabilities in place; rescale[i] is what O's row i must be multiplied by. The scores stay
+  // unscaled until the exponent (one FFMA each, the scale a positive factor that commutes with
+  // the maximum), and only a page that reaches past mask_from compares keys: a branch, so that
+  // the other pages run none of the per-score comparisons.
   template <class Acc, int kRows>
   static __device__ void softmax_page(Context& ctx, Acc& acc, PieceMask<kRows> const& mask, int page,
                                       float (&rescale)[kRows]) {
-    const int first_key = page * kBlockN;
-    const bool needs_mask = page * kBlockN + kBlockN > mask.mask_from;
+    if (page * kBlockN + kBlockN > mask.mask_from) {
+      const int first_key = page * kBlockN;
+      CUTLASS_PRAGMA_UNROLL
+      for (int i = 0; i < kRows; ++i) {
+        CUTLASS_PRAGMA_UNROLL
+        for (int j = 0; j < size<1>(acc.s_rc); ++j) {
+          const int key = first_key + get<1>(acc.s_coord(i, j));
+          if (key > mask.row_last_key[i]) { acc.s_rc(i, j) = -INFINITY; }
+        }
+      }
+    }
     // FP8 page exponents: the scores are 2^e times themselves.
     const float score_scale =
         Traits::kPageExponent ? ctx.params.scale_log2 * exp2_integer(-ctx.exponent) : ctx.params.scale_log2;
-    CUTLASS_PRAGMA_UNROLL
-    for (int i = 0; i < kRows; ++i) {
-      CUTLASS_PRAGMA_UNROLL
-      for (int j = 0; j < size<1>(acc.s_rc); ++j) {
-        const float s = acc.s_rc(i, j) * score_scale;
-        const int key = first_key + get<1>(acc.s_coord(i, j));
-        const bool masked = needs_mask && key > mask.row_last_key[i];
-        acc.s_rc(i, j) = masked ? -INFINITY : s;
-      }
-    }
     float row_page_max[kRows];
     acc.softmax.page_max(acc.s_rc, row_page_max);
-    acc.softmax.update(acc.s_rc, row_page_max, rescale);
+    CUTLASS_PRAGMA_UNROLL
+    for (int i = 0; i < kRows; ++i) { row_page_max[i] *= score_scale; }
+    acc.softmax.update(acc.s_rc, row_page_max, score_scale, rescale);
     if constexpr (Traits::kPageExponent) {
       CUTLASS_PRAGMA_UNROLL
       for (int i = 0; i < kRows; ++i) { rescale[i] *= ctx.o_shift; }
@@ -373,7 +377,7 @@ struct PageLoop {
   template <class In, class Acc, int kRows>
   static __device__ void rescale_o_and_stage_p(In& in, Acc& acc, float const (&rescale)[kRows]) {
     rescale_o(acc, rescale);
-    copy(convert_fragment<typename Traits::StageElement>(acc.s), acc.p);
+    pack_fragment<typename Traits::StageElement>(acc.s, acc.p);
   }
 
   template <class Acc, int kRows>

@@ -1,8 +1,9 @@
 // Online softmax over the key pages of one work piece, kept in registers.
 //
-// Scores arrive already multiplied by softmax_scale * log2(e) and masked to -inf, so every
-// exponential is one exp2. Each accumulator row lives in the 4 lanes of a quad: maxima are
-// reduced across the quad after every page; sums stay thread-partial until the end.
+// Scores arrive masked to -inf but unscaled: softmax_scale * log2(e) goes into each exponent's
+// FFMA, so that every exponential is one FFMA and one exp2. Each accumulator row lives in the 4
+// lanes of a quad: maxima are reduced across the quad after every page; sums stay thread-partial
+// until the end.
 #pragma once
 
 #include <cute/tensor.hpp>
@@ -42,19 +43,28 @@ struct OnlineSoftmax {
   template <class TensorS>
   __device__ void page_max(TensorS const& s, float (&row_page_max)[kRows]) const {
     static_assert(decltype(size<0>(s))::value == kRows);
+    // Four partial maxima a row, so that the chain of dependent FMNMX before the exponentials is
+    // a quarter as long (the maximum is exact in any order).
+    constexpr int kCols = decltype(size<1>(s))::value;
+    constexpr int kPartial = kCols % 4 == 0 ? 4 : 1;
     CUTLASS_PRAGMA_UNROLL
     for (int i = 0; i < kRows; ++i) {
-      float m = -INFINITY;
+      float m[kPartial];
       CUTLASS_PRAGMA_UNROLL
-      for (int j = 0; j < size<1>(s); ++j) { m = fmaxf(m, s(i, j)); }
-      row_page_max[i] = quad_allreduce_max(m);
+      for (int k = 0; k < kPartial; ++k) { m[k] = s(i, k); }
+      CUTLASS_PRAGMA_UNROLL
+      for (int j = kPartial; j < kCols; ++j) { m[j % kPartial] = fmaxf(m[j % kPartial], s(i, j)); }
+      CUTLASS_PRAGMA_UNROLL
+      for (int k = 1; k < kPartial; ++k) { m[0] = fmaxf(m[0], m[k]); }
+      row_page_max[i] = quad_allreduce_max(m[0]);
     }
   }
 
-  // Turns the scores `s` into unnormalised probabilities, given each row's maximum over the
-  // whole page, and returns in `rescale` the factor for each row's output accumulator.
+  // Turns the scores `s` (times `scale` in log2 units: scale > 0) into unnormalised
+  // probabilities, given each row's maximum over the whole page in log2 units, and returns in
+  // `rescale` the factor for each row's output accumulator.
   template <class TensorS>
-  __device__ void update(TensorS& s, float const (&row_page_max)[kRows], float (&rescale)[kRows]) {
+  __device__ void update(TensorS& s, float const (&row_page_max)[kRows], float scale, float (&rescale)[kRows]) {
     CUTLASS_PRAGMA_UNROLL
     for (int i = 0; i < kRows; ++i) {
       const float new_max = fmaxf(row_max[i], row_page_max[i]);
@@ -65,7 +75,7 @@ struct OnlineSoftmax {
       float page_sum = 0.f;
       CUTLASS_PRAGMA_UNROLL
       for (int j = 0; j < size<1>(s); ++j) {
-        s(i, j) = exp2f(s(i, j) - ref);
+        s(i, j) = exp2f(fmaf(s(i, j), scale, -ref));
         page_sum += s(i, j);
       }
       row_sum[i] = row_sum[i] * rescale[i] + page_sum;
