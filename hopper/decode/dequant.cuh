@@ -44,12 +44,22 @@ namespace flash_gla::hopper {
 
 using namespace cute;
 
+// Four e4m3 values (one 32-bit word) as two pairs of fp16, exact. Each pair is one conversion
+// of a half of the word, read in place (the upper half as a half-register operand, no shift).
+__device__ __forceinline__ void widen4(uint32_t word, uint32_t& lo, uint32_t& hi) {
+  asm("{\n"
+      "  .reg .b16 l, h;\n"
+      "  mov.b32 {l, h}, %2;\n"
+      "  cvt.rn.f16x2.e4m3x2 %0, l;\n"
+      "  cvt.rn.f16x2.e4m3x2 %1, h;\n"
+      "}\n" : "=r"(lo), "=r"(hi) : "r"(word));
+}
+
 // Four e4m3 values (one 32-bit word) times `scale`, rounded to two pairs of Element.
 template <class Element>
 __device__ __forceinline__ void dequantise4(uint32_t word, float scale, uint32_t& lo, uint32_t& hi) {
-  auto pair = [&](uint16_t bits) -> uint32_t {
-    const __half2_raw h = __nv_cvt_fp8x2_to_halfraw2(static_cast<__nv_fp8x2_storage_t>(bits), __NV_E4M3);
-    float2 f = __half22float2(*reinterpret_cast<const __half2*>(&h));
+  auto pair = [&](uint32_t h2) -> uint32_t {
+    float2 f = __half22float2(*reinterpret_cast<const __half2*>(&h2));
     f.x *= scale;
     f.y *= scale;
     if constexpr (std::is_same_v<Element, cutlass::bfloat16_t>) {
@@ -60,30 +70,19 @@ __device__ __forceinline__ void dequantise4(uint32_t word, float scale, uint32_t
       return *reinterpret_cast<const uint32_t*>(&b);
     }
   };
-  lo = pair(static_cast<uint16_t>(word & 0xffffu));
-  hi = pair(static_cast<uint16_t>(word >> 16));
+  widen4(word, lo, hi);
+  lo = pair(lo);
+  hi = pair(hi);
 }
 
 // Four e4m3 values (one 32-bit word) as two pairs of fp16 times `factor`: exact, then one
 // fp16 rounding of the product.
 __device__ __forceinline__ void scale4(uint32_t word, __half2 factor, uint32_t& lo, uint32_t& hi) {
-  auto pair = [&](uint16_t bits) -> uint32_t {
-    const __half2_raw h = __nv_cvt_fp8x2_to_halfraw2(static_cast<__nv_fp8x2_storage_t>(bits), __NV_E4M3);
-    const __half2 product = __hmul2(*reinterpret_cast<const __half2*>(&h), factor);
-    return *reinterpret_cast<const uint32_t*>(&product);
-  };
-  lo = pair(static_cast<uint16_t>(word & 0xffffu));
-  hi = pair(static_cast<uint16_t>(word >> 16));
-}
-
-// Four e4m3 values (one 32-bit word) as two pairs of fp16, unscaled: exact.
-__device__ __forceinline__ void widen4(uint32_t word, uint32_t& lo, uint32_t& hi) {
-  auto pair = [](uint16_t bits) -> uint32_t {
-    const __half2_raw h = __nv_cvt_fp8x2_to_halfraw2(static_cast<__nv_fp8x2_storage_t>(bits), __NV_E4M3);
-    return *reinterpret_cast<const uint32_t*>(&h);
-  };
-  lo = pair(static_cast<uint16_t>(word & 0xffffu));
-  hi = pair(static_cast<uint16_t>(word >> 16));
+  widen4(word, lo, hi);
+  const __half2 l = __hmul2(*reinterpret_cast<const __half2*>(&lo), factor);
+  const __half2 h = __hmul2(*reinterpret_cast<const __half2*>(&hi), factor);
+  lo = *reinterpret_cast<const uint32_t*>(&l);
+  hi = *reinterpret_cast<const uint32_t*>(&h);
 }
 
 __device__ __forceinline__ void store_shared(uint32_t address, uint32_t const (&v)[4]) {
