@@ -68,8 +68,7 @@ __device__ __forceinline__ uint32_t pack_pair(float a, float b) {
 
 // fp32 -> 16-bit conversion of a register fragment into `dst` of the same layout, pair by pair
 // of storage: each 32-bit register of dst is one conversion of two adjacent values, which is
-// what a register-sourced wgmma reads. (Converting to an Array and copying it element by element
-// made ptxas re-pair the 16-bit halves: some 90 PRMT/LOP3/SHF a page.)
+// what a register-sourced wgmma reads (ptxas need not re-pair 16-bit halves on the way).
 template <class To, class EngineS, class LayoutS, class EngineD, class LayoutD>
 __device__ __forceinline__ void pack_fragment(Tensor<EngineS, LayoutS> const& src, Tensor<EngineD, LayoutD>& dst) {
   static_assert(std::is_same_v<typename EngineD::value_type, To> && sizeof(To) == 2);
