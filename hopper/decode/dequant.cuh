@@ -169,19 +169,9 @@ struct DequantProducer {
     for (int c = 0; c < kChunksPerThread; ++c) { chunk_addresses(sRaw, sK, token, parity, c, at.raw[c], at.lo[c]); }
     int fetched = 0;
     for (; fetched < kRawStages && !walk.done; ++fetched) { fetch(fetched); }
-    // A page's scales, its exponent and its factors, read as soon as its raw stage lands: for
-    // the next page while this one's stage is handed over, so that a page's conversion starts
-    // with them in registers (their loads and the exponent's reduction are a chain of their own).
-    auto raw_landed = [&](int n) -> PageScales {
-      const int slot = n % kRawStages;
-      reinterpret_cast<RawBarrier&>(smem.raw.full[slot]).wait((n / kRawStages) % 2);
-      return page_scales(smem, slot, int(valid_rows >> (8 * slot)) & 0xff, token, ptid);
-    };
-    PageScales next = fetched > 0 ? raw_landed(0) : PageScales{};
     auto state = cutlass::make_producer_start_state<Pipeline>();
     for (int n = 0; n < fetched; ++n) {
       const int slot = n % kRawStages;
-      const PageScales page = next;
       pipeline.producer_acquire(state);  // every thread waits for the Element stage to be free
       auto* stage_full = pipeline.producer_get_barrier(state);
       if (leader) {
@@ -189,22 +179,27 @@ struct DequantProducer {
         // whose barrier then also waits for their bytes (the leader's warp arrives below).
         RawBarrier::expect_transaction(stage_full, Traits::kRopePageBytes);
         copy(tma_rope.with(*stage_full), tRgR(_, smem.raw.physical_page[slot]), tRsR(_, state.index()));
-        if constexpr (Traits::kPageExponent) {
-          smem.raw.stage_exponent[state.index()] = page.exponent;  // ordered by its warp's arrival
-        }
       }
+      reinterpret_cast<RawBarrier&>(smem.raw.full[slot]).wait((n / kRawStages) % 2);
+      // The first scale group's 16-byte reads first: in flight under the page's exponent and
+      // scales, which the conversion waits for.
       uint32_t raw[kChunksPerGroup][4];
       load_group(at, slot, 0, raw);
-      if constexpr (Traits::kUnscaledStages) {
+      const int rows = int(valid_rows >> (8 * slot)) & 0xff;
+      float factor = 1.f;  // 2^e
+      if constexpr (Traits::kPageExponent) {
+        const int e = page_exponent(largest_scale(smem, slot, rows, ptid % 32));
+        factor = exp2_integer(e);
+        if (leader) { smem.raw.stage_exponent[state.index()] = e; }  // ordered by its warp's arrival
+      } else if constexpr (Traits::kUnscaledStages) {
         // The last warp reduces it (the first two copy the scales and refill, the leader issues
         // the TMAs); the consumer's P unit follows it (consumer_transposed.cuh).
         if (ptid / 32 == kReducingWarp) {
-          const int rows = int(valid_rows >> (8 * slot)) & 0xff;
           const float largest = __uint_as_float(largest_scale(smem, slot, rows, ptid % 32));
           if (ptid % 32 == 0) { smem.raw.stage_max_scale[state.index()] = largest; }  // ordered by its warp's arrival
         }
       }
-      convert_page(smem, at, raw, page, slot, state.index(), token, parity);
+      convert_page(smem, at, raw, slot, state.index(), token, parity, token < rows, factor);
       cutlass::arch::fence_view_async_shared();  // written by threads, read by wgmma
       if (Traits::kUnscaledStages && ptid < kBlockN) {
         // The threads that wrote the stage's token scales (read by the consumer's plain loads,
@@ -214,7 +209,6 @@ struct DequantProducer {
         __syncwarp();
         if (ptid % 32 == 0) { cutlass::arch::ClusterBarrier::arrive(stage_full); }  // one arrival per warp
       }
-      if (n + 1 < fetched) { next = raw_landed(n + 1); }  // before this stage's refill: it is another
       __syncwarp();
       if (ptid % 32 == 0) { cutlass::arch::ClusterBarrier::arrive(&smem.raw.empty[slot]); }  // the warp read it
       if (!walk.done) {
@@ -252,32 +246,6 @@ struct DequantProducer {
     const int col = (parity + kThreadsPerToken * chunk) * 16;
     raw = cute::cast_smem_ptr_to_uint(&sRaw(token, col, 0));
     lo = cute::cast_smem_ptr_to_uint(&sK(token, col, 0));
-  }
-
-  // What converting a page needs of its scales, per thread: its token's scale per group (times
-  // the page's factor 2^e with page exponents), the exponent e, and whether the token is live.
-  struct PageScales {
-    float scale[kGroups];
-    int exponent;
-    bool live;
-  };
-  static __device__ PageScales page_scales(typename Traits::SharedStorage& smem, int slot, int rows, int token,
-                                           int ptid) {
-    PageScales page{};
-    page.live = token < rows;
-    float factor = 1.f;  // 2^e
-    if constexpr (Traits::kPageExponent) {
-      page.exponent = page_exponent(largest_scale(smem, slot, rows, ptid % 32));
-      factor = exp2_integer(page.exponent);
-    }
-    if constexpr (kGroups == 2) {  // the token's scales: one load
-      const float2 v = *reinterpret_cast<const float2*>(&smem.raw.scale[slot][token][0]);
-      page.scale[0] = v.x * factor, page.scale[1] = v.y * factor;
-    } else {
-      CUTLASS_PRAGMA_UNROLL
-      for (int g = 0; g < kGroups; ++g) { page.scale[g] = smem.raw.scale[slot][token][g] * factor; }
-    }
-    return page;
   }
 
   // The exponent e of a page (Traits::kPageExponent), from the largest scale of its live tokens
@@ -333,13 +301,13 @@ struct DequantProducer {
   // included, and 0 * NaN would poison P V). So the consumers never write a stage that the
   // producers fill. raw: the thread's chunks of the first scale group, already read (load_group).
   static __device__ void convert_page(typename Traits::SharedStorage& smem, ChunkAddresses const& at,
-                                      uint32_t (&raw)[kChunksPerGroup][4], PageScales const& page, int slot,
-                                      int stage, int token, int parity) {
+                                      uint32_t (&raw)[kChunksPerGroup][4], int slot, int stage,
+                                      int token, int parity, bool live, float factor) {
     const uint32_t out_offset = stage * kStageStride;
     if constexpr (Traits::kUnscaledStages) {
-      if (parity == 0) { smem.raw.stage_scale[stage][token] = page.live ? smem.raw.scale[slot][token][0] : 0.f; }
+      if (parity == 0) { smem.raw.stage_scale[stage][token] = live ? smem.raw.scale[slot][token][0] : 0.f; }
     }
-    if (!page.live) {
+    if (!live) {
       const uint32_t zero[4] = {0, 0, 0, 0};
       CUTLASS_PRAGMA_UNROLL
       for (int c = 0; c < kChunksPerThread; ++c) {
@@ -348,10 +316,18 @@ struct DequantProducer {
       }
       return;
     }
+    float scales[kGroups];  // the token's: one load
+    if constexpr (kGroups == 2) {
+      const float2 v = *reinterpret_cast<const float2*>(&smem.raw.scale[slot][token][0]);
+      scales[0] = v.x, scales[1] = v.y;
+    } else {
+      CUTLASS_PRAGMA_UNROLL
+      for (int g = 0; g < kGroups; ++g) { scales[g] = smem.raw.scale[slot][token][g]; }
+    }
     CUTLASS_PRAGMA_UNROLL
     for (int g = 0; g < kGroups; ++g) {
-      const float s = page.scale[g];
-      const __half2 scale = __float2half2_rn(s);
+      const float s = scales[g];
+      const __half2 scale = __float2half2_rn(s * factor);
       if (g > 0) { load_group(at, slot, g, raw); }  // all of a group's reads, then its conversions
       CUTLASS_PRAGMA_UNROLL
       for (int i = 0; i < kChunksPerGroup; ++i) {
