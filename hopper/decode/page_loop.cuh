@@ -260,11 +260,11 @@ struct PageLoop {
       warpgroup_wait<1>();
       warpgroup_fence_operand(acc.s);
       softmax_page(ctx, acc, mask, page, rescale);
-      warpgroup_wait<0>();  // page n-1's P V is in O; its stage can be refilled
-      warpgroup_fence_operand(acc.o);
+      warpgroup_fence_operand(acc.s);
+      rescale_o</*kWaitPV=*/true>(acc, rescale);  // page n-1's P V is in O; its stage can be refilled
       warpgroup_fence_operand(acc.p);
       ctx.pipeline.consumer_release(prev_state);
-      rescale_o_and_stage_p(in, acc, rescale);
+      pack_fragment<typename Traits::StageElement>(acc.s, acc.p);
       prev_state = ctx.state;
       ++ctx.state;
     }
@@ -380,19 +380,32 @@ struct PageLoop {
     pack_fragment<typename Traits::StageElement>(acc.s, acc.p);
   }
 
-  template <class Acc, int kRows>
+  // Multiplies O's rows by `rescale`. Once the running maxima settle, most pages leave every
+  // row's factor at exactly 1: a warp whose rows all kept their maximum skips the multiplies.
+  // kWaitPV: first waits for the P V batch in flight (overlapped pages). The wait sits in both
+  // branches, after the warp's vote on the softmax's factors: ptxas schedules a wgmma wait early
+  // in its basic block, and where it shared one with the softmax it went ahead of it, so that
+  // the softmax no longer ran under the P V.
+  template <bool kWaitPV = false, class Acc, int kRows>
   static __device__ void rescale_o(Acc& acc, float const (&rescale)[kRows]) {
-    // Once the running maxima settle, most pages leave every row's factor at exactly 1: a warp
-    // whose rows all kept their maximum skips the multiplies.
+    auto wait_pv = [&] {
+      if constexpr (kWaitPV) {
+        warpgroup_wait<0>();
+        warpgroup_fence_operand(acc.o);
+      }
+    };
     bool changed = false;
     CUTLASS_PRAGMA_UNROLL
     for (int i = 0; i < kRows; ++i) { changed |= rescale[i] != 1.f; }
     if (__any_sync(0xffffffff, changed)) {
+      wait_pv();
       CUTLASS_PRAGMA_UNROLL
       for (int i = 0; i < kRows; ++i) {
         CUTLASS_PRAGMA_UNROLL
         for (int j = 0; j < size<1>(acc.o_rc); ++j) { acc.o_rc(i, j) *= rescale[i]; }
       }
+    } else {
+      wait_pv();
     }
   }
 
