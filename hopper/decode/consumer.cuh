@@ -32,10 +32,12 @@ struct Consumer {
   using Element = typename Traits::Element;
   using StageElement = typename Traits::StageElement;  // of the KV stages, Q's latent columns and P
 
-  // This thread's warpgroup's share of the CTA's tile. The warpgroup index is read through a
-  // shuffle so that ptxas knows it is warp-uniform: the shared-memory descriptors derived from it
-  // then live in uniform registers instead of 2 general registers per k-block.
-  static __device__ WarpgroupRole role(int m_block, int consumer_tid) {
+  static __device__ void run(const DecodeParams& p, typename Traits::SharedStorage& smem,
+                             typename Traits::Pipeline& pipeline,
+                             int kv_head, int m_block, int consumer_tid) {
+    // Read through a shuffle so that ptxas knows the index is warp-uniform: the shared-memory
+    // descriptors derived from it then live in uniform registers instead of 2 general
+    // registers per k-block.
     const int warpgroup = __shfl_sync(0xffffffff, consumer_tid / 128, 0);
     WarpgroupRole wg;
     wg.col_wg = Traits::kNumColWGs == 1 ? 0 : warpgroup % Traits::kNumColWGs;
@@ -43,20 +45,6 @@ struct Consumer {
     wg.page_wg = Traits::kNumPageWGs == 1 ? 0 : warpgroup;
     wg.row_base = m_block * Traits::kBlockM + wg.row_wg * kWGRows;
     wg.wg_tid = consumer_tid % 128;
-    return wg;
-  }
-
-  // threadIdx.x (consumer threads come first in the CTA), read anew where it is called.
-  static __device__ int thread_index() {
-    int tid;
-    asm volatile("mov.u32 %0, %%tid.x;" : "=r"(tid));
-    return tid;
-  }
-
-  static __device__ void run(const DecodeParams& p, typename Traits::SharedStorage& smem,
-                             typename Traits::Pipeline& pipeline,
-                             int kv_head, int m_block, int consumer_tid) {
-    const WarpgroupRole wg = role(m_block, consumer_tid);
 
     typename Traits::TiledMmaS mma_s;
     typename Traits::TiledMmaSRope mma_r;  // RoPE k-blocks with Q from registers
@@ -178,10 +166,7 @@ struct Consumer {
           TurnMerge<Traits>::run(smem, softmax, row_total, tOrO, tOrO_rc, tScS_rc, wg);
         }
         softmax.finalize(row_total, inv_sum, lse);
-        // The role again, from the thread index: kept through the page loop instead, it was the
-        // one value that ptxas spilled in the 128-row instances.
-        Epilogue<Traits>::store(p, smem, w, tOrO, tOrO_rc, tOcO_rc, inv_sum, lse, rows,
-                                role(m_block, thread_index()));
+        Epilogue<Traits>::store(p, smem, w, tOrO, tOrO_rc, tOcO_rc, inv_sum, lse, rows, wg);
       }
     }
     q_tile.finish();

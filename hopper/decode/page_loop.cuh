@@ -290,7 +290,9 @@ struct PageLoop {
         __syncwarp();
         return stage;
       }
-      SmemIO<Traits>::zero_rows_past_end(ctx.smem, stage, valid_rows, ctx.consumer_tid);
+      // The thread index read anew: the rows' addresses derived from the one in ctx were kept
+      // (hoisted) through the page loop, in registers that the 128-row instances then lacked.
+      SmemIO<Traits>::zero_rows_past_end(ctx.smem, stage, valid_rows, thread_index());
       cutlass::arch::fence_view_async_shared();
       consumer_sync(kConsumerThreads, ConsumerBarrier::kPageMasked);  // page turns: see turns()
     }

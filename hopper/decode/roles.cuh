@@ -44,6 +44,14 @@ __device__ __forceinline__ void barrier_arrive(int num_threads, ConsumerBarrier 
   asm volatile("bar.arrive %0, %1;" ::"r"(static_cast<int>(id)), "r"(num_threads));
 }
 
+// threadIdx.x, read anew where it is called (the compiler cannot keep values derived from it
+// through a loop in registers instead).
+__device__ __forceinline__ int thread_index() {
+  int tid;
+  asm volatile("mov.u32 %0, %%tid.x;" : "=r"(tid));
+  return tid;
+}
+
 // One consumer warpgroup's share: 64 of the CTA's packed query rows (row_wg), up to 256 of the
 // output columns and the matching share of each page's tokens (col_wg), and with page turns
 // every other page (page_wg); each index is a compile-time 0 where the traits have only one
