@@ -234,9 +234,17 @@ struct PageLoop {
   // waits in registers for the next iteration. The first page has no predecessor and is
   // peeled off, so that no branch sits between two open wgmma batches (ptxas would serialise
   // every wgmma).
+  //
+  // The next page's stage is waited for between the softmax and the wait for the P V: ptxas
+  // schedules a wgmma wait early in its basic block, and where it shared one with the softmax
+  // it went ahead of the exponentials, which then no longer ran under the P V; the stage's
+  // mbarrier wait loop ends the softmax's block. The P V wait stays one instruction that every
+  // warp of the warpgroup reaches (wgmma.wait_group is .aligned). Three stages or more: the
+  // next page's stage is not page n-1's, whose P V is still in flight.
   template <class G, class In, class Acc, int kRows>
   static __device__ void overlapped(Context& ctx, G& gemms, In& in, Acc& acc, const WorkPiece& w,
                                     PieceMask<kRows> const& mask) {
+    static_assert(Traits::kStages >= 3, "overlapped pages hold two stages while waiting for a third");
     if (w.page_begin >= w.page_end) { return; }
     float rescale[kRows];
     warpgroup_fence_operand(acc.s);
@@ -247,33 +255,41 @@ struct PageLoop {
     warpgroup_fence_operand(acc.s);
     softmax_page(ctx, acc, mask, w.page_begin, rescale);
     rescale_o_and_stage_p(in, acc, rescale);
-    auto prev_state = ctx.state;
+    int prev_stage = first_stage;
+    wait_next_stage(ctx, w.page_begin + 1, w.page_end);
     ++ctx.state;
     for (int page = w.page_begin + 1; page < w.page_end; ++page) {
-      const int stage = wait_page(ctx, w.seqlen, page);
+      const int stage = mask_page(ctx, w.seqlen, page);  // waited for in the previous step
       follow_page_exponent(ctx, in, stage);
       warpgroup_fence_operand(acc.s);
       warpgroup_fence_operand(acc.p);
       warpgroup_fence_operand(acc.o);
       issue_scores(gemms, in, acc, stage);
-      issue_pv(gemms, in, acc, prev_state.index());
+      issue_pv(gemms, in, acc, prev_stage);
       warpgroup_wait<1>();
       warpgroup_fence_operand(acc.s);
       softmax_page(ctx, acc, mask, page, rescale);
-      warpgroup_fence_operand(acc.s);
-      rescale_o</*kWaitPV=*/true>(acc, rescale);  // page n-1's P V is in O; its stage can be refilled
+      wait_next_stage(ctx, page + 1, w.page_end);
+      warpgroup_wait<0>();  // page n-1's P V is in O; its stage can be refilled
+      warpgroup_fence_operand(acc.o);
       warpgroup_fence_operand(acc.p);
-      ctx.pipeline.consumer_release(prev_state);
-      pack_fragment<typename Traits::StageElement>(acc.s, acc.p);
-      prev_state = ctx.state;
+      release_stage(ctx, prev_stage);
+      rescale_o_and_stage_p(in, acc, rescale);
+      prev_stage = stage;
       ++ctx.state;
     }
     warpgroup_fence_operand(acc.p);
     warpgroup_fence_operand(acc.o);
-    issue_pv(gemms, in, acc, prev_state.index());
+    issue_pv(gemms, in, acc, prev_stage);
     warpgroup_wait<0>();
     warpgroup_fence_operand(acc.o);
-    ctx.pipeline.consumer_release(prev_state);
+    release_stage(ctx, prev_stage);
+  }
+
+  // Frees a stage for the producer by its index alone (consumer_release reads nothing else of
+  // the state), where the loop keeps no whole pipeline state for it.
+  static __device__ void release_stage(Context& ctx, int stage) {
+    ctx.pipeline.consumer_release(typename Context::PipelineState(stage, 0, 0));
   }
 
   // ------------------------------------------------------------------ page steps
@@ -283,6 +299,11 @@ struct PageLoop {
   // from spilling the 208-register consumers of the 128-row instance.
   static __device__ int wait_page(Context& ctx, int seqlen, int page) {
     ctx.pipeline.consumer_wait(ctx.state);
+    return mask_page(ctx, seqlen, page);
+  }
+
+  // wait_page past its stage's wait: zeroes the page's rows past the sequence end.
+  static __device__ int mask_page(Context& ctx, int seqlen, int page) {
     const int stage = ctx.state.index();
     const int valid_rows = seqlen - page * kBlockN;
     if (valid_rows < kBlockN) {
@@ -297,6 +318,15 @@ struct PageLoop {
       consumer_sync(kConsumerThreads, ConsumerBarrier::kPageMasked);  // page turns: see turns()
     }
     return stage;
+  }
+
+  // Waits for the stage after ctx.state's, where the piece has a next page.
+  static __device__ void wait_next_stage(Context& ctx, int next_page, int page_end) {
+    if (next_page < page_end) {
+      auto next = ctx.state;
+      ++next;
+      ctx.pipeline.consumer_wait(next);
+    }
   }
 
   // FP8 page exponents (Traits::kPageExponent): the stage holds its page's values times 2^e
@@ -382,32 +412,19 @@ struct PageLoop {
     pack_fragment<typename Traits::StageElement>(acc.s, acc.p);
   }
 
-  // Multiplies O's rows by `rescale`. Once the running maxima settle, most pages leave every
-  // row's factor at exactly 1: a warp whose rows all kept their maximum skips the multiplies.
-  // kWaitPV: first waits for the P V batch in flight (overlapped pages). The wait sits in both
-  // branches, after the warp's vote on the softmax's factors: ptxas schedules a wgmma wait early
-  // in its basic block, and where it shared one with the softmax it went ahead of it, so that
-  // the softmax no longer ran under the P V.
-  template <bool kWaitPV = false, class Acc, int kRows>
+  template <class Acc, int kRows>
   static __device__ void rescale_o(Acc& acc, float const (&rescale)[kRows]) {
-    auto wait_pv = [&] {
-      if constexpr (kWaitPV) {
-        warpgroup_wait<0>();
-        warpgroup_fence_operand(acc.o);
-      }
-    };
+    // Once the running maxima settle, most pages leave every row's factor at exactly 1: a warp
+    // whose rows all kept their maximum skips the multiplies.
     bool changed = false;
     CUTLASS_PRAGMA_UNROLL
     for (int i = 0; i < kRows; ++i) { changed |= rescale[i] != 1.f; }
     if (__any_sync(0xffffffff, changed)) {
-      wait_pv();
       CUTLASS_PRAGMA_UNROLL
       for (int i = 0; i < kRows; ++i) {
         CUTLASS_PRAGMA_UNROLL
         for (int j = 0; j < size<1>(acc.o_rc); ++j) { acc.o_rc(i, j) *= rescale[i]; }
       }
-    } else {
-      wait_pv();
     }
   }
 
