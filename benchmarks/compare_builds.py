@@ -1,17 +1,18 @@
-"""Two builds of flash_gla on one GPU, row by row: is B faster than A, and by how much?
+"""Builds of flash_gla on one GPU, row by row: is each faster than the first, and by how much?
 
 Each build is a wheel (`make wheel`, `pip wheel .`) or a folder that holds a built `flash_gla/`
 package (an unpacked wheel, or a checkout after `make develop`). Wheels are unpacked into the
 work folder, not installed, so the machine's own packages stay as they are; each build is
 imported from its folder (first on PYTHONPATH) in its own process.
 
-bench_decode.py runs once per build and round, the builds alternating (A, B, A, B, ...), so
-that a drift of the card's clocks under its power limit falls on both builds alike. A row's
+bench_decode.py runs once per build and round, the builds taking turns (A, B, C, A, B, C, ...),
+so that a drift of the card's clocks under its power limit falls on every build alike. A row's
 time is the median over the rounds of each build's sustained time (bench_decode's median of
-CUDA-graph replays); the ratio is A / B (above 1: B is faster).
+CUDA-graph replays); each later build's ratio is A's time over its own (above 1: it is faster
+than A).
 
     python benchmarks/compare_builds.py A.whl B.whl --configs gla2,gla1 --lengths 4096,32768 --sq 2,4
-    python benchmarks/compare_builds.py A.whl B.whl --rounds 3 --out DIR    # also DIR/compare.json
+    python benchmarks/compare_builds.py A.whl B.whl C.whl --rounds 3 --out DIR   # also DIR/compare.json
 
 Arguments this script does not know go to bench_decode.py (which then also gets --no-flashmla
 and --no-burst: the comparison is between the two builds only).
@@ -30,7 +31,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def unpack(build, work, label):
-    """The folder to put first on PYTHONPATH for `build` (a wheel or a folder with flash_gla/)."""
+    """The folder to put first on PYTHONPATH for `build` (a wheel, or a folder with flash_gla/)."""
     if os.path.isdir(build):
         folder = os.path.abspath(build)
     else:
@@ -75,18 +76,20 @@ def row_key(row):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("a", help="build A: a wheel, or a folder holding flash_gla/")
-    ap.add_argument("b", help="build B")
-    ap.add_argument("--rounds", type=int, default=2, help="bench_decode runs per build, alternating")
+    ap.add_argument("builds", nargs="+", help="wheels, or folders holding flash_gla/; the first is the baseline")
+    ap.add_argument("--rounds", type=int, default=2, help="bench_decode runs per build, taking turns")
     ap.add_argument("--out", default=None, help="folder for compare.json and each run's log")
     args, bench_args = ap.parse_known_args()
+    if len(args.builds) < 2:
+        ap.error("give at least two builds")
     work = args.out or tempfile.mkdtemp(prefix="compare_builds_")
     os.makedirs(work, exist_ok=True)
-    folders = {"A": unpack(args.a, work, "build_a"), "B": unpack(args.b, work, "build_b")}
+    labels = [chr(ord("A") + i) for i in range(len(args.builds))]
+    folders = {label: unpack(build, work, f"build_{label.lower()}") for label, build in zip(labels, args.builds)}
     for folder in folders.values():
         check_import(folder)
 
-    times = {"A": {}, "B": {}}  # key -> [us per round]
+    times = {label: {} for label in labels}  # key -> [us per round]
     meta = {}
     for r in range(args.rounds):
         for label, folder in folders.items():
@@ -98,20 +101,23 @@ def main():
                     times[label].setdefault(row_key(row), []).append(row["us"])
             print(f"round {r + 1}/{args.rounds}, build {label}: {len(result['rows'])} rows", flush=True)
 
-    print(f"device: {meta['A']['device']}   A: {args.a}   B: {args.b}   ({args.rounds} rounds each)")
-    print(f"{'config':16s} {'length':>7s} {'s_q':>3s} {'A us':>9s} {'B us':>9s} {'A/B':>6s}  rounds A / B (us)")
+    print(f"device: {meta['A']['device']}   ({args.rounds} rounds each)")
+    for label, build in zip(labels, args.builds):
+        print(f"  {label}: {build}")
+    others = labels[1:]
+    print(f"{'config':16s} {'length':>7s} {'s_q':>3s} {'A us':>9s}" + "".join(f" {x + ' us':>9s} {'A/' + x:>6s}" for x in others))
     rows = []
     for key in times["A"]:
-        if key not in times["B"]:
+        if any(key not in times[x] for x in others):
             continue
-        a, b = statistics.median(times["A"][key]), statistics.median(times["B"][key])
-        rows.append(dict(config=key[0], length=key[1], s_q=key[2], a_us=a, b_us=b, a_over_b=a / b,
-                         a_rounds=times["A"][key], b_rounds=times["B"][key]))
-        spread = " ".join(f"{x:.1f}" for x in times["A"][key]) + " / " + " ".join(f"{x:.1f}" for x in times["B"][key])
-        print(f"{key[0]:16s} {str(key[1]):>7s} {key[2]:3d} {a:9.1f} {b:9.1f} {a / b:6.3f}  {spread}")
+        med = {x: statistics.median(times[x][key]) for x in labels}
+        rows.append(dict(config=key[0], length=key[1], s_q=key[2], us={x: med[x] for x in labels},
+                         a_over={x: med["A"] / med[x] for x in others}, rounds={x: times[x][key] for x in labels}))
+        print(f"{key[0]:16s} {str(key[1]):>7s} {key[2]:3d} {med['A']:9.1f}" +
+              "".join(f" {med[x]:9.1f} {med['A'] / med[x]:6.3f}" for x in others))
     if args.out:
         with open(os.path.join(args.out, "compare.json"), "w") as f:
-            json.dump(dict(a=args.a, b=args.b, meta=meta, rows=rows), f, indent=1)
+            json.dump(dict(builds=dict(zip(labels, args.builds)), meta=meta, rows=rows), f, indent=1)
     return 0
 
 

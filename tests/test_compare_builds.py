@@ -1,5 +1,5 @@
-"""benchmarks/compare_builds.py without a GPU: it unpacks two builds, alternates their runs and
-pairs their rows; the benchmark runs themselves are replaced by canned results."""
+"""benchmarks/compare_builds.py without a GPU: it unpacks the builds, lets their runs take turns
+and pairs their rows; the benchmark runs themselves are replaced by canned results."""
 
 import importlib.util
 import json
@@ -26,13 +26,13 @@ def fake_wheel(path, marker):
     return path
 
 
-def test_rows_pair_up_with_medians_over_alternating_rounds(tmp_path, monkeypatch, capsys):
+def test_rows_pair_up_with_medians_over_rounds_taken_in_turn(tmp_path, monkeypatch, capsys):
     cb = load_script()
-    a = fake_wheel(tmp_path / "a.whl", "a")
-    b = fake_wheel(tmp_path / "b.whl", "b")
+    wheels = [fake_wheel(tmp_path / f"{x}.whl", x) for x in "abc"]
     # us per (build, round) for two rows; B is 10 % faster on the first, A on the second
     canned = {"build_a": [(100.0, 50.0), (104.0, 52.0), (102.0, 51.0)],
-              "build_b": [(90.0, 60.0), (94.0, 62.0), (92.0, 61.0)]}
+              "build_b": [(90.0, 60.0), (94.0, 62.0), (92.0, 61.0)],
+              "build_c": [(51.0, 50.0), (52.0, 52.0), (50.0, 51.0)]}
     order = []
 
     def run_bench(folder, bench_args, out_dir, log):
@@ -49,17 +49,25 @@ def test_rows_pair_up_with_medians_over_alternating_rounds(tmp_path, monkeypatch
     monkeypatch.setattr(cb, "run_bench", run_bench)
     monkeypatch.setattr(cb, "check_import", lambda folder: None)
     out = tmp_path / "out"
-    monkeypatch.setattr("sys.argv", ["compare_builds.py", str(a), str(b), "--rounds", "3", "--out", str(out),
+    monkeypatch.setattr("sys.argv", ["compare_builds.py", *map(str, wheels), "--rounds", "3", "--out", str(out),
                                      "--configs", "gla2", "--sq", "2"])
     assert cb.main() == 0
-    assert order == ["build_a", "build_b"] * 3
+    assert order == ["build_a", "build_b", "build_c"] * 3
     result = json.loads((out / "compare.json").read_text())
     by_length = {row["length"]: row for row in result["rows"]}
     assert set(by_length) == {4096, 32768}
-    assert by_length[4096]["a_us"] == 102.0 and by_length[4096]["b_us"] == 92.0
-    assert by_length[4096]["a_over_b"] == pytest.approx(102.0 / 92.0)
-    assert by_length[32768]["a_over_b"] == pytest.approx(51.0 / 61.0)
+    assert by_length[4096]["us"] == {"A": 102.0, "B": 92.0, "C": 51.0}
+    assert by_length[4096]["a_over"]["B"] == pytest.approx(102.0 / 92.0)
+    assert by_length[4096]["a_over"]["C"] == pytest.approx(2.0)
+    assert by_length[32768]["a_over"]["B"] == pytest.approx(51.0 / 61.0)
     assert "1.109" in capsys.readouterr().out
+
+
+def test_one_build_is_refused(tmp_path, monkeypatch):
+    cb = load_script()
+    monkeypatch.setattr("sys.argv", ["compare_builds.py", str(fake_wheel(tmp_path / "a.whl", "a"))])
+    with pytest.raises(SystemExit):
+        cb.main()
 
 
 def test_a_folder_without_the_package_is_refused(tmp_path):
