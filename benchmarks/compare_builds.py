@@ -51,8 +51,10 @@ def build_env(folder):
 
 def check_import(folder):
     """The flash_gla that the build's process imports must be the build's own."""
+    # Run from the build's folder: `python -c` puts the working directory first on sys.path, and
+    # in a source checkout that would be the checkout's own flash_gla/.
     out = subprocess.run([sys.executable, "-c", "import flash_gla, flash_gla._C; print(flash_gla.__file__)"],
-                         env=build_env(folder), capture_output=True, text=True)
+                         env=build_env(folder), capture_output=True, text=True, cwd=folder)
     path = out.stdout.strip()
     if out.returncode != 0 or not os.path.abspath(path).startswith(folder + os.sep):
         sys.exit(f"compare_builds.py: the build in {folder} does not import from there "
