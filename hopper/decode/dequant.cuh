@@ -140,10 +140,13 @@ struct DequantProducer {
     walk.begin(p);
     uint64_t valid_rows = 0;
     static_assert(kRawStages <= 8 && kBlockN < 256, "a raw stage's row count is one byte of valid_rows");
+    // With page turns, bit `slot`: the raw stage's page number is odd (its warpgroup's).
+    uint32_t odd_pages = 0;
     auto fetch = [&](int slot) {
       const int physical_page = walk.physical_page;
       const int shift = 8 * slot;
       valid_rows = (valid_rows & ~(uint64_t{0xff} << shift)) | (uint64_t(walk.valid_rows()) << shift);
+      if constexpr (Traits::kTurnBarriers) { odd_pages = (odd_pages & ~(1u << slot)) | (uint32_t(walk.page & 1) << slot); }
       uint64_t& full = smem.raw.full[slot];
       if (leader) {
         reinterpret_cast<RawBarrier&>(full).arrive_and_expect_tx(Traits::kRawPageBytes);
@@ -174,6 +177,7 @@ struct DequantProducer {
       const int slot = n % kRawStages;
       pipeline.producer_acquire(state);  // every thread waits for the Element stage to be free
       auto* stage_full = pipeline.producer_get_barrier(state);
+      if constexpr (Traits::kTurnBarriers) { stage_full = &smem.raw.turn_full[(odd_pages >> slot) & 1][state.index()]; }
       if (leader) {
         // The page's RoPE rows are in q's dtype already: TMA'd straight into the Element stage,
         // whose barrier then also waits for their bytes (the leader's warp arrives below).

@@ -74,6 +74,13 @@ __global__ void __launch_bounds__(Traits::kNumThreads, Traits::kCtasPerSm)
         cutlass::arch::ClusterTransactionBarrier::init(&smem.raw.full[slot], 1 + Traits::kBlockN);
         cutlass::arch::ClusterBarrier::init(&smem.raw.empty[slot], Traits::kNumProducerThreads / 32);
       }
+      if constexpr (Traits::kTurnBarriers) {
+        for (int wg = 0; wg < Traits::kNumPageWGs; ++wg) {
+          for (int stage = 0; stage < Traits::kStages; ++stage) {
+            cutlass::arch::ClusterBarrier::init(&smem.raw.turn_full[wg][stage], Traits::kStageFullArrivals);
+          }
+        }
+      }
       cutlass::arch::fence_barrier_init();
     }
   }

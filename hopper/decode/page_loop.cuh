@@ -50,6 +50,9 @@ struct PageContext {
   // registers and O are at, and O's factor into it.
   int exponent = 0;
   float o_shift = 1.f;
+  // Traits::kTurnBarriers: bit s, the phase of this warpgroup's full barrier of stage s that it
+  // waits for next.
+  uint32_t turn_phases = 0;
 };
 
 // This warpgroup's GEMMs: S = Q K^T with Q from shared memory, its RoPE k-blocks with Q's RoPE
@@ -133,6 +136,13 @@ struct PageLoop {
   // invariance); page i of the CTA's walk (first_index: the pages of its earlier pieces) lies
   // in stage i % kStages, pipeline phase (i / kStages) % 2.
   //
+  // A warpgroup waits only for its own pages, so a stage's barrier may still be on the page
+  // before (the other warpgroup's) when it comes to wait, and that page's phase has the other
+  // parity: the wait would pass before the page lands. The pages then must come in each
+  // stage's order to each warpgroup. 16-bit pages: kStages is even, and within a piece the
+  // page kStages back in a stage is the warpgroup's own. FP8 (kStages 3): each warpgroup has
+  // full barriers of its own (Traits::kTurnBarriers), whose phases are its pages alone.
+  //
   // Only the request's last page can end before the sequence does. Both warpgroups zero its rows
   // past the end, behind one barrier instruction (wait_page's): the other warpgroup takes one
   // more step of its walk to reach it and stops there. compute-sanitizer needs both: synccheck
@@ -150,7 +160,7 @@ struct PageLoop {
       const int own = min(page, last);  // page > last: the other warpgroup's last page
       const int index = first_index + own - w.page_begin;
       ctx.state = typename Context::PipelineState(index % kStages, (index / kStages) & 1, index);
-      const int stage = wait_page(ctx, w.seqlen, own);
+      const int stage = Traits::kTurnBarriers ? wait_turn(ctx, w.seqlen, own) : wait_page(ctx, w.seqlen, own);
       if (own != page) { break; }
       page_body(ctx, gemms, in, acc, mask, page, stage);
     }
@@ -299,6 +309,16 @@ struct PageLoop {
   // from spilling the 208-register consumers of the 128-row instance.
   static __device__ int wait_page(Context& ctx, int seqlen, int page) {
     ctx.pipeline.consumer_wait(ctx.state);
+    return mask_page(ctx, seqlen, page);
+  }
+
+  // wait_page on this warpgroup's own full barrier of the stage (Traits::kTurnBarriers).
+  static __device__ int wait_turn(Context& ctx, int seqlen, int page) {
+    if constexpr (Traits::kTurnBarriers) {
+      const int stage = ctx.state.index();
+      cutlass::arch::ClusterBarrier::wait(&ctx.smem.raw.turn_full[ctx.wg.page_wg][stage], (ctx.turn_phases >> stage) & 1);
+      ctx.turn_phases ^= 1u << stage;
+    }
     return mask_page(ctx, seqlen, page);
   }
 

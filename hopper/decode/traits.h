@@ -318,6 +318,8 @@ struct DecodeTraits {
   static constexpr int kStages = kFP8 ? kFP8HeldStages + kFP8SpareStages : cute::min(8, kSmemForStages / kStageBytes);
   static constexpr int kRawStages = kFP8 ? cute::min(8, (kSmemForStages - kStages * kStageBytes) / kRawStageBytes) : 1;
   static_assert(kStages >= 2, "shared memory must hold Q and at least two KV pages");
+  // FP8 page turns: each page warpgroup waits on full barriers of its own (PageLoop::turns).
+  static constexpr bool kTurnBarriers = kFP8 && kNumPageWGs > 1;
   static_assert(!kFP8 || kRawStages >= 4 - kCtasPerSm, "FP8: at least two raw pages in flight per SM besides those converted");
 
   using SmemLayoutK = decltype(tile_to_shape(SmemLayoutAtomK{},
@@ -415,6 +417,9 @@ struct DecodeTraits {
     // waits for the RoPE rows' TMA.
     uint64_t empty[kRawStages];
     int physical_page[kRawStages];  // of each raw stage's page, for its RoPE rows' TMA (the leader's)
+    // kTurnBarriers: per page warpgroup and Element stage, the full barrier of that warpgroup's
+    // pages, in place of the pipeline's (the producer arrives on the one of the page's warpgroup).
+    uint64_t turn_full[kTurnBarriers ? kNumPageWGs : 1][kTurnBarriers ? kStages : 1];
   };
   struct NoRawRing {};
 
