@@ -9,10 +9,9 @@ passes early when the barrier is still one phase behind the awaited page. Random
 the scheduler's real piece patterns (scheduler_model.py) look for such an early pass and for a
 deadlock.
 
-* One full barrier per stage, shared (the pipeline's; 16-bit instances): safe within a piece for
-  an even stage count, and with three stages (FP8 GLA) a warpgroup's page can pass early.
-* One full barrier per warpgroup and stage (Traits::kTurnBarriers, FP8): no early pass, no
-  deadlock.
+* One full barrier per stage, shared (the pipeline's): safe within a piece for an even stage
+  count, not across piece boundaries, and with three stages (FP8 GLA) a page can pass early.
+* One full barrier per warpgroup and stage (Traits::kTurnBarriers): no early pass, no deadlock.
 """
 
 import random
@@ -122,4 +121,13 @@ def test_shared_barriers_with_three_stages_pass_early():
     rng = random.Random(7)
     pages = list(range(num_pages(64 * 12)))
     outcomes = {run_schedule(pages, 3, False, rng) for _ in range(400)}
+    assert "early" in outcomes
+
+
+def test_shared_barriers_pass_early_across_pieces():
+    """... and with an even stage count, where a piece ends on the warpgroup that takes the next
+    piece's first page (pages 40 | 0, 1, 0)."""
+    rng = random.Random(8)
+    pages = [38, 39, 40, 0, 1, 0, 1, 2, 3]
+    outcomes = {run_schedule(pages, 4, False, rng) for _ in range(2000)}
     assert "early" in outcomes

@@ -177,7 +177,7 @@ struct DequantProducer {
       const int slot = n % kRawStages;
       pipeline.producer_acquire(state);  // every thread waits for the Element stage to be free
       auto* stage_full = pipeline.producer_get_barrier(state);
-      if constexpr (Traits::kTurnBarriers) { stage_full = &smem.raw.turn_full[(odd_pages >> slot) & 1][state.index()]; }
+      if constexpr (Traits::kTurnBarriers) { stage_full = &smem.turn_full[(odd_pages >> slot) & 1][state.index()]; }
       if (leader) {
         // The page's RoPE rows are in q's dtype already: TMA'd straight into the Element stage,
         // whose barrier then also waits for their bytes (the leader's warp arrives below).

@@ -61,8 +61,9 @@ __global__ void __launch_bounds__(Traits::kNumThreads, Traits::kCtasPerSm)
   pipeline_params.role = is_producer ? Pipeline::ThreadCategory::Producer
                                      : Pipeline::ThreadCategory::Consumer;
   // FP8: the Element stages are written by the producer threads; the leader expects the bytes
-  // of the RoPE rows it TMAs into them itself (dequant.cuh).
-  pipeline_params.is_leader = is_producer_leader && !Traits::kFP8;
+  // of the RoPE rows it TMAs into them itself (dequant.cuh). Page turns: the leader arms the
+  // page's warpgroup's own barrier (producer.cuh), not the pipeline's.
+  pipeline_params.is_leader = is_producer_leader && !Traits::kFP8 && !Traits::kTurnBarriers;
   pipeline_params.num_consumers = Traits::kTurnThreads;  // the threads that release a stage
   Pipeline pipeline(smem.pipeline, pipeline_params, Shape<_1, _1, _1>{});
   if (is_producer_leader) {
@@ -74,11 +75,14 @@ __global__ void __launch_bounds__(Traits::kNumThreads, Traits::kCtasPerSm)
         cutlass::arch::ClusterTransactionBarrier::init(&smem.raw.full[slot], 1 + Traits::kBlockN);
         cutlass::arch::ClusterBarrier::init(&smem.raw.empty[slot], Traits::kNumProducerThreads / 32);
       }
-      if constexpr (Traits::kTurnBarriers) {
-        for (int wg = 0; wg < Traits::kNumPageWGs; ++wg) {
-          for (int stage = 0; stage < Traits::kStages; ++stage) {
-            cutlass::arch::ClusterBarrier::init(&smem.raw.turn_full[wg][stage], Traits::kStageFullArrivals);
-          }
+      cutlass::arch::fence_barrier_init();
+    }
+    if constexpr (Traits::kTurnBarriers) {
+      // FP8: the producer warps' arrivals (kStageFullArrivals); 16-bit: the leader's, with the
+      // page's TMA bytes.
+      for (int wg = 0; wg < Traits::kNumPageWGs; ++wg) {
+        for (int stage = 0; stage < Traits::kStages; ++stage) {
+          cutlass::arch::ClusterBarrier::init(&smem.turn_full[wg][stage], Traits::kFP8 ? Traits::kStageFullArrivals : 1);
         }
       }
       cutlass::arch::fence_barrier_init();

@@ -134,20 +134,21 @@ struct PageLoop {
   // one, page by page. Page p of a request is warpgroup p % 2's (by the request's own page
   // numbers, so that which warpgroup sums which keys does not depend on the batch: batch
   // invariance); page i of the CTA's walk (first_index: the pages of its earlier pieces) lies
-  // in stage i % kStages, pipeline phase (i / kStages) % 2.
+  // in stage i % kStages.
   //
-  // A warpgroup waits only for its own pages, so a stage's barrier may still be on the page
-  // before (the other warpgroup's) when it comes to wait, and that page's phase has the other
-  // parity: the wait would pass before the page lands. The pages then must come in each
-  // stage's order to each warpgroup. 16-bit pages: kStages is even, and within a piece the
-  // page kStages back in a stage is the warpgroup's own. FP8 (kStages 3): each warpgroup has
-  // full barriers of its own (Traits::kTurnBarriers), whose phases are its pages alone.
+  // Each warpgroup waits on full barriers of its own, one per stage (Traits::kTurnBarriers),
+  // whose phases are its pages alone. On the pipeline's, shared, a warpgroup that skips the
+  // other's pages could find a stage's barrier still on the other's page before, whose phase
+  // has the other parity, and pass at once, before its page lands (tests/
+  // test_page_turns_model.py): with FP8's three stages within a piece, with 16-bit pages across
+  // piece boundaries.
   //
   // Only the request's last page can end before the sequence does. Both warpgroups zero its rows
-  // past the end, behind one barrier instruction (wait_page's): the other warpgroup takes one
-  // more step of its walk to reach it and stops there. compute-sanitizer needs both: synccheck
-  // flags a barrier reached from two instructions, and racecheck loses the order of later
-  // barriers after one that only a warpgroup syncs on (the hardware keeps it either way).
+  // past the end, behind one barrier instruction (mask_page's): the other warpgroup takes one
+  // more step of its walk, to the page's warpgroup, which arrives at kPageLanded once the page
+  // landed. compute-sanitizer needs both: synccheck flags a barrier reached from two
+  // instructions, and racecheck loses the order of later barriers after one that only a
+  // warpgroup syncs on (the hardware keeps it either way).
   template <class G, class In, class Acc, int kRows>
   static __device__ void turns(Context& ctx, G& gemms, In& in, Acc& acc, const WorkPiece& w,
                                PieceMask<kRows> const& mask, int first_index) {
@@ -160,7 +161,7 @@ struct PageLoop {
       const int own = min(page, last);  // page > last: the other warpgroup's last page
       const int index = first_index + own - w.page_begin;
       ctx.state = typename Context::PipelineState(index % kStages, (index / kStages) & 1, index);
-      const int stage = Traits::kTurnBarriers ? wait_turn(ctx, w.seqlen, own) : wait_page(ctx, w.seqlen, own);
+      const int stage = wait_turn(ctx, w.seqlen, own, own == page, cut_short && own == last);
       if (own != page) { break; }
       page_body(ctx, gemms, in, acc, mask, page, stage);
     }
@@ -312,12 +313,23 @@ struct PageLoop {
     return mask_page(ctx, seqlen, page);
   }
 
-  // wait_page on this warpgroup's own full barrier of the stage (Traits::kTurnBarriers).
-  static __device__ int wait_turn(Context& ctx, int seqlen, int page) {
+  // wait_page in turns: the page's warpgroup (`mine`) waits on its own full barrier of the
+  // stage; for the piece's cut-short last page (`cut_short_last`) it then lets the other
+  // warpgroup in at kPageLanded, and both zero the rows past the end.
+  static __device__ int wait_turn(Context& ctx, int seqlen, int page, bool mine, bool cut_short_last) {
     if constexpr (Traits::kTurnBarriers) {
       const int stage = ctx.state.index();
-      cutlass::arch::ClusterBarrier::wait(&ctx.smem.raw.turn_full[ctx.wg.page_wg][stage], (ctx.turn_phases >> stage) & 1);
-      ctx.turn_phases ^= 1u << stage;
+      if (mine) {
+        cutlass::arch::ClusterBarrier::wait(&ctx.smem.turn_full[ctx.wg.page_wg][stage], (ctx.turn_phases >> stage) & 1);
+        ctx.turn_phases ^= 1u << stage;
+      }
+      if (cut_short_last) {
+        if (mine) {
+          barrier_arrive(kConsumerThreads, ConsumerBarrier::kPageLanded);
+        } else {
+          consumer_sync(kConsumerThreads, ConsumerBarrier::kPageLanded);
+        }
+      }
     }
     return mask_page(ctx, seqlen, page);
   }

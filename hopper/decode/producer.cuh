@@ -45,6 +45,10 @@ struct Producer {
           const int physical_page = pages[page];
           pipeline.producer_acquire(state);
           auto* full_barrier = pipeline.producer_get_barrier(state);
+          if constexpr (Traits::kTurnBarriers) {  // the barrier of the warpgroup that takes the page
+            full_barrier = &smem.turn_full[page & 1][state.index()];
+            cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(full_barrier, Traits::kStageTmaBytes);
+          }
           copy(tma_kv.with(*full_barrier), tKgK(_, physical_page), tKsK(_, state.index()));
           if constexpr (Traits::kSharedRope) {
             copy(tma_rope.with(*full_barrier), tRgR(_, physical_page), tRsR(_, state.index()));

@@ -19,10 +19,11 @@ enum class ConsumerBarrier : int {
   kQIssued = 9,       // the first Q tile's loads are issued (consumers arrive, producer waits)
   kTurnChunkWritten = 10,  // page turns: a chunk of the second warpgroup's O is in shared memory
   kTurnChunkRead = 11,     // page turns: the first warpgroup has added it to its own
-  kPFree = 12              // shared P: every warpgroup's P V of the previous page is done
+  kPFree = 12,             // shared P: every warpgroup's P V of the previous page is done
+  kPageLanded = 13         // page turns: the piece's last, cut-short page has landed (its warpgroup arrives)
 };
 
-static_assert(static_cast<int>(ConsumerBarrier::kPFree) < 16, "sm_90 has 16 named barriers");
+static_assert(static_cast<int>(ConsumerBarrier::kPageLanded) < 16, "sm_90 has 16 named barriers");
 
 __device__ __forceinline__ void consumer_sync(int num_threads, ConsumerBarrier id) {
   asm volatile("bar.sync %0, %1;" ::"r"(static_cast<int>(id)), "r"(num_threads));

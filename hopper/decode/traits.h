@@ -318,8 +318,8 @@ struct DecodeTraits {
   static constexpr int kStages = kFP8 ? kFP8HeldStages + kFP8SpareStages : cute::min(8, kSmemForStages / kStageBytes);
   static constexpr int kRawStages = kFP8 ? cute::min(8, (kSmemForStages - kStages * kStageBytes) / kRawStageBytes) : 1;
   static_assert(kStages >= 2, "shared memory must hold Q and at least two KV pages");
-  // FP8 page turns: each page warpgroup waits on full barriers of its own (PageLoop::turns).
-  static constexpr bool kTurnBarriers = kFP8 && kNumPageWGs > 1;
+  // Page turns: each page warpgroup waits on full barriers of its own (PageLoop::turns).
+  static constexpr bool kTurnBarriers = kNumPageWGs > 1;
   static_assert(!kFP8 || kRawStages >= 4 - kCtasPerSm, "FP8: at least two raw pages in flight per SM besides those converted");
 
   using SmemLayoutK = decltype(tile_to_shape(SmemLayoutAtomK{},
@@ -417,9 +417,6 @@ struct DecodeTraits {
     // waits for the RoPE rows' TMA.
     uint64_t empty[kRawStages];
     int physical_page[kRawStages];  // of each raw stage's page, for its RoPE rows' TMA (the leader's)
-    // kTurnBarriers: per page warpgroup and Element stage, the full barrier of that warpgroup's
-    // pages, in place of the pipeline's (the producer arrives on the one of the page's warpgroup).
-    uint64_t turn_full[kTurnBarriers ? kNumPageWGs : 1][kTurnBarriers ? kStages : 1];
   };
   struct NoRawRing {};
 
@@ -437,6 +434,9 @@ struct DecodeTraits {
     // Transposed: each warp's column maxima (then sums) of a page, for the other warps.
     float col_exchange[kTransposed ? 4 : 1][kTransposed ? kWGRows : 1];
     typename Pipeline::SharedStorage pipeline;
+    // kTurnBarriers: per page warpgroup and stage, the full barrier of that warpgroup's pages, in
+    // place of the pipeline's (the producer arrives on the one of the page's warpgroup).
+    uint64_t turn_full[kTurnBarriers ? kNumPageWGs : 1][kTurnBarriers ? kStages : 1];
     std::conditional_t<kFP8, RawRing, NoRawRing> raw;
   };
   static_assert(sizeof(SharedStorage) <= kSmemBudget, "shared memory budget of sm_90");
