@@ -144,11 +144,12 @@ struct PageLoop {
   // piece boundaries.
   //
   // Only the request's last page can end before the sequence does. Both warpgroups zero its rows
-  // past the end, behind one barrier instruction (mask_page's): the other warpgroup takes one
-  // more step of its walk, to the page's warpgroup, which arrives at kPageLanded once the page
-  // landed. compute-sanitizer needs both: synccheck flags a barrier reached from two
-  // instructions, and racecheck loses the order of later barriers after one that only a
-  // warpgroup syncs on (the hardware keeps it either way).
+  // past the end: the other warpgroup takes one more step of its walk, to that page, and both
+  // meet at one barrier instruction (wait_turn's kPageLanded), which the page's warpgroup reaches
+  // once the page landed. compute-sanitizer needs both warpgroups to sync there: synccheck flags
+  // a barrier reached from two instructions, and racecheck loses the order of later barriers
+  // after one that only a warpgroup syncs on, an arrive included (the hardware keeps it either
+  // way).
   template <class G, class In, class Acc, int kRows>
   static __device__ void turns(Context& ctx, G& gemms, In& in, Acc& acc, const WorkPiece& w,
                                PieceMask<kRows> const& mask, int first_index) {
@@ -314,8 +315,8 @@ struct PageLoop {
   }
 
   // wait_page in turns: the page's warpgroup (`mine`) waits on its own full barrier of the
-  // stage; for the piece's cut-short last page (`cut_short_last`) it then lets the other
-  // warpgroup in at kPageLanded, and both zero the rows past the end.
+  // stage; for the piece's cut-short last page (`cut_short_last`) both then meet at
+  // kPageLanded, and both zero the rows past the end.
   static __device__ int wait_turn(Context& ctx, int seqlen, int page, bool mine, bool cut_short_last) {
     if constexpr (Traits::kTurnBarriers) {
       const int stage = ctx.state.index();
@@ -323,13 +324,9 @@ struct PageLoop {
         cutlass::arch::ClusterBarrier::wait(&ctx.smem.turn_full[ctx.wg.page_wg][stage], (ctx.turn_phases >> stage) & 1);
         ctx.turn_phases ^= 1u << stage;
       }
-      if (cut_short_last) {
-        if (mine) {
-          barrier_arrive(kConsumerThreads, ConsumerBarrier::kPageLanded);
-        } else {
-          consumer_sync(kConsumerThreads, ConsumerBarrier::kPageLanded);
-        }
-      }
+      // Both warpgroups sync here, at one instruction: the other one passes once the page's
+      // warpgroup has seen the page land.
+      if (cut_short_last) { consumer_sync(kConsumerThreads, ConsumerBarrier::kPageLanded); }
     }
     return mask_page(ctx, seqlen, page);
   }
