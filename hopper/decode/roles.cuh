@@ -20,7 +20,7 @@ enum class ConsumerBarrier : int {
   kTurnChunkWritten = 10,  // page turns: a chunk of the second warpgroup's O is in shared memory
   kTurnChunkRead = 11,     // page turns: the first warpgroup has added it to its own
   kPFree = 12,             // shared P: every warpgroup's P V of the previous page is done
-  kPageLanded = 13         // page turns: the piece's last, cut-short page has landed (its warpgroup arrives)
+  kPageLanded = 13         // page turns: the piece's last, cut-short page has landed (both warpgroups sync)
 };
 
 static_assert(static_cast<int>(ConsumerBarrier::kPageLanded) < 16, "sm_90 has 16 named barriers");
