@@ -318,16 +318,15 @@ struct PageLoop {
   // stage; for the piece's cut-short last page (`cut_short_last`) both then meet at
   // kPageLanded, and both zero the rows past the end.
   static __device__ int wait_turn(Context& ctx, int seqlen, int page, bool mine, bool cut_short_last) {
-    if constexpr (Traits::kTurnBarriers) {
-      const int stage = ctx.state.index();
-      if (mine) {
-        cutlass::arch::ClusterBarrier::wait(&ctx.smem.turn_full[ctx.wg.page_wg][stage], (ctx.turn_phases >> stage) & 1);
-        ctx.turn_phases ^= 1u << stage;
-      }
-      // Both warpgroups sync here, at one instruction: the other one passes once the page's
-      // warpgroup has seen the page land.
-      if (cut_short_last) { consumer_sync(kConsumerThreads, ConsumerBarrier::kPageLanded); }
+    static_assert(Traits::kTurnBarriers, "page turns wait on the warpgroups' own full barriers");
+    const int stage = ctx.state.index();
+    if (mine) {
+      cutlass::arch::ClusterBarrier::wait(&ctx.smem.turn_full[ctx.wg.page_wg][stage], (ctx.turn_phases >> stage) & 1);
+      ctx.turn_phases ^= 1u << stage;
     }
+    // Both warpgroups sync here, at one instruction: the other one passes once the page's
+    // warpgroup has seen the page land.
+    if (cut_short_last) { consumer_sync(kConsumerThreads, ConsumerBarrier::kPageLanded); }
     return mask_page(ctx, seqlen, page);
   }
 
